@@ -1,0 +1,224 @@
+"""Chunked, memory-bounded evaluation of occlusion perturbations.
+
+The engine keeps a persistent batch buffer of ``B`` copies of each input. For every chunk of ``B``
+perturbations it restores, in each slot, only the box the slot's previous window changed and writes
+the baseline into the new window's box: window-sized writes instead of one full copy of the input
+per perturbation. Windows whose box already equals the baseline in every example cannot change the
+output; they get a zero difference without a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from extra_attrib._geometry import TileGeometry, accumulate, box_sums, perturbation_boxes
+from extra_attrib._targets import check_output, resolve_targets, select
+
+#: Memory the perturbation buffers may take, in bytes, when the chunk size is chosen automatically.
+BUFFER_BUDGET_BYTES = 256 * 2**20
+#: Rows per forward pass aimed at when the chunk size is chosen automatically.
+TARGET_ROWS = {"cpu": 16, "other": 64}
+
+
+@dataclass
+class SweepResult:
+    """What a sweep returns.
+
+    Attributes:
+        attributions (list of Tensor): Per input, shape ``(T, N, *S)``.
+        evaluations (int): Forward passes run, the unperturbed one included.
+        skipped (int): Windows skipped because they could not change the input.
+    """
+
+    attributions: List[Tensor]
+    evaluations: int
+    skipped: int
+
+
+def auto_chunk_size(inputs: Sequence[Tensor], num_perturbations: int) -> int:
+    """Perturbations per forward pass: aim at a good batch size, within the buffer budget.
+
+    Args:
+        inputs (sequence of Tensor): The inputs, each ``(N, *S)``.
+        num_perturbations (int): Largest number of perturbations of any input.
+
+    Returns:
+        int: The chunk size ``B >= 1``.
+    """
+    n = inputs[0].shape[0]
+    rows = TARGET_ROWS["cpu" if inputs[0].device.type == "cpu" else "other"]
+    bytes_per_copy = sum(x.numel() * x.element_size() for x in inputs)
+    by_memory = BUFFER_BUDGET_BYTES // max(bytes_per_copy, 1)
+    return max(1, min(max(rows // n, 1), by_memory, num_perturbations))
+
+
+def changed_windows(x: Tensor, baseline: Tensor, geometry: TileGeometry) -> Tensor:
+    """Which windows would change at least one element of at least one example.
+
+    Args:
+        x (Tensor): Input, shape ``(N, *S)``.
+        baseline (Tensor): Baseline broadcastable to ``x``.
+        geometry (TileGeometry): The tiling of ``S``.
+
+    Returns:
+        Tensor: Bool tensor of shape ``(J_1, ..., J_d)``.
+    """
+    same = (x == baseline) | (torch.isnan(x) & torch.isnan(baseline))
+    differs = (~same).any(dim=0).to(torch.int64)
+    return box_sums(differs, geometry) > 0
+
+
+def occlusion_sweep(
+    forward_func: Callable[..., Tensor],
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    geometries: Sequence[TileGeometry],
+    targets: Sequence[Any],
+    score_fn: Callable[[Tensor], Tensor],
+    additional_forward_args: Tuple[Any, ...] = (),
+    chunk_size: Optional[int] = None,
+    skip_unchanged: bool = True,
+    show_progress: bool = False,
+    description: str = "TiledOcclusion attribution",
+) -> SweepResult:
+    """Occlude every window of every input and average the score differences per element.
+
+    Args:
+        forward_func (callable): ``forward_func(*inputs, *additional_forward_args)``.
+        inputs (tuple of Tensor): Each ``(N, *S_j)``, same ``N``.
+        baselines (tuple of Tensor): One per input, broadcastable to it, same dtype and device.
+        geometries (sequence of TileGeometry): One per input.
+        targets (sequence): Target specifications; one attribution per target.
+        score_fn (callable): Maps the model output to the scores that are differenced.
+        additional_forward_args (tuple, optional): Extra positional arguments of the model;
+            tensors with ``N`` rows are repeated for every copy of the batch. Default: ``()``.
+        chunk_size (int, optional): Perturbations per forward pass. Default: automatic.
+        skip_unchanged (bool, optional): Skip windows whose box equals the baseline.
+            Default: True.
+        show_progress (bool, optional): Show a progress bar over forward passes. Default: False.
+        description (str, optional): Progress bar label.
+
+    Returns:
+        SweepResult: Attributions per input of shape ``(T, N, *S_j)`` in the scores' dtype.
+    """
+    n = inputs[0].shape[0]
+    with torch.inference_mode():
+        raw = check_output(
+            forward_func(*(x.clone() for x in inputs), *additional_forward_args), n
+        )
+        scored = score_fn(raw)
+        check_output(scored, n)
+    index = resolve_targets(targets, scored, raw)
+    base_scores = select(scored, index, 1)[0]
+    acc_dtype = torch.promote_types(base_scores.dtype, torch.float32)
+    base_scores = base_scores.to(acc_dtype)
+
+    active = []
+    for x, b, geometry in zip(inputs, baselines, geometries):
+        if skip_unchanged:
+            mask = changed_windows(x, b, geometry).flatten()
+            active.append(mask.nonzero().squeeze(1).tolist())
+        else:
+            active.append(list(range(geometry.num_perturbations)))
+    busiest = max(len(a) for a in active)
+    size = chunk_size or auto_chunk_size(inputs, max(busiest, 1))
+    chunks = [math.ceil(len(a) / size) for a in active]
+    skipped = sum(g.num_perturbations for g in geometries) - sum(len(a) for a in active)
+
+    bar = tqdm(total=1 + sum(chunks), desc=description, disable=not show_progress)
+    bar.update(1)
+    try:
+        sweep = _Sweep(forward_func, inputs, baselines, additional_forward_args, size)
+        attributions = []
+        for j, (geometry, indices) in enumerate(zip(geometries, active)):
+            # A skipped window leaves the input as it is: its difference is score(x) - score(x),
+            # which is 0, or NaN where the score itself is not finite, as the forward pass gives.
+            unchanged = (base_scores - base_scores).unsqueeze(-1)
+            diffs = unchanged.repeat(1, 1, geometry.num_perturbations)
+            for start in range(0, len(indices), size):
+                chunk = indices[start : start + size]
+                outputs = sweep.run(j, perturbation_boxes(geometry, chunk))
+                scores = select(score_fn(outputs), index, len(chunk)).to(acc_dtype)
+                where = torch.tensor(chunk, device=diffs.device)
+                diffs.index_copy_(2, where, (base_scores - scores).permute(1, 2, 0))
+                bar.update(1)
+            sweep.reset(j)
+            per_window = diffs.reshape(n, index.shape[1], *geometry.grid)
+            attributions.append(accumulate(per_window, geometry).transpose(0, 1))
+    finally:
+        bar.close()
+    return SweepResult(attributions, 1 + sum(chunks), skipped)
+
+
+class _Sweep:
+    """Persistent buffers of ``size`` copies of every input, perturbed window by window."""
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor],
+        inputs: Tuple[Tensor, ...],
+        baselines: Tuple[Tensor, ...],
+        additional_forward_args: Tuple[Any, ...],
+        size: int,
+    ) -> None:
+        self.forward_func = forward_func
+        self.inputs = inputs
+        self.fills = [b.expand_as(x) for x, b in zip(inputs, baselines)]
+        self.args = additional_forward_args
+        self.n = inputs[0].shape[0]
+        self.buffers = [x.unsqueeze(0).repeat(size, *([1] * x.dim())) for x in inputs]
+        self.dirty: List[Optional[Tuple[slice, ...]]] = [None] * size
+        self.refresh_all = False
+        self._expanded: dict = {}
+
+    def run(self, j: int, boxes: List[Tuple[slice, ...]]) -> Tensor:
+        """Forward the copies of the batch with input ``j`` occluded at ``boxes``."""
+        buf, x, fill = self.buffers[j], self.inputs[j], self.fills[j]
+        reps = len(boxes)
+        if self.refresh_all:
+            self._restore_all(reps)
+        for slot, box in enumerate(boxes):
+            old = self.dirty[slot]
+            if old is not None:
+                buf[(slot, slice(None), *old)] = x[(slice(None), *old)]
+            buf[(slot, slice(None), *box)] = fill[(slice(None), *box)]
+            self.dirty[slot] = box
+        batch = [b[:reps].reshape(reps * self.n, *b.shape[2:]) for b in self.buffers]
+        versions = [b._version for b in self.buffers]
+        with torch.inference_mode():
+            outputs = check_output(self.forward_func(*batch, *self._args(reps)), reps * self.n)
+        if [b._version for b in self.buffers] != versions:
+            # The model wrote into its input: from now on rebuild every copy before each chunk.
+            self.refresh_all = True
+        return outputs
+
+    def _restore_all(self, reps: int) -> None:
+        for buf, x in zip(self.buffers, self.inputs):
+            buf[:reps].copy_(x.unsqueeze(0).expand(reps, *x.shape))
+        self.dirty = [None] * len(self.dirty)
+
+    def reset(self, j: int) -> None:
+        """Restore input ``j``'s copies before the next input is swept."""
+        buf, x = self.buffers[j], self.inputs[j]
+        for slot, old in enumerate(self.dirty):
+            if old is not None:
+                buf[(slot, slice(None), *old)] = x[(slice(None), *old)]
+        self.dirty = [None] * len(self.dirty)
+
+    def _args(self, reps: int) -> Tuple[Any, ...]:
+        if reps not in self._expanded:
+            self._expanded[reps] = tuple(_repeat_arg(a, reps, self.n) for a in self.args)
+        return self._expanded[reps]
+
+
+def _repeat_arg(arg: Any, reps: int, n: int) -> Any:
+    """Repeat a per-example tensor argument for ``reps`` copies of the batch."""
+    if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n:
+        return arg.repeat(reps, *([1] * (arg.dim() - 1)))
+    return arg

@@ -1,0 +1,146 @@
+"""Window geometry of tiled occlusion: pure functions of shapes, no model involved.
+
+Along one dimension of size ``s`` with window ``w`` and tiling ``k`` (``w % k == 0``) the stride is
+``t = w // k`` and windows start at every multiple of ``t`` in ``[-(k - 1) * t, s)``; each window
+``[p, p + w)`` is clipped to ``[0, s)``. That gives ``J = ceil(s / t) + k - 1`` positions, and every
+element lies in exactly ``k`` windows, at the borders too. In several dimensions a window is the box
+product of one position per dimension, so an element lies in ``prod(k)`` windows.
+
+Position ``j`` (``0 <= j < J``) starts at ``(j - (k - 1)) * t``. A perturbation is identified by its
+flat index over the grid of positions ``(J_1, ..., J_d)`` in row-major order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Tiling of one input tensor's non-batch shape.
+
+    Attributes:
+        shape (tuple of int): Non-batch shape ``(s_1, ..., s_d)``.
+        window (tuple of int): Window size per dimension, ``1 <= w_i <= s_i``.
+        k (tuple of int): Windows covering each element per dimension, ``w_i % k_i == 0``.
+    """
+
+    shape: Tuple[int, ...]
+    window: Tuple[int, ...]
+    k: Tuple[int, ...]
+
+    @property
+    def stride(self) -> Tuple[int, ...]:
+        """Distance ``w_i // k_i`` between neighbouring window starts."""
+        return tuple(w // k for w, k in zip(self.window, self.k))
+
+    @property
+    def grid(self) -> Tuple[int, ...]:
+        """Number of window positions ``J_i = ceil(s_i / t_i) + k_i - 1`` per dimension."""
+        return tuple(
+            math.ceil(s / t) + k - 1 for s, t, k in zip(self.shape, self.stride, self.k)
+        )
+
+    @property
+    def num_perturbations(self) -> int:
+        """Total number of windows ``P = prod(J_i)``."""
+        return math.prod(self.grid)
+
+    @property
+    def coverage(self) -> int:
+        """Number of windows covering every element, ``prod(k_i)``."""
+        return math.prod(self.k)
+
+
+def window_bounds(geometry: TileGeometry) -> List[Tuple[List[int], List[int]]]:
+    """Clipped ``[lo, hi)`` bounds of every window position, per dimension.
+
+    Args:
+        geometry (TileGeometry): The tiling.
+
+    Returns:
+        list of (lo, hi): One pair per dimension; ``lo`` and ``hi`` are lists of ``J_i`` ints with
+        ``0 <= lo < hi <= s_i``.
+    """
+    bounds = []
+    for s, w, k, t, n in zip(
+        geometry.shape, geometry.window, geometry.k, geometry.stride, geometry.grid
+    ):
+        starts = [(j - (k - 1)) * t for j in range(n)]
+        bounds.append(([max(p, 0) for p in starts], [min(p + w, s) for p in starts]))
+    return bounds
+
+
+def perturbation_boxes(
+    geometry: TileGeometry, indices: Sequence[int]
+) -> List[Tuple[slice, ...]]:
+    """Boxes (tuples of slices over the non-batch dimensions) of the given perturbations.
+
+    Args:
+        geometry (TileGeometry): The tiling.
+        indices (sequence of int): Flat perturbation indices in ``[0, P)``.
+
+    Returns:
+        list of tuple of slice: For each index, one ``slice(lo, hi)`` per dimension.
+    """
+    per_dim = [
+        [slice(lo, hi) for lo, hi in zip(los, his)] for los, his in window_bounds(geometry)
+    ]
+    boxes = []
+    for flat in indices:
+        box = []
+        for slices, n in zip(reversed(per_dim), reversed(geometry.grid)):
+            flat, j = divmod(flat, n)
+            box.append(slices[j])
+        boxes.append(tuple(reversed(box)))
+    return boxes
+
+
+def box_sums(values: Tensor, geometry: TileGeometry) -> Tensor:
+    """Sum of ``values`` inside every window, computed separably with prefix sums.
+
+    Args:
+        values (Tensor): Shape ``(*lead, s_1, ..., s_d)``.
+        geometry (TileGeometry): The tiling of the trailing ``d`` dimensions.
+
+    Returns:
+        Tensor: Shape ``(*lead, J_1, ..., J_d)``: entry ``j`` is the sum over window ``j``.
+    """
+    d = len(geometry.shape)
+    out = values
+    for i, (lo, hi) in enumerate(window_bounds(geometry)):
+        axis = out.dim() - d + i
+        prefix = torch.nn.functional.pad(out.cumsum(axis).movedim(axis, -1), (1, 0))
+        lo_t = torch.tensor(lo, device=values.device)
+        hi_t = torch.tensor(hi, device=values.device)
+        out = (prefix[..., hi_t] - prefix[..., lo_t]).movedim(-1, axis)
+    return out
+
+
+def accumulate(differences: Tensor, geometry: TileGeometry) -> Tensor:
+    """Average the per-window values over the windows covering each element.
+
+    Separable: along each dimension, each output element ``u`` is covered by the ``k`` consecutive
+    positions ``u // t, ..., u // t + k - 1``; so a running sum of ``k`` neighbours, each repeated
+    ``t`` times and cropped to ``s``, gives the sum over covering windows.
+
+    Args:
+        differences (Tensor): Shape ``(*lead, J_1, ..., J_d)``, one value per window.
+        geometry (TileGeometry): The tiling of the trailing ``d`` dimensions.
+
+    Returns:
+        Tensor: Shape ``(*lead, s_1, ..., s_d)``: the mean over the ``prod(k)`` covering windows.
+    """
+    d = len(geometry.shape)
+    out = differences
+    for i, (s, t, k) in enumerate(zip(geometry.shape, geometry.stride, geometry.k)):
+        axis = out.dim() - d + i
+        if k > 1:
+            out = out.unfold(axis, k, 1).sum(-1)
+        out = out.repeat_interleave(t, dim=axis).narrow(axis, 0, s)
+    return out / geometry.coverage
