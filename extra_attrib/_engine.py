@@ -33,11 +33,13 @@ class SweepResult:
     Attributes:
         attributions (list of Tensor): Per input, shape ``(T, N, *S)``.
         evaluations (int): Forward passes run, the unperturbed one included.
+        perturbations (int): Perturbed copies evaluated.
         skipped (int): Windows skipped because they could not change the input.
     """
 
     attributions: List[Tensor]
     evaluations: int
+    perturbations: int
     skipped: int
 
 
@@ -153,7 +155,7 @@ def occlusion_sweep(
             attributions.append(accumulate(per_window, geometry).transpose(0, 1))
     finally:
         bar.close()
-    return SweepResult(attributions, 1 + sum(chunks), skipped)
+    return SweepResult(attributions, 1 + sum(chunks), sum(len(a) for a in active), skipped)
 
 
 class _Sweep:

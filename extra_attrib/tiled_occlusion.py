@@ -71,6 +71,8 @@ class TiledOcclusion(PerturbationAttribution):
         PerturbationAttribution.__init__(self, forward_func)
         #: Forward passes of the last call, the unperturbed one included.
         self.last_evaluations: int = 0
+        #: Perturbed copies the last call evaluated.
+        self.last_perturbations: int = 0
         #: Windows the last call skipped because they equalled the baseline in every example.
         self.last_skipped: int = 0
 
@@ -216,7 +218,9 @@ class TiledOcclusion(PerturbationAttribution):
                 self.forward_func, xs, fills, geometries, targets, score_fn, extra,
                 chunk_size=perturbations_per_eval, show_progress=show_progress,
             )
-        self.last_evaluations, self.last_skipped = sweep.evaluations, sweep.skipped
+        self.last_evaluations = sweep.evaluations
+        self.last_perturbations = sweep.perturbations
+        self.last_skipped = sweep.skipped
         out = []
         for x, attr in zip(xs, sweep.attributions):
             dtype = x.dtype if x.dtype.is_floating_point else attr.dtype
