@@ -143,11 +143,12 @@ def occlusion_sweep(
             # which is 0, or NaN where the score itself is not finite, as the forward pass gives.
             unchanged = (base_scores - base_scores).unsqueeze(-1)
             diffs = unchanged.repeat(1, 1, geometry.num_perturbations)
+            on_device = torch.tensor(indices, dtype=torch.long, device=diffs.device)
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
                 outputs = sweep.run(j, perturbation_boxes(geometry, chunk))
                 scores = select(score_fn(outputs), index, len(chunk)).to(acc_dtype)
-                where = torch.tensor(chunk, device=diffs.device)
+                where = on_device[start : start + size]  # a view: no host-device copy per chunk
                 diffs.index_copy_(2, where, (base_scores - scores).permute(1, 2, 0))
                 bar.update(1)
             sweep.reset(j)
