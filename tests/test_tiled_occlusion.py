@@ -443,3 +443,17 @@ def test_bad_inputs_and_models_are_named():
         )
     with pytest.raises(TypeError, match="forward_func must be callable"):
         TiledOcclusion(3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    model = FlatLinear((3, 9, 9))
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    kw = dict(target=torch.tensor([0, 2]), window=(3, 4, 4), k=(1, 2, 2),
+              baselines=torch.zeros(3, 1, 1, dtype=torch.float64))
+    cpu = TiledOcclusion(model).attribute(x, **kw)
+    kw["target"] = kw["target"].cuda()
+    kw["baselines"] = kw["baselines"].cuda()
+    gpu = TiledOcclusion(model.cuda()).attribute(x.cuda(), **kw)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.float64
+    torch.testing.assert_close(gpu.cpu(), cpu)
