@@ -10,6 +10,7 @@ output; they get a zero difference without a forward pass.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -22,8 +23,12 @@ from extra_attrib._targets import check_output, resolve_targets, select
 
 #: Memory the perturbation buffers may take, in bytes, when the chunk size is chosen automatically.
 BUFFER_BUDGET_BYTES = 256 * 2**20
-#: Rows per forward pass aimed at when the chunk size is chosen automatically.
-TARGET_ROWS = {"cpu": 16, "other": 64}
+#: Rows per forward pass on accelerators when the chunk size is chosen automatically.
+ACCELERATOR_ROWS = 64
+#: Rows per forward pass tried, in this order, while tuning the chunk size on CPU.
+CPU_CANDIDATE_ROWS = (1, 2, 4, 8, 16, 32)
+#: Tuning stops at the first candidate this much slower per perturbation than the best so far.
+TUNING_STOP = 1.15
 
 
 @dataclass
@@ -43,21 +48,74 @@ class SweepResult:
     skipped: int
 
 
-def auto_chunk_size(inputs: Sequence[Tensor], num_perturbations: int) -> int:
-    """Perturbations per forward pass: aim at a good batch size, within the buffer budget.
+def memory_bound(inputs: Sequence[Tensor]) -> int:
+    """Most perturbed copies of the batch that fit the buffer budget (at least 1)."""
+    bytes_per_copy = sum(x.numel() * x.element_size() for x in inputs)
+    return max(1, BUFFER_BUDGET_BYTES // max(bytes_per_copy, 1))
+
+
+class ChunkPlanner:
+    """Chooses how many perturbations go through the model per forward pass.
+
+    A fixed ``chunk_size`` is used as given. Otherwise, on an accelerator, about
+    :data:`ACCELERATOR_ROWS` rows per pass; on CPU, where the best batch depends on the model and
+    the machine (per-example time often grows past 4-16 rows), the first chunks of the sweep try
+    :data:`CPU_CANDIDATE_ROWS` in turn, timing each, and the rest of the sweep uses the fastest
+    per perturbation. Those chunks are real work, so tuning costs only their inefficiency. All
+    sizes stay within :data:`BUFFER_BUDGET_BYTES` and the number of perturbations.
 
     Args:
         inputs (sequence of Tensor): The inputs, each ``(N, *S)``.
         num_perturbations (int): Largest number of perturbations of any input.
-
-    Returns:
-        int: The chunk size ``B >= 1``.
+        chunk_size (int, optional): A fixed size. Default: None (automatic).
     """
-    n = inputs[0].shape[0]
-    rows = TARGET_ROWS["cpu" if inputs[0].device.type == "cpu" else "other"]
-    bytes_per_copy = sum(x.numel() * x.element_size() for x in inputs)
-    by_memory = BUFFER_BUDGET_BYTES // max(bytes_per_copy, 1)
-    return max(1, min(max(rows // n, 1), by_memory, num_perturbations))
+
+    def __init__(
+        self, inputs: Sequence[Tensor], num_perturbations: int, chunk_size: Optional[int] = None
+    ) -> None:
+        n = inputs[0].shape[0]
+        cap = max(1, min(memory_bound(inputs), num_perturbations))
+        if chunk_size is not None:
+            self.candidates = [chunk_size]
+        elif inputs[0].device.type != "cpu":
+            self.candidates = [min(max(ACCELERATOR_ROWS // n, 1), cap)]
+        else:
+            self.candidates = sorted({min(max(rows // n, 1), cap) for rows in CPU_CANDIDATE_ROWS})
+        self.capacity = max(self.candidates)
+        self._timings: dict = {}
+        self._chosen: Optional[int] = self.candidates[0] if len(self.candidates) == 1 else None
+
+    @property
+    def tuning(self) -> bool:
+        """Whether the next chunk is still a timed trial."""
+        return self._chosen is None
+
+    def next_size(self) -> int:
+        """Size of the next chunk."""
+        if self._chosen is not None:
+            return self._chosen
+        return self.candidates[len(self._timings)]
+
+    def record(self, size: int, seconds: float, count: int) -> None:
+        """Report that a trial chunk of ``size`` slots ran ``count`` perturbations in
+        ``seconds``."""
+        if self._chosen is not None or count < size:
+            return  # a short last chunk says little about its size
+        self._timings[size] = seconds / count
+        best = min(self._timings, key=self._timings.get)
+        slower = self._timings[size] > TUNING_STOP * self._timings[best]
+        if slower or len(self._timings) == len(self.candidates):
+            self._chosen = best
+
+    def expected_chunks(self, remaining: int) -> int:
+        """Chunks still to come for ``remaining`` perturbations, if tuning ended now."""
+        size = self._chosen or min(self._timings, key=self._timings.get, default=self.capacity)
+        return math.ceil(remaining / size)
+
+
+def auto_chunk_size(inputs: Sequence[Tensor], num_perturbations: int) -> int:
+    """The largest chunk size the automatic choice may use (the buffer's capacity)."""
+    return ChunkPlanner(inputs, num_perturbations).capacity
 
 
 def changed_windows(x: Tensor, baseline: Tensor, geometry: TileGeometry) -> Tensor:
@@ -129,14 +187,16 @@ def occlusion_sweep(
         else:
             active.append(list(range(geometry.num_perturbations)))
     busiest = max(len(a) for a in active)
-    size = chunk_size or auto_chunk_size(inputs, max(busiest, 1))
-    chunks = [math.ceil(len(a) / size) for a in active]
-    skipped = sum(g.num_perturbations for g in geometries) - sum(len(a) for a in active)
+    planner = ChunkPlanner(inputs, max(busiest, 1), chunk_size)
+    total = sum(len(a) for a in active)
+    skipped = sum(g.num_perturbations for g in geometries) - total
 
-    bar = tqdm(total=1 + sum(chunks), desc=description, disable=not show_progress)
+    bar = tqdm(total=1 + planner.expected_chunks(total), desc=description,
+               disable=not show_progress)
     bar.update(1)
+    evaluations, done = 1, 0
     try:
-        sweep = _Sweep(forward_func, inputs, baselines, additional_forward_args, size)
+        sweep = _Sweep(forward_func, inputs, baselines, additional_forward_args, planner.capacity)
         attributions = []
         for j, (geometry, indices) in enumerate(zip(geometries, active)):
             # A skipped window leaves the input as it is: its difference is score(x) - score(x),
@@ -144,19 +204,28 @@ def occlusion_sweep(
             unchanged = (base_scores - base_scores).unsqueeze(-1)
             diffs = unchanged.repeat(1, 1, geometry.num_perturbations)
             on_device = torch.tensor(indices, dtype=torch.long, device=diffs.device)
-            for start in range(0, len(indices), size):
+            start = 0
+            while start < len(indices):
+                size = planner.next_size()
                 chunk = indices[start : start + size]
+                began = time.perf_counter()
                 outputs = sweep.run(j, perturbation_boxes(geometry, chunk))
                 scores = select(score_fn(outputs), index, len(chunk)).to(acc_dtype)
                 where = on_device[start : start + size]  # a view: no host-device copy per chunk
                 diffs.index_copy_(2, where, (base_scores - scores).permute(1, 2, 0))
+                if planner.tuning:
+                    planner.record(size, time.perf_counter() - began, len(chunk))
+                start += len(chunk)
+                done += len(chunk)
+                evaluations += 1
+                bar.total = evaluations + planner.expected_chunks(total - done)
                 bar.update(1)
             sweep.reset(j)
             per_window = diffs.reshape(n, index.shape[1], *geometry.grid)
             attributions.append(accumulate(per_window, geometry).transpose(0, 1))
     finally:
         bar.close()
-    return SweepResult(attributions, 1 + sum(chunks), sum(len(a) for a in active), skipped)
+    return SweepResult(attributions, evaluations, total, skipped)
 
 
 class _Sweep:

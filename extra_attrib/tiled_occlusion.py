@@ -121,8 +121,12 @@ class TiledOcclusion(PerturbationAttribution):
                 the inputs; tensors with ``N`` rows are repeated along with the perturbed
                 batch. Default: None
             perturbations_per_eval (int, optional): Number of perturbed copies of the batch
-                evaluated per forward pass. ``None`` chooses one: about 16 rows per pass on CPU
-                and 64 on GPU, within a 256 MiB budget for the perturbed copies. Default: None
+                evaluated per forward pass. ``None`` chooses: on CPU the first chunks try 1, 2,
+                4, ... 32 rows per pass and the rest of the sweep uses the fastest per
+                perturbation (the best batch size depends on model and machine); on GPU about
+                64 rows per pass; always within a 256 MiB budget for the perturbed copies. Give
+                a number for bit-for-bit repeatable results (batch composition changes float
+                rounding). Default: None
             show_progress (bool, optional): Show a tqdm progress bar whose total is the number of
                 forward passes. Default: False
             score (str or callable, optional): The quantity that is differenced: ``"raw"`` (the

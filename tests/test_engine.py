@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from extra_attrib._engine import (
+    ChunkPlanner,
     auto_chunk_size,
     changed_windows,
     occlusion_sweep,
@@ -79,10 +80,33 @@ def test_multi_target_sweep_is_one_sweep():
     torch.testing.assert_close(three.attributions[0][2], brute_force(model, x, (3,), (3,), 3))
 
 
-def test_auto_chunk_size_respects_budget_and_count():
+def test_planner_candidates_respect_budget_and_count():
     small = torch.zeros(1, 3, 32, 32)
-    assert auto_chunk_size([small], 1000) == 16
-    assert auto_chunk_size([small], 5) == 5
-    assert auto_chunk_size([torch.zeros(32, 3, 8, 8)], 1000) == 1
+    assert ChunkPlanner([small], 1000).candidates == [1, 2, 4, 8, 16, 32]
+    assert ChunkPlanner([small], 5).candidates == [1, 2, 4, 5]
+    assert ChunkPlanner([torch.zeros(32, 3, 8, 8)], 1000).candidates == [1]
     huge = torch.zeros(1, 1, 400, 400, 400)  # 256 MB per copy
-    assert auto_chunk_size([huge], 1000) == 1
+    assert ChunkPlanner([huge], 1000).candidates == [1]
+    assert ChunkPlanner([small], 1000, chunk_size=7).candidates == [7]
+    assert auto_chunk_size([small], 1000) == 32
+
+
+def test_planner_keeps_the_fastest_size_per_perturbation():
+    planner = ChunkPlanner([torch.zeros(1, 3, 32, 32)], 1000)
+    per_item = {1: 10.0, 2: 6.0, 4: 5.0, 8: 4.0, 16: 5.5}
+    while planner.tuning:
+        size = planner.next_size()
+        planner.record(size, per_item[size] * size, size)
+    assert planner.next_size() == 8  # 16 was more than 15 % slower: tuning stopped there
+    assert planner.expected_chunks(20) == 3
+
+
+def test_tuned_sweep_equals_brute_force_and_counts_passes():
+    geometry = TileGeometry((1, 10, 10), (1, 2, 2), (1, 2, 2))
+    model = FlatLinear(geometry.shape)
+    x = torch.randn(1, *geometry.shape, dtype=torch.float64)
+    result = _sweep(model, x, geometry, None)
+    torch.testing.assert_close(result.attributions[0][0], brute_force(model, x, (1, 2, 2),
+                                                                      (1, 2, 2), 1))
+    assert result.perturbations == geometry.num_perturbations
+    assert 1 + geometry.num_perturbations // 32 <= result.evaluations <= geometry.num_perturbations

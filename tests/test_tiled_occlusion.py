@@ -457,3 +457,19 @@ def test_cuda_matches_cpu():
     gpu = TiledOcclusion(model.cuda()).attribute(x.cuda(), **kw)
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float64
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+def test_progress_total_is_exact_with_automatic_chunks():
+    import sys
+
+    model = FlatLinear((40,))
+    x = torch.randn(1, 40, dtype=torch.float64)
+    err = io.StringIO()
+    old, sys.stderr = sys.stderr, err
+    try:
+        t = TiledOcclusion(model)
+        t.attribute(x, target=0, window=4, k=4, show_progress=True)
+    finally:
+        sys.stderr = old
+    evals = t.last_evaluations
+    assert f"{evals}/{evals}" in err.getvalue().replace("\r", "\n").splitlines()[-1]
