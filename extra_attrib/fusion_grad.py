@@ -178,7 +178,10 @@ class FusionGrad(PerturbationAttribution):
             mean (float, optional): mean of the weight noise. Default: None, i.e. ``1.0``
                         for multiplicative and ``0.0`` for additive weight noise (no bias).
             std (float, optional): standard deviation of the weight noise, ``>= 0``.
-                        Default: 0.2 (the paper's multiplicative ``N(1, 0.2)``).
+                        Default: 0.2 (the paper's multiplicative ``N(1, 0.2)``). Deep
+                        ImageNet models may not survive it (EfficientNet-Lite0 keeps its
+                        predicted class in 0 % of noisy copies at 0.2, 66 % at 0.02): check
+                        that noisy copies still predict the class you explain.
             sg_mean (float, optional): mean of the input noise, in input units for additive
                         noise, the factor's mean for multiplicative noise. Default: None,
                         i.e. ``0.0`` for additive and ``1.0`` for multiplicative input noise.

@@ -1,0 +1,880 @@
+"""Attribution quality: does tiling pay off, and does FusionGrad help?
+
+Three measurements, each method at a fixed seed, every ranking with random tie breaking:
+
+1. **Ground-truth localisation** on a synthetic task (``_quality_data.make_synthetic``): the label
+   is the orientation of a small stripe patch placed at random among clutter and distractor
+   patches; a small CNN learns it (test accuracy reported). The patch's square is the ground
+   truth. Quantus ``PointingGame``, ``RelevanceMassAccuracy``, ``RelevanceRankAccuracy``, computed
+   on the positive part of each map (the evidence *for* the label).
+2. **Faithfulness on a real model**: ImageNet EfficientNet-Lite0 (the demo's model) on the colour
+   photos that scikit-image ships, explaining the predicted class. RISE deletion and insertion
+   AUC (``extra_attrib.evaluation.perturbation_curve``), Quantus ``RegionPerturbation`` (patches
+   of 20 px, not aligned to any occlusion grid used here) and ``FaithfulnessCorrelation``.
+3. **Robustness / sanity** on the synthetic task: Quantus ``MaxSensitivity``, ``MPRT`` (last
+   layer, i.e. fully randomised model) and ``RandomLogit``.
+
+Methods, with ``w`` the occlusion window (the object's size on the synthetic task, a quarter of
+the image on the photos): Occlusion(w, stride w); for k in {2, 4}: Occlusion(w/k, stride w/k)
+(same output resolution as tiled, 0.7-0.8x its model evaluations), Occlusion(w, stride w/k)
+(Captum's overlapping windows) and TiledOcclusion(w, k); NoiseTunnel(TiledOcclusion(w, 2)) with 4
+samples (about the budget of TiledOcclusion(w, 4)); Saliency and IntegratedGradients, each plain,
+inside SmoothGrad (FusionGrad with weight noise off, same number of samples) and inside FusionGrad
+(its default weight noise std 0.2, and 0.02).
+
+Usage (needs ``pip install -e ".[eval,demo]"``)::
+
+    OMP_NUM_THREADS=1 python benchmarks/quality.py           # about 17 min on a busy 2-core CPU
+    OMP_NUM_THREADS=1 python benchmarks/quality.py --quick   # smoke run, about 1.5 min
+
+On a machine shared with other jobs, ``OMP_NUM_THREADS=1`` gives steadier (and often shorter)
+times: torch's worker threads otherwise wait on each other while the other jobs hold the cores.
+
+Writes ``benchmarks/results/quality.md`` (``quality_quick.md`` with ``--quick``) and the figures
+``media/quality.png`` and ``media/quality_examples.png`` (``*_quick.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from captum.attr import IntegratedGradients, NoiseTunnel, Occlusion, Saliency
+from torch import nn
+
+import extra_attrib
+from extra_attrib import FusionGrad, TiledOcclusion
+from extra_attrib.evaluation import (
+    area_under_curve,
+    break_ties,
+    perturbation_curve,
+    quantus_explain_func,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _quality_data as data  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Settings
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    seed: int = 0
+    # Synthetic task.
+    n_train: int = 6000
+    p_empty: float = 0.2  # training images without an object (the "no object" class)
+    epochs: int = 6
+    n_test: int = 1000
+    n_loc: int = 128  # images for the localisation metrics
+    n_rob: int = 16  # images for the robustness / randomisation metrics
+    syn_window: int = 12
+    syn_chunk: int = 16  # images per attribution call
+    max_sens_samples: int = 3
+    max_sens_noise: float = 0.05  # uniform noise bound, inputs in [0, 1]
+    # Real photos.
+    photos: Tuple[str, ...] = data.PHOTOS
+    real_window: int = 56
+    real_rows: int = 4  # rows per forward pass: on these CPUs 1-4 rows run ~1.5x faster than 16
+    curve_steps: int = 12
+    rp_patch: int = 20
+    rp_regions: int = 12
+    fc_runs: int = 16
+    fc_subset: int = 3 * 224 * 224 // 16
+    # Methods.
+    ks: Tuple[int, ...] = (2, 4)
+    nt_samples: int = 4
+    syn_ig_steps: int = 16
+    real_ig_steps: int = 8
+    fg_sal: Tuple[int, int] = (4, 4)  # FusionGrad(Saliency) n, m
+    fg_ig: Tuple[int, int] = (4, 2)  # FusionGrad(IntegratedGradients) n, m
+    fg_std_small: float = 0.02  # a second, weaker FusionGrad weight noise (default: 0.2)
+    noise_samples: int = 8  # weight-noise samples for the "class kept" diagnostic
+
+
+# Smoke run: every code path, small numbers (and a coarse window on the photo to save time).
+QUICK = dataclasses.replace(
+    Settings(),
+    n_test=300,
+    n_loc=16,
+    n_rob=4,
+    photos=("chelsea",),
+    real_window=112,
+    curve_steps=8,
+    rp_regions=8,
+    fc_runs=8,
+    syn_ig_steps=8,
+    real_ig_steps=4,
+    fg_sal=(2, 2),
+    fg_ig=(2, 1),
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    label: str  # with this part's sizes
+    key: str  # the same for both parts
+    short: str  # size-free label, for the figure
+    factory: Callable[[nn.Module], Any]
+    kwargs: Dict[str, Any]
+    gradient: bool = False
+
+
+def make_methods(
+    s: Settings,
+    window: int,
+    nt_stdev: float,
+    images: int,
+    rows: int,
+    grad_rows: Optional[int],
+    ig_steps: int,
+) -> List[Method]:
+    """The compared methods for images with 3 channels.
+
+    ``images``: images per attribution call; ``rows``: rows per forward pass of the occlusion
+    methods (the same for Captum's and ours); ``grad_rows``: most rows per forward/backward pass
+    of the gradient methods (None: no limit).
+    """
+    ppe = max(1, rows // images)
+    ppe_nt = max(1, rows // (images * s.nt_samples))
+
+    def occ(win: int, stride: int, key: str, short: str) -> Method:
+        label = f"Occlusion(w={win}, stride {stride})"
+        kwargs = dict(
+            sliding_window_shapes=(3, win, win),
+            strides=(3, stride, stride),
+            baselines=0.0,
+            perturbations_per_eval=ppe,
+        )
+        return Method(label, key, short, Occlusion, kwargs)
+
+    def tiled(k: int) -> Method:
+        kwargs = dict(
+            window=(3, window, window), k=(1, k, k), baselines=0.0, perturbations_per_eval=ppe
+        )
+        label = f"TiledOcclusion(w={window}, k={k})"
+        return Method(label, f"tiled_{k}", f"TiledOcclusion(w, k={k})", TiledOcclusion, kwargs)
+
+    methods = [occ(window, window, "occ_w", "Occlusion(w)")]
+    for k in s.ks:
+        t = window // k
+        methods += [
+            occ(t, t, f"occ_small_{k}", f"Occlusion(w/{k})"),
+            occ(window, t, f"occ_ovl_{k}", f"Occlusion(w, stride w/{k})"),
+            tiled(k),
+        ]
+    k_nt = s.ks[0]
+    methods.append(
+        Method(
+            f"NoiseTunnel(TiledOcclusion(w={window}, k={k_nt})), {s.nt_samples} samples",
+            "nt_tiled",
+            f"NoiseTunnel(Tiled(w, k={k_nt}))",
+            lambda m: NoiseTunnel(TiledOcclusion(m)),
+            dict(
+                window=(3, window, window),
+                k=(1, k_nt, k_nt),
+                baselines=0.0,
+                perturbations_per_eval=ppe_nt,
+                nt_type="smoothgrad",
+                nt_samples=s.nt_samples,
+                stdevs=nt_stdev,
+            ),
+        )
+    )
+    ig_kw = dict(n_steps=ig_steps, internal_batch_size=grad_rows)
+    for base, base_cls, extra, (n, m) in (
+        ("Saliency", Saliency, {}, s.fg_sal),
+        ("IntegratedGradients", IntegratedGradients, ig_kw, s.fg_ig),
+    ):
+        key = base.lower()[:3]
+        methods.append(Method(base, key, base, base_cls, dict(extra), gradient=True))
+        fg = dict(extra, batch_size=grad_rows)
+        methods.append(
+            Method(
+                f"SmoothGrad({base}), {n * m} samples",
+                f"sg_{key}",
+                f"SmoothGrad({base[:3]}.)",
+                lambda model, c=base_cls: FusionGrad(c(model), model=model),
+                dict(fg, n=1, m=n * m, std=0.0),
+                gradient=True,
+            )
+        )
+        methods.append(
+            Method(
+                f"FusionGrad({base}), n={n}, m={m}",
+                f"fg_{key}",
+                f"FusionGrad({base[:3]}.)",
+                lambda model, c=base_cls: FusionGrad(c(model), model=model),
+                dict(fg, n=n, m=m),
+                gradient=True,
+            )
+        )
+        methods.append(
+            Method(
+                f"FusionGrad({base}), n={n}, m={m}, weight noise std {s.fg_std_small}",
+                f"fgs_{key}",
+                f"FusionGrad({base[:3]}.), std {s.fg_std_small}",
+                lambda model, c=base_cls: FusionGrad(c(model), model=model),
+                dict(fg, n=n, m=m, std=s.fg_std_small),
+                gradient=True,
+            )
+        )
+    return methods
+
+
+# Pairs compared directly (paired differences over images): (better-hoped, reference).
+def comparison_pairs(s: Settings) -> List[Tuple[str, str, str]]:
+    pairs = []
+    for k in s.ks:
+        pairs.append(
+            (f"tiled_{k}", f"occ_small_{k}", f"Tiled k={k} - Occlusion(w/{k}) [same resolution]")
+        )
+        pairs.append((f"tiled_{k}", f"occ_ovl_{k}", f"Tiled k={k} - Occlusion(w, stride w/{k})"))
+        pairs.append((f"tiled_{k}", "occ_w", f"Tiled k={k} - Occlusion(w)"))
+    pairs.append(
+        ("nt_tiled", f"tiled_{s.ks[-1]}", f"NoiseTunnel(Tiled k={s.ks[0]}) - Tiled k={s.ks[-1]}")
+    )
+    for key, name in (("sal", "Saliency"), ("int", "IntegratedGradients")):
+        pairs.append((f"fg_{key}", key, f"FusionGrad({name}) - {name}"))
+        pairs.append((f"fg_{key}", f"sg_{key}", f"FusionGrad({name}) - SmoothGrad({name})"))
+        pairs.append(
+            (
+                f"fgs_{key}",
+                f"sg_{key}",
+                f"FusionGrad({name}, std {s.fg_std_small}) - SmoothGrad({name})",
+            )
+        )
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------
+# Running methods
+# ------------------------------------------------------------------------------------------------
+
+
+class Counted(nn.Module):
+    """Counts the rows (examples) that pass through the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return self.model(x)
+
+
+@torch.no_grad()
+def weight_noise_agreement(
+    model: nn.Module, x: torch.Tensor, pred: torch.Tensor, std: float, samples: int, seed: int
+) -> float:
+    """Share of (image, noise sample) pairs where the model with multiplicative weight noise
+    ``N(1, std^2)`` on every parameter (as FusionGrad draws it) still predicts ``pred``."""
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    agree = 0
+    for _ in range(samples):
+        noisy = {
+            k: v * (1 + std * torch.randn(v.shape, generator=gen, dtype=v.dtype))
+            for k, v in params.items()
+        }
+        out = torch.func.functional_call(model, noisy, (x,))
+        agree += int((out.argmax(dim=1) == pred).sum())
+    return agree / (samples * len(x))
+
+
+def explainer(method: Method, seed: int) -> Callable[..., np.ndarray]:
+    return quantus_explain_func(method.factory, seed=seed, **method.kwargs)
+
+
+def attribute(
+    method: Method, model: nn.Module, x: np.ndarray, y: np.ndarray, chunk: int, seed: int
+) -> Tuple[np.ndarray, float, float, float]:
+    """Maps ``(N, 1, H, W)``, model evaluations, wall seconds and CPU seconds, per image.
+
+    CPU time (of this process, all threads) is less sensitive than wall time to other programs
+    sharing the machine.
+    """
+    counted = Counted(model).eval()
+    explain = explainer(method, seed)
+    parts = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(x), chunk):
+        parts.append(explain(model=counted, inputs=x[i : i + chunk], targets=y[i : i + chunk]))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = len(x)
+    return np.concatenate(parts), counted.rows / n, wall / n, cpu / n
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics and formatting
+# ------------------------------------------------------------------------------------------------
+
+
+def mean_ci(values: Sequence[float]) -> Tuple[float, float, int]:
+    """Mean, half-width of the 95% t-interval, and n (NaNs dropped)."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    n = len(v)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    if n == 1:
+        return float(v[0]), float("nan"), 1
+    half = stats.t.ppf(0.975, n - 1) * v.std(ddof=1) / math.sqrt(n)
+    return float(v.mean()), float(half), n
+
+
+def fmt(values: Sequence[float], digits: int = 3) -> str:
+    m, h, n = mean_ci(values)
+    if n == 0:
+        return "n/a"
+    if not np.isfinite(h):
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def fmt_diff(values: Sequence[float], better: str, digits: int = 3) -> str:
+    m, h, n = mean_ci(values)
+    if n < 2:
+        return "n/a"
+    text = f"{m:+.{digits}f} ± {h:.{digits}f}"
+    if abs(m) > h:  # 95% CI excludes 0
+        good = (m > 0) == (better == "↑")
+        text = f"**{text}** {'✓' if good else '✗'}"
+    return text
+
+
+def fmt_count(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
+def fmt_time(sec: float) -> str:
+    return f"{sec * 1e3:.0f} ms" if sec < 1 else f"{sec:.1f} s"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    import captum
+    import quantus
+
+    return (
+        f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, "
+        f"load average at start {load:.1f}; Python {platform.python_version()}, "
+        f"torch {torch.__version__}, captum {captum.__version__}, quantus {quantus.__version__}, "
+        f"numpy {np.__version__}, extra_attrib {extra_attrib.__version__}"
+    )
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 1 + 3: synthetic localisation and robustness
+# ------------------------------------------------------------------------------------------------
+
+SYN_METRICS = [
+    ("pointing", "Pointing game", "↑"),
+    ("rma", "Relevance mass acc.", "↑"),
+    ("rra", "Relevance rank acc.", "↑"),
+    ("maxsens", "Max-sensitivity", "↓"),
+    ("mprt", "MPRT corr. (rand. model)", "↓"),
+    ("randlogit", "Random-logit SSIM", "↓"),
+]
+
+REAL_METRICS = [
+    ("deletion", "Deletion AUC", "↓"),
+    ("insertion", "Insertion AUC", "↑"),
+    ("region", "Region perturbation AOPC", "↑"),
+    ("faithcorr", "Faithfulness corr.", "↑"),
+]
+
+
+def run_synthetic(s: Settings) -> Dict[str, Any]:
+    import quantus
+
+    log("== Synthetic localisation task")
+    t0 = time.perf_counter()
+    x_train, y_train, _, _ = data.make_synthetic(s.n_train, seed=s.seed, p_empty=s.p_empty)
+    x_test, y_test, m_test, x_removed = data.make_synthetic(s.n_test, seed=s.seed + 1)
+    model = data.train_small_cnn(x_train, y_train, s.epochs, seed=s.seed, log=log)
+    acc = data.accuracy(model, x_test, y_test)
+    with torch.no_grad():
+        removed = model(x_removed).argmax(dim=1)
+    # Does the label come from the object? Without it, the network should answer "no object".
+    removed_none = float((removed == data.NO_OBJECT).float().mean())
+    agreement = {
+        std: weight_noise_agreement(
+            model, x_test[: s.n_loc], y_test[: s.n_loc], std, s.noise_samples, s.seed
+        )
+        for std in (0.2, s.fg_std_small)
+    }
+    train_time = time.perf_counter() - t0
+    log(
+        f"  test accuracy {acc:.3f} on {s.n_test} images; object removed -> 'no object' "
+        f"{removed_none:.3f}; label kept under weight noise {agreement}; "
+        f"data + training {train_time:.0f} s"
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    x = x_test[: s.n_loc].numpy()
+    y = y_test[: s.n_loc].numpy()
+    masks = m_test[: s.n_loc].numpy()
+    methods = make_methods(
+        s,
+        s.syn_window,
+        nt_stdev=0.1,
+        images=s.syn_chunk,
+        rows=s.syn_chunk,
+        grad_rows=None,
+        ig_steps=s.syn_ig_steps,
+    )
+    results: Dict[str, Dict[str, Any]] = {}
+    examples: Dict[str, np.ndarray] = {}
+    for i, method in enumerate(methods):
+        tm = time.perf_counter()
+        a, evals, sec, cpu = attribute(method, model, x, y, s.syn_chunk, s.seed)
+        examples[method.key] = a[0, 0]
+        pos = break_ties(np.maximum(a, 0.0), seed=s.seed)
+        common = dict(model=model, x_batch=x, y_batch=y, a_batch=pos, s_batch=masks)
+        kw = dict(disable_warnings=True, display_progressbar=False)
+        r: Dict[str, Any] = {"evals": evals, "sec": sec, "cpu": cpu}
+        r["pointing"] = np.asarray(quantus.PointingGame(**kw)(**common), dtype=float)
+        r["rma"] = np.asarray(quantus.RelevanceMassAccuracy(**kw)(**common), dtype=float)
+        r["rra"] = np.asarray(quantus.RelevanceRankAccuracy(**kw)(**common), dtype=float)
+
+        xr, yr, ar = x[: s.n_rob], y[: s.n_rob], a[: s.n_rob]
+        explain = explainer(method, s.seed)
+        rob = dict(
+            model=model,
+            x_batch=xr,
+            y_batch=yr,
+            a_batch=ar,
+            explain_func=explain,
+            batch_size=s.syn_chunk,
+        )
+        np.random.seed(s.seed)
+        r["maxsens"] = np.asarray(
+            quantus.MaxSensitivity(
+                nr_samples=s.max_sens_samples, lower_bound=s.max_sens_noise, **kw
+            )(**rob),
+            dtype=float,
+        )
+        r["mprt"] = np.asarray(
+            quantus.MPRT(skip_layers=True, return_last_correlation=True, seed=s.seed, **kw)(**rob),
+            dtype=float,
+        )
+        np.random.seed(s.seed)
+        r["randlogit"] = np.asarray(
+            quantus.RandomLogit(num_classes=data.N_CLASSES, seed=s.seed, **kw)(**rob),
+            dtype=float,
+        )
+        results[method.key] = r
+        log(
+            f"  [{i + 1}/{len(methods)}] {method.label}: {evals:.0f} evals/img, "
+            f"{fmt_time(sec)}/img, pointing {r['pointing'].mean():.2f}, "
+            f"mass {r['rma'].mean():.3f}, rank {r['rra'].mean():.3f}, "
+            f"maxsens {np.nanmean(r['maxsens']):.3f}, mprt {np.nanmean(r['mprt']):.3f}, "
+            f"randlogit {np.nanmean(r['randlogit']):.3f} ({time.perf_counter() - tm:.0f} s)"
+        )
+    return dict(
+        methods=methods,
+        results=results,
+        accuracy=acc,
+        removed_none=removed_none,
+        agreement=agreement,
+        train_time=train_time,
+        example=(x[0], masks[0, 0], examples),
+        window=s.syn_window,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Part 2: faithfulness on EfficientNet-Lite0 and real photos
+# ------------------------------------------------------------------------------------------------
+
+
+def run_real(s: Settings) -> Dict[str, Any]:
+    import quantus
+
+    log("== EfficientNet-Lite0 on scikit-image photos")
+    model = data.load_efficientnet_lite0()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    categories = data.imagenet_categories()
+    x_t, names, shown = data.load_photos(s.photos)
+    with torch.no_grad():
+        probs = torch.softmax(model(x_t), dim=1)
+    conf, pred = probs.max(dim=1)
+    predictions = [(name, categories[int(c)], float(p)) for name, c, p in zip(names, pred, conf)]
+    for name, cls, p in predictions:
+        log(f"  {name}: {cls} ({p:.2f})")
+    agreement = {
+        std: weight_noise_agreement(model, x_t, pred, std, s.noise_samples, s.seed)
+        for std in (0.2, s.fg_std_small)
+    }
+    log(f"  class kept under weight noise (std: share): {agreement}")
+    x, y = x_t.numpy(), pred.numpy()
+    black = data.black_value()
+    methods = make_methods(
+        s,
+        s.real_window,
+        nt_stdev=0.2,
+        images=1,
+        rows=s.real_rows,
+        grad_rows=s.real_rows,
+        ig_steps=s.real_ig_steps,
+    )
+    results: Dict[str, Dict[str, Any]] = {}
+    examples: Dict[str, np.ndarray] = {}
+    for i, method in enumerate(methods):
+        tm = time.perf_counter()
+        a, evals, sec, cpu = attribute(method, model, x, y, 1, s.seed)
+        examples[method.key] = a[0, 0]
+        r: Dict[str, Any] = {"evals": evals, "sec": sec, "cpu": cpu}
+        a_t = torch.from_numpy(a)
+        for mode, base in (("deletion", black), ("insertion", "blur")):
+            curve = perturbation_curve(
+                model,
+                x_t,
+                a_t,
+                target=pred,
+                mode=mode,
+                n_steps=s.curve_steps,
+                baseline=base,
+                batch_size=s.real_rows,
+                generator=torch.Generator().manual_seed(s.seed),
+            )
+            r[mode] = area_under_curve(curve).numpy()
+        kw = dict(disable_warnings=True, display_progressbar=False)
+        a_tb = break_ties(a, seed=s.seed)
+        np.random.seed(s.seed)
+        rp = quantus.RegionPerturbation(
+            patch_size=s.rp_patch, regions_evaluation=s.rp_regions, order="morf", **kw
+        )(model=model, x_batch=x, y_batch=y, a_batch=a_tb, batch_size=s.real_rows)
+        r["region"] = np.asarray([np.mean(c) for c in rp], dtype=float)
+        np.random.seed(s.seed)
+        r["faithcorr"] = np.asarray(
+            quantus.FaithfulnessCorrelation(
+                nr_runs=s.fc_runs, subset_size=s.fc_subset, return_aggregate=False, **kw
+            )(model=model, x_batch=x, y_batch=y, a_batch=a_tb, batch_size=s.real_rows),
+            dtype=float,
+        )
+        results[method.key] = r
+        log(
+            f"  [{i + 1}/{len(methods)}] {method.label}: {evals:.0f} evals/img, "
+            f"{fmt_time(sec)}/img, deletion {r['deletion'].mean():.3f}, "
+            f"insertion {r['insertion'].mean():.3f}, region {r['region'].mean():.3f}, "
+            f"faithcorr {np.nanmean(r['faithcorr']):.3f} ({time.perf_counter() - tm:.0f} s)"
+        )
+    return dict(
+        methods=methods,
+        results=results,
+        predictions=predictions,
+        agreement=agreement,
+        example=(shown[0], None, examples),
+        window=s.real_window,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def method_table(part: Dict[str, Any], metrics) -> List[str]:
+    head = ["Method", "Model evals / image", "Time / image: wall, CPU"] + [
+        f"{label} {d}" for _, label, d in metrics
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in part["methods"]:
+        r = part["results"][method.key]
+        evals = fmt_count(r["evals"]) + (" (+ backward)" if method.gradient else "")
+        cells = [method.label, evals, f"{fmt_time(r['sec'])}, {fmt_time(r['cpu'])}"] + [
+            fmt(r[k]) for k, _, _ in metrics
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def pair_table(parts: List[Tuple[str, Dict[str, Any], list]], s: Settings) -> List[str]:
+    lines = []
+    for title, part, metrics in parts:
+        res = part["results"]
+        head = ["Comparison"] + [f"{label} {d}" for _, label, d in metrics]
+        lines += [f"*{title}*", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for a, b, label in comparison_pairs(s):
+            if a not in res or b not in res:
+                continue
+            cells = [label]
+            for key, _, d in metrics:
+                diff = np.asarray(res[a][key], float) - np.asarray(res[b][key], float)
+                cells.append(fmt_diff(diff, d))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _kept(agreement: Dict[float, float]) -> str:
+    return ", ".join(f"{share:.0%} (std {std})" for std, share in agreement.items())
+
+
+def write_report(
+    s: Settings, quick: bool, syn, real, path: str, fig: str, fig_ex: str, total: float
+) -> None:
+    date = datetime.date.today().isoformat()
+    threads = os.environ.get("OMP_NUM_THREADS")
+    cmd = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/quality.py"
+    cmd += " --quick" if quick else ""
+    rel = lambda p: os.path.relpath(p, os.path.dirname(path))  # noqa: E731
+    lines = [
+        f"# Attribution quality{' (quick run)' if quick else ''}",
+        "",
+        f"Date: {date}. Command: `{cmd}` (total {total / 60:.1f} min).  ",
+        f"Machine: {machine()}.",
+        "",
+        "Each cell: mean ± half-width of the 95% t-interval over images. ↑ / ↓: higher / lower is "
+        "better. Every method and metric uses seed "
+        f"{s.seed}; ties in every ranking are broken at random (seeded). Model evaluations count "
+        "the examples passed through the model while attributing (gradient methods also run a "
+        "backward pass for each); times are per image, wall-clock and CPU time of this process, on "
+        "a machine shared with other jobs. Metric values do not depend on the machine; they can "
+        "differ in the last digits with another number of threads (the small CNN's training is "
+        "not bit-identical across thread counts).",
+        "",
+        f"![quality]({rel(fig)})",
+        "",
+        "Method settings: occlusion baselines 0; NoiseTunnel: SmoothGrad noise of 10% of the "
+        f"input range, {s.nt_samples} samples; Saliency: Captum default (absolute gradient); "
+        f"IntegratedGradients: zero baseline, {s.syn_ig_steps} steps (synthetic) / "
+        f"{s.real_ig_steps} steps (photos); FusionGrad: multiplicative weight noise N(1, 0.2²) "
+        "and additive input noise of 15% of each image's range (its defaults), and once more "
+        f"with weight noise N(1, {s.fg_std_small}²); SmoothGrad = "
+        "FusionGrad with the weight noise off (n = 1, std = 0) and the same number of samples, "
+        "so FusionGrad − SmoothGrad isolates the weight noise.",
+        "",
+        "## 1. Localisation with ground truth, and robustness (synthetic task)",
+        "",
+        f"{s.n_loc} test images of 48 x 48 px: clutter, two distractor patches of random binary "
+        "noise and one 12 x 12 stripe patch whose orientation (4 classes) is the label; the "
+        "patch's square is the ground truth. Small CNN (3 conv layers, global max pool) trained "
+        f"on {s.n_train} images ({s.p_empty:.0%} of them without object, a fifth class 'no "
+        f"object') for {s.epochs} epochs: **test accuracy {syn['accuracy']:.3f}** on "
+        f"{s.n_test} images; with the object removed from the same test images it answers "
+        f"'no object' for {syn['removed_none']:.1%} of them, so the label comes from the object "
+        f"(data + training {syn['train_time']:.0f} s). Under FusionGrad's weight noise "
+        f"(every parameter times N(1, std²)) it keeps the label for "
+        f"{_kept(syn['agreement'])} of (image, noise sample) pairs. Explained class: the "
+        f"label. Occlusion window w = {syn['window']} (the object's size), baseline 0 (black).",
+        "",
+        "- Localisation metrics (Quantus defaults, normalised) on the positive part of each map "
+        "(evidence for the label): pointing game = the map's maximum lies on the object; "
+        "relevance mass = share of positive attribution on the object; relevance rank = share "
+        "of the top-|object| pixels on the object.",
+        f"- Robustness and randomisation on the first {s.n_rob} images: max-sensitivity "
+        f"(Quantus, {s.max_sens_samples} samples of uniform noise ±{s.max_sens_noise}; relative "
+        "change of the map), MPRT (Spearman correlation between |maps| of the trained and the "
+        "fully randomised model, cascading top-down; lower = the map depends on the weights) and "
+        "random-logit (SSIM between maps of the label and of a random other class; lower = "
+        "class-specific).",
+        "",
+    ]
+    lines += method_table(syn, SYN_METRICS)
+    lines += [
+        "",
+        "## 2. Faithfulness on a real model (EfficientNet-Lite0, ImageNet)",
+        "",
+        f"{len(real['predictions'])} colour photos from `skimage.data` at 224 x 224 (the demo's "
+        "preprocessing); explained class = predicted class: "
+        + ", ".join(f"{n} → {c} ({p:.2f})" for n, c, p in real["predictions"])
+        + ". Under FusionGrad's weight noise (every parameter times N(1, std²)) the model keeps "
+        f"its predicted class for {_kept(real['agreement'])} of (photo, noise sample) pairs. "
+        f"Occlusion window w = {real['window']}, baseline 0 (mid-grey).",
+        "",
+        f"- Deletion / insertion (RISE): pixels in order of attribution, {s.curve_steps} steps; "
+        "deletion replaces them by black, insertion starts from a blurred copy; area under the "
+        "softmax probability of the class.",
+        f"- Region perturbation (Quantus, MoRF): the {s.rp_regions} most relevant "
+        f"{s.rp_patch} x {s.rp_patch} patches (a grid not aligned with the occlusion windows) "
+        "replaced by black one after another; AOPC = mean drop of the probability.",
+        f"- Faithfulness correlation (Quantus): Pearson correlation, over {s.fc_runs} random "
+        f"subsets of {s.fc_subset} input values set to black, between the attribution sum of the "
+        "subset and the drop of the logit.",
+        "",
+    ]
+    lines += method_table(real, REAL_METRICS)
+    lines += [
+        "",
+        "## 3. Paired differences",
+        "",
+        "Mean over images of (first method − second method) ± 95% CI. **Bold**: the CI excludes "
+        "0; ✓ the first method is better on that metric, ✗ worse.",
+        "",
+    ]
+    lines += pair_table(
+        [("Synthetic task", syn, SYN_METRICS), ("EfficientNet-Lite0 photos", real, REAL_METRICS)],
+        s,
+    )
+    lines += [f"Example maps: ![examples]({rel(fig_ex)})", ""]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    log(f"wrote {path}")
+
+
+def _colour(key: str) -> str:
+    for prefix, colour in (
+        ("occ_w", "#1b2f5c"),
+        ("occ_small", "tab:blue"),
+        ("occ_ovl", "#8fb8de"),
+        ("tiled", "tab:orange"),
+        ("nt_", "tab:red"),
+        ("sg_", "tab:olive"),
+        ("fg_", "tab:purple"),
+        ("fgs_", "tab:pink"),
+    ):
+        if key.startswith(prefix):
+            return colour
+    return "tab:green"
+
+
+def _save_png(fig, path: str, dpi: float) -> None:
+    """Save a figure as a small PNG: rendered, then reduced to a 256-colour palette."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    buf.seek(0)
+    with Image.open(buf) as img:
+        img.convert("RGB").quantize(colors=256).save(path, optimize=True)
+
+
+def plot(s: Settings, syn, real, fig_path: str, ex_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        (syn, k, f"{label} {d}", f"synthetic, w={syn['window']}") for k, label, d in SYN_METRICS
+    ]
+    panels += [
+        (real, k, f"{label} {d}", f"photos, w={real['window']}") for k, label, d in REAL_METRICS
+    ]
+    ncol = 5
+    nrow = math.ceil(len(panels) / ncol)
+    labels = [m.short for m in syn["methods"]]
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(2.6 * ncol + 1.8, 0.2 * len(labels) * nrow + 1.2), sharey=True
+    )
+    for ax, (part, key, title, which) in zip(axes.flat, panels):
+        for j, method in enumerate(part["methods"]):
+            m, h, _ = mean_ci(part["results"][method.key][key])
+            ax.errorbar(
+                m,
+                j,
+                xerr=h if np.isfinite(h) else None,
+                fmt="o",
+                color=_colour(method.key),
+                ms=4,
+                capsize=2,
+            )
+        n_occ = sum(1 for m in part["methods"] if not m.gradient)
+        ax.axhline(n_occ - 0.5, color="grey", lw=0.5)
+        ax.set_title(f"{title}\n({which})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    axes[0, 0].set_yticks(range(len(labels)))
+    axes[0, 0].set_yticklabels(labels, fontsize=7)
+    axes[0, 0].invert_yaxis()  # shared by all panels: once
+    fig.suptitle("Attribution quality: mean ± 95% CI over images", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(fig_path), exist_ok=True)
+    _save_png(fig, fig_path, dpi=72)
+    plt.close(fig)
+
+    # Example maps: one synthetic image and one photo, every method.
+    methods = syn["methods"]
+    fig, axes = plt.subplots(2, len(methods) + 1, figsize=(1.25 * (len(methods) + 1), 2.9))
+    for row, (part, name) in enumerate(((syn, "synthetic"), (real, "photo"))):
+        img, mask, maps = part["example"]
+        img = np.asarray(img)
+        if img.shape[0] == 3:
+            img = img.transpose(1, 2, 0)
+        axes[row, 0].imshow(np.clip(img, 0, 1))
+        if mask is not None:
+            axes[row, 0].contour(mask, levels=[0.5], colors="yellow", linewidths=0.8)
+        axes[row, 0].set_title(name, fontsize=6)
+        for j, method in enumerate(part["methods"]):
+            a = maps[method.key]
+            lim = np.abs(a).max() or 1.0
+            axes[row, j + 1].imshow(a, cmap="bwr", vmin=-lim, vmax=lim)
+            if row == 0:
+                axes[row, j + 1].set_title(method.short.replace("(", "(\n", 1), fontsize=5)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout(pad=0.3)
+    _save_png(fig, ex_path, dpi=85)
+    plt.close(fig)
+    log(f"wrote {fig_path} and {ex_path}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run (about 3 min)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="markdown output path")
+    args = parser.parse_args(argv)
+    s = dataclasses.replace(QUICK if args.quick else Settings(), seed=args.seed)
+    suffix = "_quick" if args.quick else ""
+    out = args.out or os.path.join(REPO, "benchmarks", "results", f"quality{suffix}.md")
+    fig = os.path.join(REPO, "media", f"quality{suffix}.png")
+    fig_ex = os.path.join(REPO, "media", f"quality_examples{suffix}.png")
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    syn = run_synthetic(s)
+    real = run_real(s)
+    total = time.perf_counter() - t0
+    plot(s, syn, real, fig, fig_ex)
+    write_report(s, args.quick, syn, real, out, fig, fig_ex, total)
+    log(f"total {total / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
