@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -29,6 +29,8 @@ ACCELERATOR_ROWS = 64
 CPU_CANDIDATE_ROWS = (1, 2, 4, 8, 16, 32)
 #: Tuning stops at the first candidate this much slower per perturbation than the best so far.
 TUNING_STOP = 1.15
+#: Timed chunks per candidate; the fastest counts.
+TRIALS_PER_CANDIDATE = 2
 
 
 @dataclass
@@ -60,8 +62,9 @@ class ChunkPlanner:
     A fixed ``chunk_size`` is used as given. Otherwise, on an accelerator, about
     :data:`ACCELERATOR_ROWS` rows per pass; on CPU, where the best batch depends on the model and
     the machine (per-example time often grows past 4-16 rows), the first chunks of the sweep try
-    :data:`CPU_CANDIDATE_ROWS` in turn, timing each, and the rest of the sweep uses the fastest
-    per perturbation. Those chunks are real work, so tuning costs only their inefficiency. All
+    :data:`CPU_CANDIDATE_ROWS` in turn, :data:`TRIALS_PER_CANDIDATE` timed chunks each, until
+    one is clearly slower than the best so far; the rest of the sweep uses the fastest per
+    perturbation. Those chunks are real work, so tuning costs only their inefficiency. All
     sizes stay within :data:`BUFFER_BUDGET_BYTES` and the number of perturbations.
 
     Args:
@@ -82,7 +85,7 @@ class ChunkPlanner:
         else:
             self.candidates = sorted({min(max(rows // n, 1), cap) for rows in CPU_CANDIDATE_ROWS})
         self.capacity = max(self.candidates)
-        self._timings: dict = {}
+        self._timings: Dict[int, List[float]] = {}
         self._chosen: Optional[int] = self.candidates[0] if len(self.candidates) == 1 else None
 
     @property
@@ -94,23 +97,32 @@ class ChunkPlanner:
         """Size of the next chunk."""
         if self._chosen is not None:
             return self._chosen
-        return self.candidates[len(self._timings)]
+        for size in self.candidates:
+            if len(self._timings.get(size, ())) < TRIALS_PER_CANDIDATE:
+                return size
+        return self.candidates[-1]  # not reached: the last full trial settles the choice
 
     def record(self, size: int, seconds: float, count: int) -> None:
         """Report that a trial chunk of ``size`` slots ran ``count`` perturbations in
         ``seconds``."""
         if self._chosen is not None or count < size:
             return  # a short last chunk says little about its size
-        self._timings[size] = seconds / count
-        best = min(self._timings, key=self._timings.get)
-        slower = self._timings[size] > TUNING_STOP * self._timings[best]
-        if slower or len(self._timings) == len(self.candidates):
-            self._chosen = best
+        self._timings.setdefault(size, []).append(seconds / count)
+        if len(self._timings[size]) < TRIALS_PER_CANDIDATE:
+            return
+        # The fastest of a candidate's trials: a passing hiccup on a shared machine only ever
+        # slows a trial down, so the minimum is the robust estimate.
+        best = {c: min(t) for c, t in self._timings.items() if len(t) == TRIALS_PER_CANDIDATE}
+        winner = min(best, key=best.get)
+        if best[size] > TUNING_STOP * best[winner] or size == self.candidates[-1]:
+            self._chosen = winner
 
     def expected_chunks(self, remaining: int) -> int:
         """Chunks still to come for ``remaining`` perturbations, if tuning ended now."""
-        size = self._chosen or min(self._timings, key=self._timings.get, default=self.capacity)
-        return math.ceil(remaining / size)
+        if self._chosen is not None:
+            return math.ceil(remaining / self._chosen)
+        best = {c: min(t) for c, t in self._timings.items()}
+        return math.ceil(remaining / min(best, key=best.get, default=self.capacity))
 
 
 def auto_chunk_size(inputs: Sequence[Tensor], num_perturbations: int) -> int:

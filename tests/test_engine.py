@@ -94,10 +94,14 @@ def test_planner_candidates_respect_budget_and_count():
 def test_planner_keeps_the_fastest_size_per_perturbation():
     planner = ChunkPlanner([torch.zeros(1, 3, 32, 32)], 1000)
     per_item = {1: 10.0, 2: 6.0, 4: 5.0, 8: 4.0, 16: 5.5}
+    hiccup = {8: 9.0}  # the first trial at 8 is disturbed; the second one counts
+    tried = []
     while planner.tuning:
         size = planner.next_size()
-        planner.record(size, per_item[size] * size, size)
-    assert planner.next_size() == 8  # 16 was more than 15 % slower: tuning stopped there
+        tried.append(size)
+        planner.record(size, hiccup.pop(size, per_item[size]) * size, size)
+    assert tried == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]  # 16 was over 15 % slower: stop
+    assert planner.next_size() == 8
     assert planner.expected_chunks(20) == 3
 
 
