@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from extra_attrib import _imagenet
+from extra_attrib import imagenet
 
 N_ORIENTATIONS = 4
 NO_OBJECT = 4  # label of training images without an object
@@ -207,12 +207,12 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
 
 def load_efficientnet_lite0() -> nn.Module:
     """The demo's model: ImageNet-trained EfficientNet-Lite0 from the offline PyPI wheels."""
-    return _imagenet.load_efficientnet_lite0()
+    return imagenet.load_efficientnet_lite0()
 
 
 def imagenet_categories() -> List[str]:
     """The 1000 ImageNet class names (from torchvision's metadata; no download)."""
-    return _imagenet.imagenet_categories()
+    return imagenet.imagenet_categories()
 
 
 def load_photos(names: Sequence[str] = PHOTOS) -> Tuple[Tensor, List[str], np.ndarray]:
@@ -220,7 +220,7 @@ def load_photos(names: Sequence[str] = PHOTOS) -> Tuple[Tensor, List[str], np.nd
 
     That is EfficientNet-Lite's own evaluation preprocessing (centre crop of 224/256 of the shorter
     side, resized to 224 x 224, pixels scaled as ``(p - 127) / 128``): see
-    :mod:`extra_attrib._imagenet`.
+    :mod:`extra_attrib.imagenet`.
 
     Returns:
         tuple: ``x`` of shape ``(len(names), 3, 224, 224)`` (float32, about ``[-1, 1]``), the
@@ -233,7 +233,7 @@ def load_photos(names: Sequence[str] = PHOTOS) -> Tuple[Tensor, List[str], np.nd
         img = getattr(skimage.data, name)()
         if isinstance(img, tuple):  # stereo pair: left view
             img = img[0]
-        x, display = _imagenet.preprocess(_imagenet.as_rgb_uint8(img, name))
+        x, display = imagenet.preprocess(imagenet.as_rgb_uint8(img, name))
         xs.append(x)
         shown.append(display)
     return torch.cat(xs), list(names), np.stack(shown)
@@ -241,4 +241,4 @@ def load_photos(names: Sequence[str] = PHOTOS) -> Tuple[Tensor, List[str], np.nd
 
 def black_value() -> float:
     """The model-input value of a black pixel."""
-    return float((0.0 - _imagenet.MEAN) / _imagenet.STD)
+    return float((0.0 - imagenet.MEAN) / imagenet.STD)

@@ -105,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _demo_command(args: argparse.Namespace) -> int:
     from extra_attrib import _demo
-    from extra_attrib._imagenet import MissingDemoExtraError
+    from extra_attrib.imagenet import MissingDemoExtraError
 
     settings = _demo.DemoSettings(
         window=args.window, k=args.k, nt_samples=args.nt_samples, fg_n=args.fg_n,

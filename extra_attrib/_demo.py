@@ -1,12 +1,12 @@
 """The ``extra-attrib demo`` command: classify photos offline and compare attribution maps.
 
-Pipeline: load EfficientNet-Lite0 (:mod:`extra_attrib._imagenet`), classify each photo and print
+Pipeline: load EfficientNet-Lite0 (:mod:`extra_attrib.imagenet`), classify each photo and print
 its top-3 classes, explain the chosen class with Occlusion (at TiledOcclusion's window and, for
 ``k > 1``, at its stride), TiledOcclusion, NoiseTunnel(TiledOcclusion) and FusionGrad(Saliency),
 print the time and the number of model evaluations of each method, and save one figure (rows:
 photos, columns: methods).
 
-The model comes from ``_imagenet.load_efficientnet_lite0`` looked up at call time (or the
+The model comes from ``imagenet.load_efficientnet_lite0`` looked up at call time (or the
 ``load_model`` argument of :func:`run`), so tests can substitute a tiny model.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from extra_attrib import _imagenet
+from extra_attrib import imagenet
 
 DEFAULT_PHOTOS = ("chelsea", "coffee")
 DEFAULT_OUT = "extra_attrib_demo.png"
@@ -197,17 +197,17 @@ def load_photos(sources: Sequence[str]) -> List[Photo]:
     photos = []
     for source in sources:
         if os.path.isfile(source):
-            rgb = _imagenet.load_image(source)
+            rgb = imagenet.load_image(source)
             name = os.path.splitext(os.path.basename(source))[0]
-        elif source in _imagenet.BUNDLED_PHOTOS:
-            rgb = _imagenet.bundled_photo(source)
+        elif source in imagenet.BUNDLED_PHOTOS:
+            rgb = imagenet.bundled_photo(source)
             name = source
         else:
             raise ValueError(
                 f"--image {source!r} is neither an image file nor one of scikit-image's bundled "
-                f"photos ({', '.join(_imagenet.BUNDLED_PHOTOS)})"
+                f"photos ({', '.join(imagenet.BUNDLED_PHOTOS)})"
             )
-        model_input, display = _imagenet.preprocess(rgb)
+        model_input, display = imagenet.preprocess(rgb)
         photos.append(Photo(name, model_input, display))
     return photos
 
@@ -231,15 +231,15 @@ def run(
 
     total_start = time.perf_counter()
     try:
-        settings.check(_imagenet.INPUT_SIZE)
+        settings.check(imagenet.INPUT_SIZE)
     except ValueError as err:
         raise DemoUsageError(str(err)) from None
     start = time.perf_counter()
-    model = (load_model or _imagenet.load_efficientnet_lite0)()
+    model = (load_model or imagenet.load_efficientnet_lite0)()
     model.eval()
-    categories = _imagenet.imagenet_categories()
+    categories = imagenet.imagenet_categories()
     try:
-        target_index = _imagenet.resolve_target(target, categories)
+        target_index = imagenet.resolve_target(target, categories)
         photos = load_photos(list(images) if images else list(DEFAULT_PHOTOS))
     except (ValueError, FileNotFoundError) as err:
         raise DemoUsageError(str(err)) from None
@@ -254,13 +254,13 @@ def run(
     labels = []
     for photo, p in zip(photos, probs):
         values, indices = p.topk(min(3, p.numel()))
-        ranked = ", ".join(f"{_imagenet.class_name(int(i), categories)} {float(v):.1%}"
+        ranked = ", ".join(f"{imagenet.class_name(int(i), categories)} {float(v):.1%}"
                            for v, i in zip(values, indices))
         report(f"  {photo.name:<12} {ranked}")
         chosen = int(indices[0]) if target_index is None else target_index
         labels.append((chosen, float(p[chosen])))
     targets = torch.tensor([c for c, _ in labels])
-    explained = ", ".join(f"{p.name} -> {_imagenet.class_name(c, categories)} ({c})"
+    explained = ", ".join(f"{p.name} -> {imagenet.class_name(c, categories)} ({c})"
                           for p, (c, _) in zip(photos, labels))
     report(f"Explaining the {_SCORE_NAMES[settings.score]} of {explained}:")
 
@@ -286,7 +286,7 @@ def save_figure(
         f"{r.name}\n{r.detail}\n{round(r.evaluations / len(photos))} evaluations per image":
         r.attributions for r in results
     }
-    rows = [f"{p.name}: {_imagenet.class_name(c, categories)} ({prob:.0%})"
+    rows = [f"{p.name}: {imagenet.class_name(c, categories)} ({prob:.0%})"
             for p, (c, prob) in zip(photos, labels)]
     fig = plot_attribution_grid([p.display for p in photos], columns, row_titles=rows,
                                 panel_size=2.3)

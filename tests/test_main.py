@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from extra_attrib import _demo, _imagenet
+from extra_attrib import _demo, imagenet
 from extra_attrib.__main__ import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +33,7 @@ class TinyClassifier(nn.Module):
 def tiny_model(monkeypatch):
     torch.manual_seed(0)
     model = TinyClassifier().eval()
-    monkeypatch.setattr(_imagenet, "load_efficientnet_lite0", lambda: model)
+    monkeypatch.setattr(imagenet, "load_efficientnet_lite0", lambda: model)
     return model
 
 

@@ -67,7 +67,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from extra_attrib import FusionGrad, TiledOcclusion
-from extra_attrib import _imagenet  # the offline model, photos and preprocessing of the demo
+from extra_attrib import imagenet  # the offline model, photos and preprocessing of the demo
 from extra_attrib.visualization import plot_1d_attribution, plot_attribution_grid
 
 matplotlib.rcParams["figure.dpi"] = 72  # small figures keep the notebook light
@@ -77,7 +77,7 @@ print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     ("md", r"""
 ## 1. A real classifier, offline
 
-`_imagenet.load_efficientnet_lite0()` is EfficientNet-Lite0 with its ImageNet weights in eval mode;
+`imagenet.load_efficientnet_lite0()` is EfficientNet-Lite0 with its ImageNet weights in eval mode;
 it is the two lines
 
 ```python
@@ -92,11 +92,11 @@ scales pixels as `(p - 127) / 128` (inputs lie in about [-1, 1]); it also return
 display. The class names come from torchvision's weight metadata (no download).
 """),
     ("code", r"""
-model = _imagenet.load_efficientnet_lite0()
-categories = _imagenet.imagenet_categories()
+model = imagenet.load_efficientnet_lite0()
+categories = imagenet.imagenet_categories()
 
 names = ["chelsea", "coffee"]  # photos bundled with scikit-image
-inputs, photos = zip(*(_imagenet.preprocess(_imagenet.bundled_photo(n)) for n in names))
+inputs, photos = zip(*(imagenet.preprocess(imagenet.bundled_photo(n)) for n in names))
 x = torch.cat(inputs)  # (2, 3, 224, 224)
 
 with torch.no_grad():
