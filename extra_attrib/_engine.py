@@ -125,11 +125,6 @@ class ChunkPlanner:
         return math.ceil(remaining / min(best, key=best.get, default=self.capacity))
 
 
-def auto_chunk_size(inputs: Sequence[Tensor], num_perturbations: int) -> int:
-    """The largest chunk size the automatic choice may use (the buffer's capacity)."""
-    return ChunkPlanner(inputs, num_perturbations).capacity
-
-
 def changed_windows(x: Tensor, baseline: Tensor, geometry: TileGeometry) -> Tensor:
     """Which windows would change at least one element of at least one example.
 

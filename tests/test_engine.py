@@ -3,7 +3,6 @@ import torch
 
 from extra_attrib._engine import (
     ChunkPlanner,
-    auto_chunk_size,
     changed_windows,
     occlusion_sweep,
 )
@@ -88,7 +87,7 @@ def test_planner_candidates_respect_budget_and_count():
     huge = torch.zeros(1, 1, 400, 400, 400)  # 256 MB per copy
     assert ChunkPlanner([huge], 1000).candidates == [1]
     assert ChunkPlanner([small], 1000, chunk_size=7).candidates == [7]
-    assert auto_chunk_size([small], 1000) == 32
+    assert ChunkPlanner([small], 1000).capacity == 32
 
 
 def test_planner_keeps_the_fastest_size_per_perturbation():
