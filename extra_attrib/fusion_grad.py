@@ -139,6 +139,9 @@ class FusionGrad(PerturbationAttribution):
         return False
 
     @log_usage()
+    # Like every Captum PerturbationAttribution (newer Captum requires it): the wrapped gradient
+    # methods switch gradients back on themselves, as they do inside NoiseTunnel.
+    @torch.no_grad()
     def attribute(
         self,
         inputs: TensorOrTuple,
