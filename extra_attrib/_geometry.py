@@ -12,6 +12,7 @@ flat index over the grid of positions ``(J_1, ..., J_d)`` in row-major order.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
@@ -88,9 +89,7 @@ def perturbation_boxes(
     Returns:
         list of tuple of slice: For each index, one ``slice(lo, hi)`` per dimension.
     """
-    per_dim = [
-        [slice(lo, hi) for lo, hi in zip(los, his)] for los, his in window_bounds(geometry)
-    ]
+    per_dim = _dim_slices(geometry)
     boxes = []
     for flat in indices:
         box = []
@@ -99,6 +98,14 @@ def perturbation_boxes(
             box.append(slices[j])
         boxes.append(tuple(reversed(box)))
     return boxes
+
+
+@functools.lru_cache(maxsize=64)
+def _dim_slices(geometry: TileGeometry) -> Tuple[Tuple[slice, ...], ...]:
+    """Window slices per dimension; cached, since the engine asks once per chunk."""
+    return tuple(
+        tuple(slice(lo, hi) for lo, hi in zip(los, his)) for los, his in window_bounds(geometry)
+    )
 
 
 def box_sums(values: Tensor, geometry: TileGeometry) -> Tensor:
