@@ -175,7 +175,7 @@ def occlusion_sweep(
         SweepResult: Attributions per input of shape ``(T, N, *S_j)`` in the scores' dtype.
     """
     n = inputs[0].shape[0]
-    with torch.inference_mode():
+    with torch.no_grad():
         raw = check_output(
             forward_func(*(x.clone() for x in inputs), *additional_forward_args), n
         )
@@ -270,7 +270,7 @@ class _Sweep:
             self.dirty[slot] = box
         batch = [b[:reps].reshape(reps * self.n, *b.shape[2:]) for b in self.buffers]
         versions = [b._version for b in self.buffers]
-        with torch.inference_mode():
+        with torch.no_grad():
             outputs = check_output(self.forward_func(*batch, *self._args(reps)), reps * self.n)
         if [b._version for b in self.buffers] != versions:
             # The model wrote into its input: from now on rebuild every copy before each chunk.
