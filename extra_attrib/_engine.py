@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from extra_attrib._geometry import TileGeometry, accumulate, box_sums, perturbation_boxes
+from extra_attrib._geometry import (
+    TileGeometry,
+    accumulate,
+    box_any,
+    window_masks,
+    window_offsets,
+    window_positions,
+)
 from extra_attrib._targets import check_output, resolve_targets, select
 
 #: Memory the perturbation buffers may take, in bytes, when the chunk size is chosen automatically.
@@ -31,6 +38,13 @@ CPU_CANDIDATE_ROWS = (1, 2, 4, 8, 16, 32)
 TUNING_STOP = 1.15
 #: Timed chunks per candidate; the fastest counts.
 TRIALS_PER_CANDIDATE = 2
+#: Elements compared at once by :func:`changed_windows` (at least one example).
+ROWS_COMPARED_ELEMENTS = 2**20
+#: Build rule of :class:`DenseEvaluator`: a window's elements are written by index (gather +
+#: scatter, for the restore and for the baseline) at about this many times the cost of one
+#: element of a dense masked rebuild of the whole copy. Measured on one CPU thread: 1-4 ns per
+#: element for both ``torch.where`` and ``scatter_``; GPUs are the same within a small factor.
+PATCH_ELEMENT_COST = 4
 
 
 @dataclass
@@ -51,8 +65,12 @@ class SweepResult:
 
 
 def memory_bound(inputs: Sequence[Tensor]) -> int:
-    """Most perturbed copies of the batch that fit the buffer budget (at least 1)."""
-    bytes_per_copy = sum(x.numel() * x.element_size() for x in inputs)
+    """Most perturbed copies of the batch that fit the buffer budget (at least 1).
+
+    A copy counts the batch of every input plus one byte per element of one example for the
+    window mask a rebuilt chunk needs (see :class:`DenseEvaluator`).
+    """
+    bytes_per_copy = sum(x.numel() * x.element_size() + x[0].numel() for x in inputs)
     return max(1, BUFFER_BUDGET_BYTES // max(bytes_per_copy, 1))
 
 
@@ -65,7 +83,8 @@ class ChunkPlanner:
     :data:`CPU_CANDIDATE_ROWS` in turn, :data:`TRIALS_PER_CANDIDATE` timed chunks each, until
     one is clearly slower than the best so far; the rest of the sweep uses the fastest per
     perturbation. Those chunks are real work, so tuning costs only their inefficiency. All
-    sizes stay within :data:`BUFFER_BUDGET_BYTES` and the number of perturbations.
+    sizes, a fixed one too, stay within :data:`BUFFER_BUDGET_BYTES` and the number of
+    perturbations.
 
     Args:
         inputs (sequence of Tensor): The inputs, each ``(N, *S)``.
@@ -79,7 +98,8 @@ class ChunkPlanner:
         n = inputs[0].shape[0]
         cap = max(1, min(memory_bound(inputs), num_perturbations))
         if chunk_size is not None:
-            self.candidates = [chunk_size]
+            # More slots than perturbations or than the budget allows would only hold memory.
+            self.candidates = [min(chunk_size, cap)]
         elif inputs[0].device.type != "cpu":
             self.candidates = [min(max(ACCELERATOR_ROWS // n, 1), cap)]
         else:
@@ -128,6 +148,12 @@ class ChunkPlanner:
 def changed_windows(x: Tensor, baseline: Tensor, geometry: TileGeometry) -> Tensor:
     """Which windows would change at least one element of at least one example.
 
+    Memory: the examples are compared a block of rows at a time and folded into one bool map
+    over ``S`` ("differs in some example"); :func:`box_any` then reduces that map with ``int16``
+    prefix sums one dimension at a time. The peak is about one float32 copy of one example
+    (a few bool maps and one int16 map over ``S``) or three bytes per element of a block of
+    :data:`ROWS_COMPARED_ELEMENTS`, whichever is larger, whatever ``N``.
+
     Args:
         x (Tensor): Input, shape ``(N, *S)``.
         baseline (Tensor): Baseline broadcastable to ``x``.
@@ -136,9 +162,22 @@ def changed_windows(x: Tensor, baseline: Tensor, geometry: TileGeometry) -> Tens
     Returns:
         Tensor: Bool tensor of shape ``(J_1, ..., J_d)``.
     """
-    same = (x == baseline) | (torch.isnan(x) & torch.isnan(baseline))
-    differs = (~same).any(dim=0).to(torch.int64)
-    return box_sums(differs, geometry) > 0
+    n = x.shape[0]
+    baseline = baseline.expand_as(x)
+    per_example = max(x[0].numel(), 1)
+    rows = max(1, ROWS_COMPARED_ELEMENTS // per_example)
+    differs = torch.zeros(x.shape[1:], dtype=torch.bool, device=x.device)
+    for start in range(0, n, rows):
+        xs, bs = x[start : start + rows], baseline[start : start + rows]
+        block = xs != bs
+        if xs.is_floating_point() or xs.is_complex():
+            both_nan = xs.isnan()
+            both_nan.logical_and_(bs.isnan())
+            block.logical_and_(both_nan.logical_not_())  # NaN over NaN changes nothing
+            del both_nan
+        differs.logical_or_(block.any(dim=0))
+        del block
+    return box_any(differs, geometry)
 
 
 def occlusion_sweep(
@@ -203,97 +242,226 @@ def occlusion_sweep(
     bar.update(1)
     evaluations, done = 1, 0
     try:
-        sweep = _Sweep(forward_func, inputs, baselines, additional_forward_args, planner.capacity)
+        evaluator = DenseEvaluator(forward_func, inputs, baselines, geometries,
+                                   additional_forward_args, planner.capacity)
         attributions = []
         for j, (geometry, indices) in enumerate(zip(geometries, active)):
-            # A skipped window leaves the input as it is: its difference is score(x) - score(x),
-            # which is 0, or NaN where the score itself is not finite, as the forward pass gives.
-            unchanged = (base_scores - base_scores).unsqueeze(-1)
-            diffs = unchanged.repeat(1, 1, geometry.num_perturbations)
-            on_device = torch.tensor(indices, dtype=torch.long, device=diffs.device)
-            start = 0
-            while start < len(indices):
-                size = planner.next_size()
-                chunk = indices[start : start + size]
-                began = time.perf_counter()
-                outputs = sweep.run(j, perturbation_boxes(geometry, chunk))
-                scores = select(score_fn(outputs), index, len(chunk)).to(acc_dtype)
-                where = on_device[start : start + size]  # a view: no host-device copy per chunk
-                diffs.index_copy_(2, where, (base_scores - scores).permute(1, 2, 0))
-                if planner.tuning:
-                    planner.record(size, time.perf_counter() - began, len(chunk))
-                start += len(chunk)
-                done += len(chunk)
-                evaluations += 1
-                bar.total = evaluations + planner.expected_chunks(total - done)
-                bar.update(1)
-            sweep.reset(j)
+            on_device = torch.tensor(indices, dtype=torch.long, device=inputs[j].device)
+            while True:
+                # A skipped window leaves the input as it is: its difference is
+                # score(x) - score(x), which is 0, or NaN where the score itself is not finite,
+                # as the forward pass gives.
+                unchanged = (base_scores - base_scores).unsqueeze(-1)
+                diffs = unchanged.repeat(1, 1, geometry.num_perturbations)
+                start = 0
+                while start < len(indices):
+                    size = planner.next_size()
+                    chunk = indices[start : start + size]
+                    where = on_device[start : start + size]  # a view: no host-device copy
+                    began = time.perf_counter()
+                    outputs = evaluator.evaluate(j, chunk, where)
+                    scores = select(score_fn(outputs), index, len(chunk)).to(acc_dtype)
+                    diffs.index_copy_(2, where, (base_scores - scores).permute(1, 2, 0))
+                    if planner.tuning:
+                        planner.record(size, time.perf_counter() - began, len(chunk))
+                    start += len(chunk)
+                    done += len(chunk)
+                    evaluations += 1
+                    bar.total = evaluations + planner.expected_chunks(total - done)
+                    bar.update(1)
+                if evaluator.finish(j):
+                    break
+                # The model changed its input behind autograd's back (through ``.data`` or
+                # numpy): the chunks of this input may have seen a corrupted copy. The
+                # evaluator now rebuilds every copy before each chunk; sweep this input again.
+                total += len(indices)
             per_window = diffs.reshape(n, index.shape[1], *geometry.grid)
             attributions.append(accumulate(per_window, geometry).transpose(0, 1))
     finally:
         bar.close()
-    return SweepResult(attributions, evaluations, total, skipped)
+    return SweepResult(attributions, evaluations, done, skipped)
 
 
-class _Sweep:
-    """Persistent buffers of ``size`` copies of every input, perturbed window by window."""
+class DenseEvaluator:
+    """Model outputs for chunks of windows, from persistent batch buffers.
+
+    The evaluator interface of :func:`occlusion_sweep` (an alternative evaluator, e.g. an
+    incremental one, needs only these two methods):
+
+    - ``evaluate(j, windows, windows_on_device) -> Tensor``: the model outputs, shape
+      ``(R * N, ...)``, for the ``N`` examples with input ``j`` occluded at each of the ``R``
+      flat window indices ``windows`` (also given as a long tensor on the input's device, so
+      that no per-chunk host-device copy is needed), all other inputs unchanged; copy ``r`` of
+      the batch is rows ``r * N`` to ``(r + 1) * N``.
+    - ``finish(j) -> bool``: called after the last chunk of input ``j``; ``False`` asks the sweep
+      to evaluate input ``j`` again (the earlier outputs cannot be trusted).
+
+    This one keeps, per input, a buffer of ``size`` copies of the batch. A chunk is built with
+    a number of tensor operations that does not depend on its size (no Python loop over
+    windows, no host-device synchronisation), in one of two ways chosen per input:
+
+    - *patch*: each slot still holds its previous window; one gather + scatter restores those
+      windows from the input and one writes the baseline into the new ones, with flat offsets
+      from :func:`window_offsets`. Data moved: about ``2 * N * prod(window)`` elements per
+      perturbation.
+    - *rebuild*: one ``torch.where`` writes every copy from the input and the baseline under a
+      window mask built from :func:`window_masks` (one row per dimension, outer AND). Data
+      moved: ``N * prod(S)`` elements per perturbation.
+
+    Cost rule: patch when ``PATCH_ELEMENT_COST * 2 * prod(window) < prod(S)``, i.e. when the
+    indexed writes move less than the dense rebuild; otherwise rebuild. The forward pass costs
+    the same either way, so only the build costs are compared; the rule is a function of the
+    shapes, so the choice (and the result, which is bit-identical either way) is repeatable.
+
+    A model that writes into its input: an in-place operation bumps the buffer's version
+    counter, seen after the forward pass; from then on every copy of every input is rebuilt
+    before each chunk. A write that bypasses the counter (``x.data``, numpy) is caught by
+    :meth:`finish`, which checks every copy against the input once per input; then the
+    evaluator switches to rebuilding everything and asks for the input to be swept again. A
+    write undone before the end of the input's sweep, e.g. overwritten by a later window,
+    escapes that check: the rebuild mode is immune, the patch mode is not.
+
+    Args:
+        forward_func (callable): ``forward_func(*inputs, *additional_forward_args)``.
+        inputs (tuple of Tensor): Each ``(N, *S_j)``.
+        baselines (tuple of Tensor): One per input, broadcastable to it.
+        geometries (sequence of TileGeometry): One per input.
+        additional_forward_args (tuple): Extra arguments, repeated like the batch.
+        size (int): Most windows per chunk.
+    """
 
     def __init__(
         self,
         forward_func: Callable[..., Tensor],
         inputs: Tuple[Tensor, ...],
         baselines: Tuple[Tensor, ...],
+        geometries: Sequence[TileGeometry],
         additional_forward_args: Tuple[Any, ...],
         size: int,
     ) -> None:
         self.forward_func = forward_func
         self.inputs = inputs
+        self.geometries = list(geometries)
         self.fills = [b.expand_as(x) for x, b in zip(inputs, baselines)]
         self.args = additional_forward_args
         self.n = inputs[0].shape[0]
         self.buffers = [x.unsqueeze(0).repeat(size, *([1] * x.dim())) for x in inputs]
-        self.dirty: List[Optional[Tuple[slice, ...]]] = [None] * size
-        self.refresh_all = False
+        self.used = 0  # slots written so far: the rest still hold clean copies
+        self.rebuild_all = False
+        self.modes = [build_mode(g) for g in self.geometries]
+        self._masks: Dict[int, List[Tensor]] = {}
+        self._offsets: Dict[int, List[Tensor]] = {}
+        self._flat: Dict[int, Tuple[Tensor, Tensor]] = {}
+        self._dirty: List[Optional[Tensor]] = [None] * len(inputs)
         self._expanded: dict = {}
 
-    def run(self, j: int, boxes: List[Tuple[slice, ...]]) -> Tensor:
-        """Forward the copies of the batch with input ``j`` occluded at ``boxes``."""
-        buf, x, fill = self.buffers[j], self.inputs[j], self.fills[j]
-        reps = len(boxes)
-        if self.refresh_all:
-            self._restore_all(reps)
-        for slot, box in enumerate(boxes):
-            old = self.dirty[slot]
-            if old is not None:
-                buf[(slot, slice(None), *old)] = x[(slice(None), *old)]
-            buf[(slot, slice(None), *box)] = fill[(slice(None), *box)]
-            self.dirty[slot] = box
-        batch = [b[:reps].reshape(reps * self.n, *b.shape[2:]) for b in self.buffers]
+    def evaluate(self, j: int, windows: Sequence[int], windows_on_device: Tensor) -> Tensor:
+        """Forward the copies of the batch with input ``j`` occluded at ``windows``."""
+        reps = len(windows)
+        self.used = max(self.used, reps)
+        positions = window_positions(self.geometries[j], windows_on_device)
+        if self.rebuild_all:
+            for k, (buf, x) in enumerate(zip(self.buffers, self.inputs)):
+                if k != j:
+                    buf[:reps].copy_(x.expand(reps, *x.shape))
+        if self.rebuild_all or self.modes[j] == "rebuild":
+            self._rebuild(j, positions)
+        else:
+            self._patch(j, positions)
+        batch = [b[:reps].view(reps * self.n, *b.shape[2:]) for b in self.buffers]
         versions = [b._version for b in self.buffers]
         with torch.no_grad():
             outputs = check_output(self.forward_func(*batch, *self._args(reps)), reps * self.n)
         if [b._version for b in self.buffers] != versions:
             # The model wrote into its input: from now on rebuild every copy before each chunk.
-            self.refresh_all = True
+            self.rebuild_all = True
         return outputs
 
-    def _restore_all(self, reps: int) -> None:
-        for buf, x in zip(self.buffers, self.inputs):
-            buf[:reps].copy_(x.unsqueeze(0).expand(reps, *x.shape))
-        self.dirty = [None] * len(self.dirty)
+    def _rebuild(self, j: int, positions: List[Tensor]) -> None:
+        if j not in self._masks:
+            self._masks[j] = window_masks(self.geometries[j], self.inputs[j].device)
+        reps, d = positions[0].shape[0], len(positions)
+        mask = None
+        for i, (table, pos) in enumerate(zip(self._masks[j], positions)):
+            row = table.index_select(0, pos)
+            row = row.view(reps, *([1] * (i + 1)), row.shape[1], *([1] * (d - 1 - i)))
+            mask = row if mask is None else mask & row
+        torch.where(mask, self.fills[j], self.inputs[j], out=self.buffers[j][:reps])
+        self._dirty[j] = None
 
-    def reset(self, j: int) -> None:
-        """Restore input ``j``'s copies before the next input is swept."""
+    def _patch(self, j: int, positions: List[Tensor]) -> None:
+        x, buf = self.inputs[j], self.buffers[j]
+        if j not in self._offsets:
+            self._offsets[j] = window_offsets(self.geometries[j], x.device)
+        flat_x, flat_fill = self._flat_sources(j)
+        view = buf.view(buf.shape[0], self.n, -1)
+        old = self._dirty[j]
+        if old is not None:
+            restored = flat_x.expand(old.shape[0], -1, -1).gather(2, old)
+            view[: old.shape[0]].scatter_(2, old, restored)
+        reps, d = positions[0].shape[0], len(positions)
+        offsets = None
+        for i, (table, pos) in enumerate(zip(self._offsets[j], positions)):
+            row = table.index_select(0, pos)
+            row = row.view(reps, *([1] * i), row.shape[1], *([1] * (d - 1 - i)))
+            offsets = row if offsets is None else offsets + row
+        new = offsets.view(reps, 1, -1).expand(-1, self.n, -1)
+        view[:reps].scatter_(2, new, flat_fill.expand(reps, -1, -1).gather(2, new))
+        self._dirty[j] = new
+
+    def _flat_sources(self, j: int) -> Tuple[Tensor, Tensor]:
+        if j not in self._flat:
+            x, fill = self.inputs[j], self.fills[j]
+            self._flat[j] = (x.reshape(1, self.n, -1), fill.reshape(1, self.n, -1))
+        return self._flat[j]
+
+    def finish(self, j: int) -> bool:
+        """Restore input ``j``'s copies; check that the model left every copy intact."""
         buf, x = self.buffers[j], self.inputs[j]
-        for slot, old in enumerate(self.dirty):
-            if old is not None:
-                buf[(slot, slice(None), *old)] = x[(slice(None), *old)]
-        self.dirty = [None] * len(self.dirty)
+        old = self._dirty[j]
+        if old is not None:
+            flat_x, _ = self._flat_sources(j)
+            view = buf.view(buf.shape[0], self.n, -1)
+            restored = flat_x.expand(old.shape[0], -1, -1).gather(2, old)
+            view[: old.shape[0]].scatter_(2, old, restored)
+            self._dirty[j] = None
+        elif self.used:
+            buf[: self.used].copy_(x.expand(self.used, *x.shape))
+        if self.rebuild_all:
+            return True  # every chunk was rebuilt from the inputs: nothing stale was used
+        intact = all(
+            _same(b[slot], x)
+            for b, x in zip(self.buffers, self.inputs)
+            for slot in range(self.used)
+        )
+        if not intact:
+            for b, x in zip(self.buffers, self.inputs):
+                b.copy_(x.expand_as(b))
+            self.rebuild_all = True
+        return intact
 
     def _args(self, reps: int) -> Tuple[Any, ...]:
         if reps not in self._expanded:
             self._expanded[reps] = tuple(_repeat_arg(a, reps, self.n) for a in self.args)
         return self._expanded[reps]
+
+
+#: The evaluator's former name.
+_Sweep = DenseEvaluator
+
+
+def build_mode(geometry: TileGeometry) -> str:
+    """``"patch"`` or ``"rebuild"``: how :class:`DenseEvaluator` builds chunks of this tiling."""
+    window = math.prod(geometry.window)
+    return "patch" if PATCH_ELEMENT_COST * 2 * window < math.prod(geometry.shape) else "rebuild"
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors hold the same values, NaN equal to NaN."""
+    differ = a != b
+    if a.is_floating_point() or a.is_complex():
+        differ.logical_and_(~(a.isnan() & b.isnan()))
+    return not bool(differ.any())
 
 
 def _repeat_arg(arg: Any, reps: int, n: int) -> Any:

@@ -108,6 +108,74 @@ def _dim_slices(geometry: TileGeometry) -> Tuple[Tuple[slice, ...], ...]:
     )
 
 
+def window_positions(geometry: TileGeometry, flat: Tensor) -> List[Tensor]:
+    """Per-dimension positions of flat perturbation indices (row-major unravel).
+
+    Args:
+        flat (Tensor): Long tensor of flat indices in ``[0, P)``, shape ``(R,)``.
+        geometry (TileGeometry): The tiling.
+
+    Returns:
+        list of Tensor: One long tensor ``(R,)`` per dimension, entries in ``[0, J_i)``.
+    """
+    out = []
+    step = geometry.num_perturbations
+    for n in geometry.grid:
+        step //= n
+        out.append(torch.div(flat, step, rounding_mode="floor").remainder_(n))
+    return out
+
+
+def window_masks(geometry: TileGeometry, device: torch.device) -> List[Tensor]:
+    """Per-dimension membership of every element in every window position.
+
+    Args:
+        geometry (TileGeometry): The tiling.
+        device (torch.device): Where the masks live.
+
+    Returns:
+        list of Tensor: Per dimension a bool tensor ``(J_i, s_i)``: entry ``(j, u)`` says
+        whether element ``u`` lies in window position ``j``. A window's mask over ``S`` is the
+        outer AND of one row per dimension.
+    """
+    masks = []
+    for s, (lo, hi) in zip(geometry.shape, window_bounds(geometry)):
+        u = torch.arange(s, device=device)
+        lo_t = torch.tensor(lo, device=device).unsqueeze(1)
+        hi_t = torch.tensor(hi, device=device).unsqueeze(1)
+        masks.append((u >= lo_t) & (u < hi_t))
+    return masks
+
+
+def window_offsets(geometry: TileGeometry, device: torch.device) -> List[Tensor]:
+    """Per-dimension flat offsets of every window position's elements.
+
+    With ``S`` flattened in row-major order, the flat offsets of window ``(j_1, ..., j_d)`` are
+    the broadcast sum of row ``j_i`` of every table. Clipped windows have fewer than ``w_i``
+    elements: their rows repeat the last element, so every row has ``w_i`` entries and the
+    windows of a chunk stack into one index tensor; a repeated offset is written twice with the
+    same value.
+
+    Args:
+        geometry (TileGeometry): The tiling.
+        device (torch.device): Where the tables live.
+
+    Returns:
+        list of Tensor: Per dimension a long tensor ``(J_i, w_i)`` of element index times the
+        dimension's row-major stride; every entry of row ``j`` lies in ``[lo_j, hi_j)`` (times
+        the stride) and every element of the window appears.
+    """
+    tables = []
+    stride = math.prod(geometry.shape)
+    for s, w, (lo, hi) in zip(geometry.shape, geometry.window, window_bounds(geometry)):
+        stride //= s
+        lo_t = torch.tensor(lo, device=device).unsqueeze(1)
+        hi_t = torch.tensor(hi, device=device).unsqueeze(1)
+        idx = torch.minimum(lo_t + torch.arange(w, device=device), hi_t - 1)
+        tables.append(idx * stride)
+    return tables
+
+
 def box_sums(values: Tensor, geometry: TileGeometry) -> Tensor:
     """Sum of ``values`` inside every window, computed separably with prefix sums.
 
@@ -126,6 +194,39 @@ def box_sums(values: Tensor, geometry: TileGeometry) -> Tensor:
         lo_t = torch.tensor(lo, device=values.device)
         hi_t = torch.tensor(hi, device=values.device)
         out = (prefix[..., hi_t] - prefix[..., lo_t]).movedim(-1, axis)
+    return out
+
+
+def box_any(flags: Tensor, geometry: TileGeometry) -> Tensor:
+    """Whether any flag is set inside every window, with little memory.
+
+    Separable like :func:`box_sums`, but the counts are ``int16`` prefix sums (``int32`` along a
+    dimension of 32768 or more) taken one dimension at a time and turned back into booleans at
+    once, so each step shrinks the map to the window grid along one dimension: the largest
+    intermediate is one ``int16`` copy of ``flags``.
+
+    Args:
+        flags (Tensor): Bool tensor of shape ``(s_1, ..., s_d)``.
+        geometry (TileGeometry): The tiling of ``flags``'s dimensions.
+
+    Returns:
+        Tensor: Bool tensor of shape ``(J_1, ..., J_d)``.
+    """
+    out = flags
+    for axis, (lo, hi) in enumerate(window_bounds(geometry)):
+        # A count along one axis never exceeds its length: int16 holds it for most shapes.
+        small = out.shape[axis] < 2**15
+        counts = out.cumsum(axis, dtype=torch.int16 if small else torch.int32)
+        hi_t = torch.tensor(hi, device=flags.device) - 1
+        lo_t = torch.tensor(lo, device=flags.device) - 1
+        upper = counts.index_select(axis, hi_t)
+        lower = counts.index_select(axis, lo_t.clamp(min=0))
+        del counts
+        shape = [1] * out.dim()
+        shape[axis] = len(lo)
+        # A window starting at 0 has nothing before it: its lower prefix is 0.
+        lower.mul_((lo_t >= 0).to(lower.dtype).reshape(shape))
+        out = upper > lower
     return out
 
 

@@ -8,9 +8,13 @@ from hypothesis import strategies as st
 from extra_attrib._geometry import (
     TileGeometry,
     accumulate,
+    box_any,
     box_sums,
     perturbation_boxes,
     window_bounds,
+    window_masks,
+    window_offsets,
+    window_positions,
 )
 from tests._reference import positions
 
@@ -78,3 +82,45 @@ def test_box_sums_equal_direct_sums(g):
     sums = box_sums(values, g).reshape(2, -1)
     for flat, box in enumerate(perturbation_boxes(g, range(g.num_perturbations))):
         assert torch.equal(sums[:, flat], values[(slice(None), *box)].reshape(2, -1).sum(1))
+
+
+@given(geometries())
+@settings(max_examples=60, deadline=None)
+def test_window_positions_unravel_row_major(g):
+    flat = torch.arange(g.num_perturbations)
+    positions = window_positions(g, flat)
+    expected = list(itertools.product(*(range(n) for n in g.grid)))
+    assert list(zip(*(p.tolist() for p in positions))) == expected
+
+
+@given(geometries())
+@settings(max_examples=60, deadline=None)
+def test_window_masks_and_offsets_cover_exactly_the_box(g):
+    masks = window_masks(g, torch.device("cpu"))
+    offsets = window_offsets(g, torch.device("cpu"))
+    flat = torch.arange(g.num_perturbations)
+    positions = [p.tolist() for p in window_positions(g, flat)]
+    boxes = perturbation_boxes(g, range(g.num_perturbations))
+    for p, box in enumerate(boxes):
+        expected = torch.zeros(g.shape, dtype=torch.bool)
+        expected[box] = True
+        mask = torch.ones(g.shape, dtype=torch.bool)
+        total = torch.zeros(g.window, dtype=torch.long)
+        for i, table in enumerate(offsets):
+            view = [1] * len(g.shape)
+            view[i] = g.shape[i]
+            mask = mask & masks[i][positions[i][p]].reshape(view)
+            row_view = [1] * len(g.shape)
+            row_view[i] = g.window[i]
+            total = total + table[positions[i][p]].reshape(row_view)
+        assert torch.equal(mask, expected)
+        hit = torch.zeros(math.prod(g.shape), dtype=torch.bool)
+        hit[total.flatten()] = True
+        assert torch.equal(hit.reshape(g.shape), expected)
+
+
+@given(geometries())
+@settings(max_examples=60, deadline=None)
+def test_box_any_equals_box_sums(g):
+    flags = torch.rand(g.shape) > 0.85
+    assert torch.equal(box_any(flags, g), box_sums(flags.long(), g) > 0)
