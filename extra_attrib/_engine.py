@@ -224,6 +224,7 @@ def occlusion_sweep(
     base_scores = select(scored, index, 1)[0]
     acc_dtype = torch.promote_types(base_scores.dtype, torch.float32)
     base_scores = base_scores.to(acc_dtype)
+    pick = _TargetPicker(index)
 
     active = []
     for x, b, geometry in zip(inputs, baselines, geometries):
@@ -250,9 +251,9 @@ def occlusion_sweep(
             while True:
                 # A skipped window leaves the input as it is: its difference is
                 # score(x) - score(x), which is 0, or NaN where the score itself is not finite,
-                # as the forward pass gives.
-                unchanged = (base_scores - base_scores).unsqueeze(-1)
-                diffs = unchanged.repeat(1, 1, geometry.num_perturbations)
+                # as the forward pass gives. Layout (P, N, T): a chunk is one index_copy_.
+                unchanged = (base_scores - base_scores).unsqueeze(0)
+                diffs = unchanged.repeat(geometry.num_perturbations, 1, 1)
                 start = 0
                 while start < len(indices):
                     size = planner.next_size()
@@ -260,8 +261,8 @@ def occlusion_sweep(
                     where = on_device[start : start + size]  # a view: no host-device copy
                     began = time.perf_counter()
                     outputs = evaluator.evaluate(j, chunk, where)
-                    scores = select(score_fn(outputs), index, len(chunk)).to(acc_dtype)
-                    diffs.index_copy_(2, where, (base_scores - scores).permute(1, 2, 0))
+                    scores = pick(score_fn(outputs), len(chunk)).to(acc_dtype)
+                    diffs.index_copy_(0, where, base_scores - scores)
                     if planner.tuning:
                         planner.record(size, time.perf_counter() - began, len(chunk))
                     start += len(chunk)
@@ -275,7 +276,7 @@ def occlusion_sweep(
                 # numpy): the chunks of this input may have seen a corrupted copy. The
                 # evaluator now rebuilds every copy before each chunk; sweep this input again.
                 total += len(indices)
-            per_window = diffs.reshape(n, index.shape[1], *geometry.grid)
+            per_window = diffs.permute(1, 2, 0).reshape(n, index.shape[1], *geometry.grid)
             attributions.append(accumulate(per_window, geometry).transpose(0, 1))
     finally:
         bar.close()
@@ -351,24 +352,30 @@ class DenseEvaluator:
         self.modes = [build_mode(g) for g in self.geometries]
         self._masks: Dict[int, List[Tensor]] = {}
         self._offsets: Dict[int, List[Tensor]] = {}
-        self._flat: Dict[int, Tuple[Tensor, Tensor]] = {}
         self._dirty: List[Optional[Tensor]] = [None] * len(inputs)
         self._expanded: dict = {}
+        self._views: Dict[int, _ChunkViews] = {}
+        # Inputs and baselines over flattened S, for the patch mode's gathers: views unless an
+        # input is not contiguous or a baseline is not viewable so (e.g. per channel), then one
+        # copy each.
+        self.flat_inputs = [x.reshape(1, self.n, -1) for x in inputs]
+        self.flat_fills = [f.reshape(1, self.n, -1) for f in self.fills]
 
     def evaluate(self, j: int, windows: Sequence[int], windows_on_device: Tensor) -> Tensor:
         """Forward the copies of the batch with input ``j`` occluded at ``windows``."""
         reps = len(windows)
         self.used = max(self.used, reps)
+        views = self._chunk_views(reps)
         positions = window_positions(self.geometries[j], windows_on_device)
         if self.rebuild_all:
-            for k, (buf, x) in enumerate(zip(self.buffers, self.inputs)):
+            for k, (slots, x) in enumerate(zip(views.slots, views.inputs)):
                 if k != j:
-                    buf[:reps].copy_(x.expand(reps, *x.shape))
+                    slots.copy_(x)
         if self.rebuild_all or self.modes[j] == "rebuild":
-            self._rebuild(j, positions)
+            self._rebuild(j, positions, views)
         else:
-            self._patch(j, positions)
-        batch = [b[:reps].view(reps * self.n, *b.shape[2:]) for b in self.buffers]
+            self._patch(j, positions, views)
+        batch = views.batch
         versions = [b._version for b in self.buffers]
         with torch.no_grad():
             outputs = check_output(self.forward_func(*batch, *self._args(reps)), reps * self.n)
@@ -377,53 +384,51 @@ class DenseEvaluator:
             self.rebuild_all = True
         return outputs
 
-    def _rebuild(self, j: int, positions: List[Tensor]) -> None:
+    def _chunk_views(self, reps: int) -> _ChunkViews:
+        if reps not in self._views:
+            self._views[reps] = _ChunkViews(self, reps)
+        return self._views[reps]
+
+    def _rebuild(self, j: int, positions: List[Tensor], views: _ChunkViews) -> None:
         if j not in self._masks:
             self._masks[j] = window_masks(self.geometries[j], self.inputs[j].device)
         reps, d = positions[0].shape[0], len(positions)
         mask = None
         for i, (table, pos) in enumerate(zip(self._masks[j], positions)):
             row = table.index_select(0, pos)
-            row = row.view(reps, *([1] * (i + 1)), row.shape[1], *([1] * (d - 1 - i)))
+            row = row.view(reps, 1, *([1] * i), row.shape[1], *([1] * (d - 1 - i)))
             mask = row if mask is None else mask & row
-        torch.where(mask, self.fills[j], self.inputs[j], out=self.buffers[j][:reps])
+        torch.where(mask, self.fills[j], self.inputs[j], out=views.slots[j])
         self._dirty[j] = None
 
-    def _patch(self, j: int, positions: List[Tensor]) -> None:
-        x, buf = self.inputs[j], self.buffers[j]
+    def _patch(self, j: int, positions: List[Tensor], views: _ChunkViews) -> None:
         if j not in self._offsets:
-            self._offsets[j] = window_offsets(self.geometries[j], x.device)
-        flat_x, flat_fill = self._flat_sources(j)
-        view = buf.view(buf.shape[0], self.n, -1)
+            self._offsets[j] = window_offsets(self.geometries[j], self.inputs[j].device)
         old = self._dirty[j]
         if old is not None:
-            restored = flat_x.expand(old.shape[0], -1, -1).gather(2, old)
-            view[: old.shape[0]].scatter_(2, old, restored)
+            self._restore(j, old)
         reps, d = positions[0].shape[0], len(positions)
         offsets = None
         for i, (table, pos) in enumerate(zip(self._offsets[j], positions)):
             row = table.index_select(0, pos)
-            row = row.view(reps, *([1] * i), row.shape[1], *([1] * (d - 1 - i)))
+            if d > 1:
+                row = row.view(reps, *([1] * i), row.shape[1], *([1] * (d - 1 - i)))
             offsets = row if offsets is None else offsets + row
         new = offsets.view(reps, 1, -1).expand(-1, self.n, -1)
-        view[:reps].scatter_(2, new, flat_fill.expand(reps, -1, -1).gather(2, new))
+        views.flat_slots[j].scatter_(2, new, views.flat_fills[j].gather(2, new))
         self._dirty[j] = new
 
-    def _flat_sources(self, j: int) -> Tuple[Tensor, Tensor]:
-        if j not in self._flat:
-            x, fill = self.inputs[j], self.fills[j]
-            self._flat[j] = (x.reshape(1, self.n, -1), fill.reshape(1, self.n, -1))
-        return self._flat[j]
+    def _restore(self, j: int, old: Tensor) -> None:
+        """Write the input back into the windows ``old`` (``(R, N, W)`` flat offsets)."""
+        views = self._chunk_views(old.shape[0])
+        views.flat_slots[j].scatter_(2, old, views.flat_inputs[j].gather(2, old))
 
     def finish(self, j: int) -> bool:
         """Restore input ``j``'s copies; check that the model left every copy intact."""
         buf, x = self.buffers[j], self.inputs[j]
         old = self._dirty[j]
         if old is not None:
-            flat_x, _ = self._flat_sources(j)
-            view = buf.view(buf.shape[0], self.n, -1)
-            restored = flat_x.expand(old.shape[0], -1, -1).gather(2, old)
-            view[: old.shape[0]].scatter_(2, old, restored)
+            self._restore(j, old)
             self._dirty[j] = None
         elif self.used:
             buf[: self.used].copy_(x.expand(self.used, *x.shape))
@@ -444,6 +449,34 @@ class DenseEvaluator:
         if reps not in self._expanded:
             self._expanded[reps] = tuple(_repeat_arg(a, reps, self.n) for a in self.args)
         return self._expanded[reps]
+
+
+class _ChunkViews:
+    """Views of an evaluator's buffers and sources for chunks of ``reps`` windows, made once."""
+
+    def __init__(self, ev: DenseEvaluator, reps: int) -> None:
+        n = ev.n
+        self.slots = [b[:reps] for b in ev.buffers]
+        self.batch = [b.view(reps * n, *b.shape[2:]) for b in self.slots]
+        self.inputs = [x.expand(reps, *x.shape) for x in ev.inputs]
+        self.flat_slots = [b.view(reps, n, -1) for b in self.slots]
+        self.flat_inputs = [x.expand(reps, -1, -1) for x in ev.flat_inputs]
+        self.flat_fills = [f.expand(reps, -1, -1) for f in ev.flat_fills]
+
+
+class _TargetPicker:
+    """The target scores of a chunk: ``(R * N, *O)`` scores to ``(R, N, T)``."""
+
+    def __init__(self, index: Tensor) -> None:
+        self.index = index
+        self._expanded: Dict[int, Tensor] = {}
+
+    def __call__(self, scored: Tensor, reps: int) -> Tensor:
+        if reps not in self._expanded:
+            n, t = self.index.shape
+            self._expanded[reps] = self.index.unsqueeze(0).expand(reps, n, t)
+        n = self.index.shape[0]
+        return scored.reshape(reps, n, -1).gather(2, self._expanded[reps])
 
 
 #: The evaluator's former name.

@@ -120,9 +120,10 @@ def window_positions(geometry: TileGeometry, flat: Tensor) -> List[Tensor]:
     """
     out = []
     step = geometry.num_perturbations
-    for n in geometry.grid:
+    for i, n in enumerate(geometry.grid):
         step //= n
-        out.append(torch.div(flat, step, rounding_mode="floor").remainder_(n))
+        pos = flat if step == 1 else torch.div(flat, step, rounding_mode="floor")
+        out.append(pos if i == 0 else pos.remainder(n))  # the first needs no wrap-around
     return out
 
 
