@@ -1,18 +1,20 @@
 """Occlusion speed and memory, side by side with Captum and the plain forward-pass floor.
 
-For each case, in one process and one run:
+For each case, in one process and one run, interleaved in rounds (every round measures every
+candidate once, so a passing load on a shared machine hits all of them alike):
 
 - floor: P perturbations x the best per-example forward time over batch sizes 1-64;
 - TiledOcclusion with its default settings;
 - Captum ``Occlusion`` with the same window at stride ``window / k`` (no border windows, so fewer
   perturbations), at its best ``perturbations_per_eval``;
 - ``attribute_multi`` with 3 targets against 1 target;
+- tensor operations TiledOcclusion dispatches per perturbation outside the model (counted with
+  ``TorchDispatchMode``, the model's own operations subtracted);
 - peak memory of the volume case, each method in a fresh subprocess.
 
-Ratios, not seconds, are what to compare: ``time / floor`` and Captum's time per perturbation over
-ours. Run ``python benchmarks/occlusion_speed.py`` (about 5 minutes on 2 CPU cores) or with
-``--quick`` (about 1 minute). Timings on a shared machine are noisy: every figure is a best of
-several runs, and the ratios, not the seconds, are what to compare.
+Ratios are computed within a round and reported as the median over rounds with their range. Run
+``PYTHONPATH=$PWD python -m benchmarks.occlusion_speed`` (about 6 minutes on 2 CPU cores) or with
+``--quick`` (about 1 minute).
 """
 
 from __future__ import annotations
@@ -22,17 +24,21 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torchvision
 from captum.attr import Occlusion
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from extra_attrib import TiledOcclusion
+
+ALL_CASES = ["mobilenet_v3_small", "resnet18", "volume96", "tabular64", "cifar16", "series1d"]
 
 
 def volume_model() -> nn.Module:
@@ -40,9 +46,39 @@ def volume_model() -> nn.Module:
     return nn.Sequential(nn.AvgPool3d(4), nn.Flatten(), nn.Linear(24**3, 10))
 
 
+def small_cnn() -> nn.Module:
+    """A light CNN for 32x32 images."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+def series_model() -> nn.Module:
+    """A light 1D CNN for time series."""
+    return nn.Sequential(
+        nn.Conv1d(1, 16, 7, padding=3), nn.ReLU(), nn.MaxPool1d(4),
+        nn.Conv1d(16, 16, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(), nn.Linear(16, 5),
+    )
+
+
 def build_case(name: str, quick: bool):
     torch.manual_seed(0)
-    if name == "mobilenet_v3_small":
+    if name == "tabular64":
+        model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+        x = torch.randn(64, 512)
+        window, k = (8,), (2,)
+    elif name == "cifar16":
+        model = small_cnn()
+        x = torch.randn(16, 3, 32, 32)
+        window, k = (3, 8, 8) if quick else (3, 4, 4), (1, 2, 2)
+    elif name == "series1d":
+        model = series_model()
+        x = torch.randn(4, 1, 2048)
+        window, k = (1, 64) if quick else (1, 32), (1, 2)
+    elif name == "mobilenet_v3_small":
         model = torchvision.models.mobilenet_v3_small(num_classes=1000)
         x = torch.randn(1, 3, 224, 224)
         window, k = (3, 56, 56) if quick else (3, 32, 32), (1, 2, 2)
@@ -59,14 +95,18 @@ def build_case(name: str, quick: bool):
     return model.eval(), x, window, k
 
 
+#: The clock timings use: CPU time of this process (default) or wall-clock time.
+CLOCK: Callable[[], float] = time.process_time
+
+
 def best_of(fn: Callable[[], object], repeats: int, warmup: bool = True) -> float:
     if warmup:
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return min(times)
 
 
@@ -81,24 +121,44 @@ def per_example_forward(
     return out
 
 
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_outside_model(model: nn.Module, x: torch.Tensor, window, k) -> Tuple[float, int]:
+    """Dispatched operations per perturbation outside the model, and the chunk size used.
+
+    Counted over one whole attribution (setup and the unperturbed pass included); the model's
+    own operations per forward pass are counted separately and subtracted.
+    """
+    calls = []
+    counter = _OpCounter()
+
+    def counted(batch: torch.Tensor) -> torch.Tensor:
+        before = counter.count
+        out = model(batch)
+        calls.append((counter.count - before, batch.shape[0]))
+        return out
+
+    tiled = TiledOcclusion(counted)
+    with counter:
+        tiled.attribute(x, target=0, window=window, k=k)
+    inside = sum(c for c, _ in calls)
+    chunk = max(rows for _, rows in calls[1:]) // x.shape[0] if len(calls) > 1 else 1
+    return (counter.count - inside) / tiled.last_perturbations, chunk
+
+
 def run_case(name: str, quick: bool) -> dict:
     model, x, window, k = build_case(name, quick)
     stride = tuple(w // kk for w, kk in zip(window, k))
     sizes = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64]
-    per_ex = per_example_forward(model, x, sizes)
-    best_batch = min(per_ex, key=per_ex.get)
-    t_floor = per_ex[best_batch]
-
     tiled = TiledOcclusion(model)
-    # The model is warm from the floor measurement. Every method gets the best of `repeats`
-    # timed runs (Captum: per setting), so no side profits from picking the luckiest sample.
-    repeats = 1 if quick else 3
-    t_tiled = best_of(lambda: tiled.attribute(x, target=0, window=window, k=k), repeats, False)
-    p_tiled = tiled.last_perturbations
-    t_multi = best_of(
-        lambda: tiled.attribute_multi(x, [0, 1, 2], window=window, k=k), repeats, False
-    )
-
     occ = Occlusion(model)
     captum_settings = [1, 16] if quick else [1, 8, 16, 32]
     if name == "volume96":  # ppe=1 would take minutes here
@@ -106,32 +166,61 @@ def run_case(name: str, quick: bool) -> dict:
     p_captum = math.prod(
         (s - w) // t + 1 for s, w, t in zip(x.shape[1:], window, stride)
     )
-    t_captum = {}
-    for ppe in captum_settings:
-        t_captum[ppe] = best_of(
-            lambda ppe=ppe: occ.attribute(
-                x, target=0, sliding_window_shapes=window, strides=stride,
-                perturbations_per_eval=ppe,
-            ),
-            1 if name == "volume96" else repeats,
-            False,
+    rounds = 1 if quick else 3
+    # Warm up every path once; then each round times every candidate once, interleaved.
+    per_example_forward(model, x, sizes[:1])
+    tiled.attribute(x, target=0, window=window, k=k)
+    p_tiled = tiled.last_perturbations
+    records: List[dict] = []
+    for _ in range(rounds):
+        per_ex = per_example_forward(model, x, sizes)
+        best_batch = min(per_ex, key=per_ex.get)
+        t_floor = per_ex[best_batch]
+        t_tiled = best_of(lambda: tiled.attribute(x, target=0, window=window, k=k), 1, False)
+        t_multi = best_of(
+            lambda: tiled.attribute_multi(x, [0, 1, 2], window=window, k=k), 1, False
         )
-    best_ppe = min(t_captum, key=t_captum.get)
+        t_captum = {}
+        for ppe in captum_settings:
+            t_captum[ppe] = best_of(
+                lambda ppe=ppe: occ.attribute(
+                    x, target=0, sliding_window_shapes=window, strides=stride,
+                    perturbations_per_eval=ppe,
+                ),
+                1,
+                False,
+            )
+        best_ppe = min(t_captum, key=t_captum.get)
+        records.append({
+            "best_batch": best_batch,
+            "tiled_over_floor": t_tiled / (p_tiled * t_floor),
+            "captum_over_floor": t_captum[best_ppe] / (p_captum * t_floor),
+            "captum_best_ppe": best_ppe,
+            "captum_ppe1_over_floor": (
+                t_captum[1] / (p_captum * t_floor) if 1 in t_captum else None
+            ),
+            "speedup_per_perturbation": (t_captum[best_ppe] / p_captum) / (t_tiled / p_tiled),
+            "multi3_over_single": t_multi / t_tiled,
+        })
+    ops, chunk = ops_outside_model(model, x, window, k)
     row = {
         "case": name,
         "input": "x".join(map(str, x.shape)),
         "window": window,
         "k": k,
-        "best_batch": best_batch,
         "P_tiled": p_tiled,
         "P_captum": p_captum,
-        "tiled_over_floor": t_tiled / (p_tiled * t_floor),
-        "captum_over_floor": t_captum[best_ppe] / (p_captum * t_floor),
-        "captum_best_ppe": best_ppe,
-        "captum_ppe1_over_floor": t_captum[1] / (p_captum * t_floor) if 1 in t_captum else None,
-        "speedup_per_perturbation": (t_captum[best_ppe] / p_captum) / (t_tiled / p_tiled),
-        "multi3_over_single": t_multi / t_tiled,
+        "rounds": rounds,
+        "ops_per_perturbation": ops,
+        "chunk": chunk,
+        "best_batch": statistics.mode(r["best_batch"] for r in records),
+        "captum_best_ppe": statistics.mode(r["captum_best_ppe"] for r in records),
     }
+    for key in ("tiled_over_floor", "captum_over_floor", "captum_ppe1_over_floor",
+                "speedup_per_perturbation", "multi3_over_single"):
+        values = [r[key] for r in records if r[key] is not None]
+        row[key] = statistics.median(values) if values else None
+        row[key + "_range"] = (min(values), max(values)) if values else None
     return row
 
 
@@ -166,33 +255,42 @@ def memory_probe(method: str, quick: bool) -> dict:
 
 
 def measure_memory(method: str, quick: bool) -> dict:
-    cmd = [sys.executable, __file__, "--memory-probe", method] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "benchmarks.occlusion_speed", "--memory-probe", method]
+    cmd += ["--quick"] if quick else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _ratio(row: dict, key: str) -> str:
+    value, spread = row[key], row[key + "_range"]
+    if value is None:
+        return "-"
+    if spread is None or row["rounds"] == 1:
+        return f"{value:.2f}x"
+    return f"{value:.2f}x ({spread[0]:.2f}-{spread[1]:.2f})"
 
 
 def render(rows: List[dict], memory: List[dict], quick: bool) -> str:
     lines = [
-        f"Occlusion speed, {datetime.date.today().isoformat()}, "
+        f"Occlusion speed, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"{'quick' if quick else 'full'} run",
+        f"{'quick' if quick else 'full'} run, {'CPU' if CLOCK is time.process_time else 'wall'}"
+        f" time; medians over rounds (range)",
         "",
         "| case | input | window, k | P ours / Captum | best batch | ours / floor "
         "| Captum / floor (best ppe) | Captum default ppe=1 / floor "
-        "| speed-up per perturbation vs Captum's best | 3 targets / 1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| speed-up per perturbation vs Captum's best | 3 targets / 1 "
+        "| ops / perturbation outside the model (chunk) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['input']} | {r['window']}, {r['k']} | {r['P_tiled']} / "
-            f"{r['P_captum']} | {r['best_batch']} | {r['tiled_over_floor']:.2f}x | "
-            f"{r['captum_over_floor']:.2f}x ({r['captum_best_ppe']}) | "
-            f"{_ratio(r['captum_ppe1_over_floor'])} | "
-            f"{r['speedup_per_perturbation']:.2f}x | {r['multi3_over_single']:.2f}x |"
+            f"{r['P_captum']} | {r['best_batch']} | {_ratio(r, 'tiled_over_floor')} | "
+            f"{_ratio(r, 'captum_over_floor')} ({r['captum_best_ppe']}) | "
+            f"{_ratio(r, 'captum_ppe1_over_floor')} | "
+            f"{_ratio(r, 'speedup_per_perturbation')} | {_ratio(r, 'multi3_over_single')} | "
+            f"{r['ops_per_perturbation']:.2f} ({r['chunk']}) |"
         )
     if memory:
         lines += ["", "| volume96 peak RSS | start (MiB) | peak (MiB) | extra (MiB) |",
@@ -208,15 +306,22 @@ def render(rows: List[dict], memory: List[dict], quick: bool) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller windows, fewer settings")
-    parser.add_argument("--cases", nargs="+",
-                        default=["mobilenet_v3_small", "resnet18", "volume96"])
+    parser.add_argument("--cases", nargs="+", choices=ALL_CASES, default=ALL_CASES)
+    parser.add_argument("--out", default="benchmarks/results/occlusion_speed.md",
+                        help="where the table goes (default: %(default)s); '-' for none")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on shared 2-core VMs, 2-thread "
                              "timings swing by +-30%% between runs, 1-thread ones are stable)")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: CPU time of this process (default; with 1 thread it is what "
+                             "the work costs, and it barely moves when other jobs load a shared "
+                             "machine); wall: elapsed time")
     parser.add_argument("--memory-probe", choices=["tiled", "captum"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.quick)))
         return 0
@@ -228,8 +333,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     memory = []
     if not args.no_memory and "volume96" in args.cases:
         memory = [measure_memory(m, args.quick) for m in ("tiled", "captum")]
+    table = render(rows, memory, args.quick)
     print()
-    print(render(rows, memory, args.quick))
+    print(table)
+    if args.out != "-":
+        raw = "\n".join(json.dumps(r) for r in rows + memory)
+        with open(args.out, "w") as out:
+            out.write(f"# Occlusion speed\n\nCommand: `PYTHONPATH=$PWD python -m "
+                      f"benchmarks.occlusion_speed {' '.join(argv or sys.argv[1:])}`\n\n"
+                      f"{table}\n\nRaw rows:\n\n```\n{raw}\n```\n")
     return 0
 
 

@@ -1,10 +1,18 @@
 """Chunked, memory-bounded evaluation of occlusion perturbations.
 
-The engine keeps a persistent batch buffer of ``B`` copies of each input. For every chunk of ``B``
-perturbations it restores, in each slot, only the box the slot's previous window changed and writes
-the baseline into the new window's box: window-sized writes instead of one full copy of the input
-per perturbation. Windows whose box already equals the baseline in every example cannot change the
+The engine keeps a persistent batch buffer of ``B`` copies of each input. Each chunk of ``B``
+perturbations is built with a fixed number of tensor operations, whatever ``B`` (see
+:class:`DenseEvaluator`): either the previous windows are restored and the new ones filled with
+the baseline by index (window-sized writes, for inputs much larger than a window), or every copy
+is rewritten under a window mask with one ``torch.where`` (for windows that are a large part of
+the input). Windows whose box already equals the baseline in every example cannot change the
 output; they get a zero difference without a forward pass.
+
+A model that writes into its input: an in-place write is seen through the buffer's version
+counter and handled; a write that bypasses it (``x.data``, numpy) is caught by a check of every
+copy once per input and the input is swept again, except a write that a later window of the
+same copy happens to overwrite (:class:`DenseEvaluator` explains); such models should clone
+their input.
 """
 
 from __future__ import annotations
@@ -434,11 +442,13 @@ class DenseEvaluator:
             buf[: self.used].copy_(x.expand(self.used, *x.shape))
         if self.rebuild_all:
             return True  # every chunk was rebuilt from the inputs: nothing stale was used
-        intact = all(
-            _same(b[slot], x)
-            for b, x in zip(self.buffers, self.inputs)
-            for slot in range(self.used)
-        )
+        intact = True
+        for b, x in zip(self.buffers, self.inputs):
+            # Blocks of copies of about ROWS_COMPARED_ELEMENTS: few operations, bounded memory.
+            step = max(1, ROWS_COMPARED_ELEMENTS // max(x.numel(), 1))
+            for start in range(0, self.used, step):
+                block = b[start : min(start + step, self.used)]
+                intact = intact and _same(block, x.expand_as(block))
         if not intact:
             for b, x in zip(self.buffers, self.inputs):
                 b.copy_(x.expand_as(b))
