@@ -10,15 +10,18 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.attr import Attribution, GradientAttribution, PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
+from extra_attrib._model_state import model_state_kept, uninitialized_names
 from extra_attrib._noise import Std, perturb
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -42,6 +45,44 @@ class _Runner(nn.Module):
 
     def forward(self, thunk: Any) -> Any:
         return thunk()
+
+
+class _UseWatch(TorchFunctionMode):
+    """Notes whether any of ``tensors`` is passed to a torch function while a wrapped call runs:
+    the check that the noisy weights reach the computation at all."""
+
+    def __init__(self, tensors: Iterable[Tensor]) -> None:
+        super().__init__()
+        self.ids = {id(t) for t in tensors}
+        self.seen = not self.ids
+
+    def wrap(self, call: Callable[[], Any]) -> Callable[[], Any]:
+        if self.seen:
+            return call
+
+        def watched() -> Any:
+            with self:
+                return call()
+
+        return watched
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if not self.seen:
+            self.seen = any(id(a) in self.ids for a in tree_leaves((args, kwargs)))
+        return func(*args, **kwargs)
+
+
+def _check_materialised(model: nn.Module) -> None:
+    names = uninitialized_names(model)
+    if names:
+        raise ValueError(
+            f"FusionGrad: the model has uninitialised lazy parameters or buffers "
+            f"({', '.join(names)}), which cannot take weight noise; run one forward pass "
+            "(model(x)) before FusionGrad so that they exist"
+        )
 
 
 class FusionGrad(PerturbationAttribution):
@@ -273,39 +314,50 @@ class FusionGrad(PerturbationAttribution):
         plan = _chunk_plan(num, m, batch_size)
         running = _RunningMean(num)
         wants_grad = isinstance(self.attribution_method, GradientAttribution)
-        modes = [(module, module.training) for module in self.model.modules()]
+        _check_materialised(self.model)
         bar = tqdm(total=n * len(plan), desc="FusionGrad", disable=not show_progress)
+        weight_noise = std != 0 or mean != (0.0 if additive_noise else 1.0)
         try:
-            for _ in range(n):
-                state = self._noisy_state(mean, std, additive_noise, generator)
-                for e0, e1, reps in plan:
-                    with torch.no_grad():
-                        noisy = tuple(
-                            _noisy_rows(
-                                x, scale, e0, e1, reps, sg_mean, sg_additive_noise, generator
-                            )
-                            for x, scale in zip(inputs_tuple, scales)
-                        )
-                        if wants_grad:  # as NoiseTunnel does: fresh leaves that require grad
+            with model_state_kept(self.model):
+                for i in range(n):
+                    state = self._noisy_state(mean, std, additive_noise, generator)
+                    for e0, e1, reps in plan:
+                        with torch.no_grad():
                             noisy = tuple(
-                                t.requires_grad_() if t.is_floating_point() else t for t in noisy
+                                _noisy_rows(
+                                    x, scale, e0, e1, reps, sg_mean, sg_additive_noise, generator
+                                )
+                                for x, scale in zip(inputs_tuple, scales)
                             )
-                        chunk_kwargs = _expand_kwargs(named, num, e0, e1, reps)
-                    call = functools.partial(
-                        self.attribution_method.attribute,
-                        noisy if is_tuple else noisy[0],
-                        **chunk_kwargs,
-                    )
-                    out = functional_call(self._runner, state, (call,), tie_weights=False)
-                    running.add(out, e0, e1, reps)
-                    bar.update(1)
-                    del call, out, noisy  # free this chunk before the next one is built
-                del state  # free this weight sample before the next one is drawn
+                            if wants_grad:  # as NoiseTunnel does: fresh leaves needing grad
+                                noisy = tuple(
+                                    t.requires_grad_() if t.is_floating_point() else t
+                                    for t in noisy
+                                )
+                            chunk_kwargs = _expand_kwargs(named, num, e0, e1, reps)
+                        call = functools.partial(
+                            self.attribution_method.attribute,
+                            noisy if is_tuple else noisy[0],
+                            **chunk_kwargs,
+                        )
+                        used = _UseWatch(state.values() if weight_noise and i == 0 else ())
+                        out = functional_call(
+                            self._runner, state, (used.wrap(call),), tie_weights=False
+                        )
+                        if not used.seen:
+                            raise ValueError(
+                                "FusionGrad: the wrapped method never used the parameters of "
+                                f"model={type(self.model).__name__}, so no weight noise would "
+                                "be applied; pass model=<the nn.Module that the wrapped "
+                                "method's forward_func runs> (or model=None when forward_func "
+                                "is that module)"
+                            )
+                        running.add(out, e0, e1, reps)
+                        bar.update(1)
+                        del call, out, noisy  # free this chunk before the next one is built
+                    del state  # free this weight sample before the next one is drawn
         finally:
             bar.close()
-            for module, was_training in modes:
-                if module.training != was_training:
-                    module.training = was_training
 
         return running.result(n * m, inputs_tuple)
 

@@ -7,9 +7,8 @@ algorithm itself is in :mod:`extra_attrib._geometry` (window positions and avera
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.attr import PerturbationAttribution
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from extra_attrib._engine import SweepResult, occlusion_sweep
 from extra_attrib._geometry import TileGeometry
+from extra_attrib._model_state import model_state_kept
 from extra_attrib._targets import ScoreType, as_target_list, score_function
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -217,7 +217,8 @@ class TiledOcclusion(PerturbationAttribution):
                 f"perturbations_per_eval={perturbations_per_eval!r} must be a positive int or None"
             )
         score_fn = score_function(score)
-        with _model_state_kept(self.forward_func):
+        _warn_if_training(self.forward_func)
+        with model_state_kept(self.forward_func):
             sweep: SweepResult = occlusion_sweep(
                 self.forward_func, xs, fills, geometries, targets, score_fn, extra,
                 chunk_size=perturbations_per_eval, show_progress=show_progress,
@@ -376,27 +377,12 @@ _STOCHASTIC_OR_BATCH = (
 )
 
 
-@contextlib.contextmanager
-def _model_state_kept(forward_func: Callable[..., Any]) -> Iterator[None]:
-    """Leave a module's buffers and train/eval flags exactly as they were."""
-    if not isinstance(forward_func, torch.nn.Module):
-        yield
-        return
-    if any(m.training and isinstance(m, _STOCHASTIC_OR_BATCH) for m in forward_func.modules()):
+def _warn_if_training(forward_func: Callable[..., Any]) -> None:
+    if isinstance(forward_func, torch.nn.Module) and any(
+        m.training and isinstance(m, _STOCHASTIC_OR_BATCH) for m in forward_func.modules()
+    ):
         warnings.warn(
             "the model is in training mode: dropout and batch statistics make occlusion "
             "differences noisy; call model.eval() first (buffers are restored afterwards)",
-            stacklevel=4,
+            stacklevel=5,
         )
-    buffers = {name: b.clone() for name, b in forward_func.named_buffers()}
-    modes = {name: m.training for name, m in forward_func.named_modules()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, b in forward_func.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
-        for name, m in forward_func.named_modules():
-            if name in modes:
-                m.training = modes[name]
