@@ -329,10 +329,11 @@ class FusionGrad(PerturbationAttribution):
         wants_grad = isinstance(self.attribution_method, GradientAttribution)
         _check_materialised(self.model)
         bar = tqdm(total=n * len(plan), desc="FusionGrad", disable=not show_progress)
-        weight_noise = std != 0 or mean != (0.0 if additive_noise else 1.0)
+        # Whether the first wrapped call still has to show that the noisy weights are used.
+        unchecked = std != 0 or mean != (0.0 if additive_noise else 1.0)
         try:
             with model_state_kept(self.model):
-                for i in range(n):
+                for _ in range(n):
                     state = self._noisy_state(mean, std, additive_noise, generator)
                     for e0, e1, reps in plan:
                         with torch.no_grad():
@@ -353,10 +354,11 @@ class FusionGrad(PerturbationAttribution):
                             noisy if is_tuple else noisy[0],
                             **chunk_kwargs,
                         )
-                        used = _UseWatch(state.values() if weight_noise and i == 0 else ())
+                        used = _UseWatch(state.values() if unchecked else ())
                         out = functional_call(
                             self._runner, state, (used.wrap(call),), tie_weights=False
                         )
+                        unchecked = False  # the first call shows whether noise lands
                         if not used.seen:
                             raise ValueError(
                                 "FusionGrad: the wrapped method never used the parameters of "
