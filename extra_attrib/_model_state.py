@@ -8,7 +8,8 @@ their forward passes. On exit, after success or an exception, every module of th
 - the same values in them, bit for bit (BatchNorm running statistics updated in train mode,
   a counter incremented in place: written back); a tensor whose bits did not change is not
   written, so its version counter stays, and autograd graphs the user built before still work;
-- the same ``requires_grad`` flags, ``.grad`` tensors and train/eval flags.
+- the same ``requires_grad`` flags, ``.grad`` tensors (objects and values: a method that
+  calls ``backward`` cannot add into them) and train/eval flags.
 
 What is kept as the model made it: attributes that did not exist before (a lazily built cache,
 a buffer registered during forward), and lazy parameters and buffers (``nn.LazyLinear``) that a
@@ -91,6 +92,7 @@ class _TensorState:
     value: Optional[Tensor]  # None for a lazy tensor that was not materialised yet
     requires_grad: bool
     grad: Optional[Tensor]
+    grad_value: Optional[Tensor]
 
 
 class _Snapshot:
@@ -106,11 +108,13 @@ class _Snapshot:
                 self.modules.append(state)
                 for t in list(state.parameters.values()) + list(state.buffers.values()):
                     if t is not None and id(t) not in self.tensors:
+                        grad = t.grad if isinstance(t, nn.Parameter) else None
                         self.tensors[id(t)] = _TensorState(
                             t,
                             None if _is_uninitialized(t) else t.detach().clone(),
                             t.requires_grad,
-                            t.grad if isinstance(t, nn.Parameter) else None,
+                            grad,
+                            None if grad is None else grad.detach().clone(),
                         )
 
     def restore(self) -> None:
@@ -142,6 +146,9 @@ class _Snapshot:
                     t.requires_grad_(saved_tensor.requires_grad)
                 if isinstance(t, nn.Parameter) and t.grad is not saved_tensor.grad:
                     t.grad = saved_tensor.grad
+                grad, grad_value = saved_tensor.grad, saved_tensor.grad_value
+                if grad is not None and grad_value is not None and not same_bits(grad, grad_value):
+                    grad.copy_(grad_value)
         if errors:
             where, err = errors[0]
             raise RuntimeError(f"could not restore the model's {where}: {err}") from err

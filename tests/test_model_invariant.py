@@ -359,3 +359,16 @@ def test_same_bits() -> None:
     assert not same_bits(a, torch.tensor([-0.0, float("nan")]))
     assert not same_bits(a, a.double())
     assert same_bits(torch.tensor([True]), torch.tensor([True]))
+
+
+def test_existing_gradients_are_kept() -> None:
+    model = Tied()
+    with torch.enable_grad():
+        model(inputs()).sum().backward()
+    grads = {name: (p.grad, p.grad.clone()) for name, p in model.named_parameters()}
+    with model_state_kept(model):
+        with torch.enable_grad():
+            model(inputs()).square().sum().backward()  # accumulates into .grad in place
+        model.out.weight.grad = None
+    for name, p in model.named_parameters():
+        assert p.grad is grads[name][0] and torch.equal(p.grad, grads[name][1])
