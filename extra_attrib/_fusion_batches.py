@@ -99,8 +99,18 @@ def check_split(
 def bind_extra_args(
     method: Attribution, inputs: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
 ) -> Dict[str, Any]:
-    """Turns the positional arguments meant for ``method.attribute`` into keyword arguments,
-    so that every argument can be found (and expanded) by name."""
+    """Turn the positional arguments meant for ``method.attribute`` into keyword arguments,
+    so that every argument can be found (and expanded) by name.
+
+    Args:
+        method (Attribution): The wrapped method.
+        inputs (Any): Its first argument (only used to bind the others).
+        args (tuple): Further positional arguments given to ``FusionGrad.attribute``.
+        kwargs (dict): Keyword arguments meant for the wrapped method.
+
+    Returns:
+        dict: Every argument after ``inputs``, by name.
+    """
     if not args:
         return dict(kwargs)
     label = f"{type(method).__name__}.attribute"
@@ -129,12 +139,19 @@ def bind_extra_args(
     return named
 
 
-
-
 def chunk_plan(num: int, m: int, batch_size: Optional[int]) -> List[Tuple[int, int, int]]:
-    """Wrapped calls for one weight sample as ``(e0, e1, reps)``: examples ``e0..e1-1``, each
-    repeated ``reps`` times, ``(e1 - e0) * reps <= batch_size``; the ``reps`` add up to ``m``
-    for every example."""
+    """Plan the wrapped calls of one weight sample.
+
+    Args:
+        num (int): Number of examples ``N``.
+        m (int): Input samples per example.
+        batch_size (int or None): Most rows per call; None for one call.
+
+    Returns:
+        list of tuple: ``(e0, e1, reps)`` per call: examples ``e0..e1-1``, each repeated
+        ``reps`` times, ``(e1 - e0) * reps <= batch_size``; the ``reps`` add up to ``m`` for
+        every example.
+    """
     if batch_size is None or batch_size >= num * m:
         return [(0, num, m)]
     if batch_size >= num:
@@ -146,8 +163,17 @@ def chunk_plan(num: int, m: int, batch_size: Optional[int]) -> List[Tuple[int, i
 
 
 def rows(t: Tensor, e0: int, e1: int, reps: int) -> Tensor:
-    """Rows ``e0..e1-1`` of ``t`` (shape ``(N, ...)``), each repeated ``reps`` times
-    consecutively: shape ``((e1 - e0) * reps, ...)``."""
+    """Rows ``e0..e1-1`` of ``t``, each repeated ``reps`` times consecutively.
+
+    Args:
+        t (Tensor): Shape ``(N, ...)``.
+        e0 (int): First row.
+        e1 (int): One past the last row.
+        reps (int): Copies of each row.
+
+    Returns:
+        Tensor: Shape ``((e1 - e0) * reps, ...)``.
+    """
     block = t[e0:e1]
     return block if reps == 1 else block.repeat_interleave(reps, dim=0)
 

@@ -76,8 +76,20 @@ def perturb(
 def input_noise_scale(
     x: Tensor, index: int, sg_std: Optional[float], sg_mean: float, additive: bool
 ) -> Optional[Std]:
-    """Standard deviation of the input noise for ``x``: a float, a per-example ``(N,)``
-    tensor (the default for additive noise), or None when ``x`` gets no noise at all."""
+    """Standard deviation of FusionGrad's input noise for ``x``.
+
+    Args:
+        x (Tensor): One input tensor, shape ``(N, ...)``.
+        index (int): Its position among the inputs, for the message.
+        sg_std (float or None): The user's ``sg_std``; None for the default.
+        sg_mean (float): Mean of the input noise.
+        additive (bool): Additive (True) or multiplicative noise.
+
+    Returns:
+        float, Tensor or None: A float, a per-example ``(N,)`` tensor (the default for additive
+        noise: :data:`SG_STD_FRACTION` of each example's range), or None when ``x`` gets no
+        noise at all.
+    """
     neutral = 0.0 if additive else 1.0
     if sg_std == 0 and sg_mean == neutral:
         return None
@@ -104,7 +116,21 @@ def noisy_rows(
     additive: bool,
     generator: Optional[torch.Generator],
 ) -> Tensor:
-    """A fresh tensor of ``(e1 - e0) * reps`` rows of ``x`` with input noise applied."""
+    """A fresh tensor of rows of ``x`` with input noise applied; ``x`` is never written.
+
+    Args:
+        x (Tensor): Shape ``(N, ...)``.
+        scale (float, Tensor or None): Output of :func:`input_noise_scale`.
+        e0 (int): First example.
+        e1 (int): One past the last example.
+        reps (int): Copies of each example.
+        sg_mean (float): Mean of the noise.
+        additive (bool): Additive (True) or multiplicative noise.
+        generator (torch.Generator or None): Source of the noise.
+
+    Returns:
+        Tensor: Shape ``((e1 - e0) * reps, ...)``.
+    """
     block = rows(x.detach(), e0, e1, reps)
     if scale is None:
         return block.clone() if reps == 1 else block  # never the caller's tensor itself
