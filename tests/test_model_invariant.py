@@ -10,12 +10,15 @@ call would do (see extra_attrib._model_state).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
 from captum.attr import NoiseTunnel, Saliency
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -372,3 +375,47 @@ def test_existing_gradients_are_kept() -> None:
         model.out.weight.grad = None
     for name, p in model.named_parameters():
         assert p.grad is grads[name][0] and torch.equal(p.grad, grads[name][1])
+
+
+_EDITS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "reassign_buffer", "reassign_param", "delete_buffer",
+                         "freeze", "train", "negate_zero"]),
+        st.integers(0, 10),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_EDITS, st.booleans())
+def test_guard_undoes_any_sequence_of_edits(edits, fail) -> None:
+    model = ReassignBN()
+    with torch.no_grad():
+        model.lin.bias.zero_()  # zeros whose sign bit an edit may flip
+    before = snapshot(model)
+    params = list(model.parameters())
+    buffers = [(m, name) for m in model.modules() for name in list(m._buffers)]
+    with pytest.raises(RuntimeError, match="edit failed") if fail else contextlib.nullcontext():
+        with model_state_kept(model):
+            for kind, i in edits:
+                p = params[i % len(params)]
+                module, name = buffers[i % len(buffers)]
+                with torch.no_grad():
+                    if kind == "add":
+                        p.add_(1.0)
+                    elif kind == "negate_zero":
+                        model.lin.bias.neg_()
+                    elif kind == "reassign_buffer" and module._buffers.get(name) is not None:
+                        setattr(module, name, module._buffers[name].clone() + 1)
+                    elif kind == "reassign_param":
+                        model.lin.weight = nn.Parameter(torch.zeros(CLASSES, FEATURES))
+                    elif kind == "delete_buffer" and name in module._buffers:
+                        delattr(module, name)
+                    elif kind == "freeze":
+                        p.requires_grad_(False)
+                    elif kind == "train":
+                        model.train(not model.training)
+            if fail:
+                raise RuntimeError("edit failed")
+    assert_invariant(model, before)
