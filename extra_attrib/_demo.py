@@ -23,16 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from extra_attrib import imagenet
-from extra_attrib._options import check_output_file
+from extra_attrib._options import MAX_DPI, MIN_DPI, check_output_file
 from extra_attrib._targets import score_function
 
 DEFAULT_PHOTOS = ("chelsea", "coffee")
 DEFAULT_OUT = "extra_attrib_demo.png"
 SCORES = ("log_softmax", "softmax", "raw")
 ROWS_PER_PASS = 2
-#: Bounds of ``--dpi``: the figure is about 12 x 2.5 inches per photo, so 600 dpi is already
-#: 7000 x 1500 pixels per photo row.
-MIN_DPI, MAX_DPI = 10.0, 600.0
 _SCORE_NAMES = {"log_softmax": "log-probability", "softmax": "probability", "raw": "logit"}
 
 

@@ -14,11 +14,17 @@ from typing import Callable, Optional, Sequence
 
 __all__ = [
     "FIGURE_EXTENSIONS",
+    "MAX_DPI",
+    "MIN_DPI",
     "bounded_float",
     "check_output_file",
     "nonnegative_int",
     "positive_int",
 ]
+
+#: Bounds of every ``--dpi`` option: the demo's figure is about 12 x 2.5 inches per photo, so
+#: 600 dpi is already 7000 x 1500 pixels per photo row (5000 dpi wrote a 678-megapixel PNG).
+MIN_DPI, MAX_DPI = 10.0, 600.0
 
 #: Extensions matplotlib's ``savefig`` writes without extra packages.
 FIGURE_EXTENSIONS = (
