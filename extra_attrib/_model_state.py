@@ -161,11 +161,12 @@ _MISSING = object()
 def model_state_kept(model: Any) -> Iterator[None]:
     """Restore a module's parameters, buffers and flags on exit, also after an exception.
 
-    See the module docstring for exactly what is restored and what is kept. A ``model`` that is
-    not an ``nn.Module`` (a plain function) is left alone.
+    See the module docstring for exactly what is restored and what is kept. A bound method of a
+    module (``model.forward``) guards that module; any other function is left alone (the guard
+    cannot see which modules it calls).
 
     Args:
-        model (Any): The user's model.
+        model (Any): The user's model, or the forward function given to a method.
 
     Example::
 
@@ -174,6 +175,9 @@ def model_state_kept(model: Any) -> Iterator[None]:
         >>> model.training                # ... and are back, with the flags, afterwards
         False
     """
+    owner = getattr(model, "__self__", None)  # a bound method such as model.forward
+    if not isinstance(model, nn.Module) and isinstance(owner, nn.Module):
+        model = owner
     if not isinstance(model, nn.Module):
         yield
         return

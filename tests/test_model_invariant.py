@@ -419,3 +419,10 @@ def test_guard_undoes_any_sequence_of_edits(edits, fail) -> None:
             if fail:
                 raise RuntimeError("edit failed")
     assert_invariant(model, before)
+
+
+def test_bound_forward_method_is_guarded_too() -> None:
+    model = reassign_train()
+    before = snapshot(model)
+    TiledOcclusion(model.forward).attribute(inputs(), target=0, window=2)
+    assert_invariant(model, before)
