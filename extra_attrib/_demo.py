@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from extra_attrib import imagenet
+from extra_attrib._options import MAX_DPI, MIN_DPI, check_output_file
+from extra_attrib._targets import score_function
 
 DEFAULT_PHOTOS = ("chelsea", "coffee")
 DEFAULT_OUT = "extra_attrib_demo.png"
@@ -71,8 +73,8 @@ class DemoSettings:
             raise ValueError(f"--fg-std {self.fg_std} must be a non-negative number")
         if self.score not in SCORES:
             raise ValueError(f"--score {self.score!r} must be one of {', '.join(SCORES)}")
-        if not self.dpi > 0:
-            raise ValueError(f"--dpi {self.dpi} must be positive")
+        if not MIN_DPI <= self.dpi <= MAX_DPI:
+            raise ValueError(f"--dpi {self.dpi:g} must be in [{MIN_DPI:g}, {MAX_DPI:g}]")
 
 
 @dataclass
@@ -109,15 +111,25 @@ def count_evaluations(model: nn.Module) -> Iterator[List[int]]:
         handle.remove()
 
 
+class _Scored(nn.Module):
+    """``score(model(x))`` as a module, so that FusionGrad finds the model's weights in it."""
+
+    def __init__(self, model: nn.Module, score: str) -> None:
+        super().__init__()
+        self.model = model
+        self.score = score_function(score)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.score(self.model(x))
+
+
 def scored_model(model: nn.Module, score: str) -> nn.Module:
-    """The function every method explains: the model's logits, probabilities or log-probs."""
-    if score == "raw":
-        return model
-    if score == "softmax":
-        return nn.Sequential(model, nn.Softmax(dim=1))
-    if score == "log_softmax":
-        return nn.Sequential(model, nn.LogSoftmax(dim=1))
-    raise ValueError(f"--score {score!r} must be one of {', '.join(SCORES)}")
+    """The function every method explains: the model's logits, probabilities or log-probs,
+    with the scores of :func:`extra_attrib._targets.score_function` (those of ``TiledOcclusion``
+    and ``perturbation_curve``)."""
+    if score not in SCORES:
+        raise ValueError(f"--score {score!r} must be one of {', '.join(SCORES)}")
+    return model if score == "raw" else _Scored(model, score)
 
 
 def explain(
@@ -197,7 +209,10 @@ def load_photos(sources: Sequence[str]) -> List[Photo]:
     photos = []
     for source in sources:
         if os.path.isfile(source):
-            rgb = imagenet.load_image(source)
+            try:
+                rgb = imagenet.load_image(source)
+            except ValueError as err:
+                raise ValueError(f"--image {source!r}: {err}") from None
             name = os.path.splitext(os.path.basename(source))[0]
         elif source in imagenet.BUNDLED_PHOTOS:
             rgb = imagenet.bundled_photo(source)
@@ -230,9 +245,11 @@ def run(
         print(line, file=stream, flush=True)
 
     total_start = time.perf_counter()
-    try:
+    try:  # every usage error before the slow work
         settings.check(imagenet.INPUT_SIZE)
-    except ValueError as err:
+        check_output_file(out, "--out")
+        photos = load_photos(list(images) if images else list(DEFAULT_PHOTOS))
+    except (ValueError, FileNotFoundError) as err:
         raise DemoUsageError(str(err)) from None
     start = time.perf_counter()
     model = (load_model or imagenet.load_efficientnet_lite0)()
@@ -240,8 +257,7 @@ def run(
     categories = imagenet.imagenet_categories()
     try:
         target_index = imagenet.resolve_target(target, categories)
-        photos = load_photos(list(images) if images else list(DEFAULT_PHOTOS))
-    except (ValueError, FileNotFoundError) as err:
+    except ValueError as err:
         raise DemoUsageError(str(err)) from None
     model_name = "EfficientNet-Lite0 (ImageNet weights)" if load_model is None else "the model"
     report(f"Loaded {model_name} in {time.perf_counter() - start:.1f} s; "

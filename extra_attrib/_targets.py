@@ -12,6 +12,8 @@ from typing import Any, Callable, List, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from extra_attrib._checks import is_int
+
 ScoreType = Union[str, Callable[[Tensor], Tensor]]
 
 SCORES = ("raw", "softmax", "log_softmax")
@@ -28,7 +30,7 @@ def score_function(score: ScoreType) -> Callable[[Tensor], Tensor]:
         callable: The scoring function.
     """
     if callable(score):
-        return score
+        return _checked_score(score)
     if score == "raw":
         return _identity
     if score == "softmax":
@@ -36,6 +38,31 @@ def score_function(score: ScoreType) -> Callable[[Tensor], Tensor]:
     if score == "log_softmax":
         return _log_softmax
     raise ValueError(f"score={score!r} is not supported: use one of {SCORES} or a callable")
+
+
+def _checked_score(score: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``score`` with its result checked: a tensor with one row per row of the outputs."""
+
+    def checked(outputs: Tensor) -> Tensor:
+        scored = score(outputs)
+        if not isinstance(scored, Tensor) or scored.dim() == 0 or (
+            scored.shape[0] != outputs.shape[0]
+        ):
+            got = (f"shape {tuple(scored.shape)}" if isinstance(scored, Tensor)
+                   else f"{type(scored).__name__} {scored!r:.40}")
+            raise ValueError(
+                f"score={_name(score)} returned {got} for model outputs of shape "
+                f"{tuple(outputs.shape)}: a score callable must return a tensor with one row "
+                "per example (the first dimension of its argument), e.g. "
+                "lambda o: o.softmax(1)"
+            )
+        return scored
+
+    return checked
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _identity(outputs: Tensor) -> Tensor:
@@ -140,7 +167,7 @@ def _flat_index(target: Any, out_shape: Tuple[int, ...], argument: str) -> int:
             f"{argument}={target!r} given, but the model returns one value per example: "
             "use target=None"
         )
-    if len(index) != len(out_shape) or not all(_is_int(i) for i in index):
+    if len(index) != len(out_shape) or not all(is_int(i) for i in index):
         raise ValueError(
             f"{argument}={target!r} does not index the model's per-example output of shape "
             f"{out_shape}: give {len(out_shape)} integer index(es)"
@@ -155,14 +182,6 @@ def _flat_index(target: Any, out_shape: Tuple[int, ...], argument: str) -> int:
             )
         flat = flat * size + (i % size)
     return flat
-
-
-def _is_int(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    return isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point
 
 
 def select(scored: Tensor, index: Tensor, reps: int) -> Tensor:

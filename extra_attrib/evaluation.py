@@ -23,6 +23,10 @@ import torch
 from captum.attr import Attribution
 from torch import Tensor, nn
 
+from extra_attrib._checks import check_bool, check_int, check_nonnegative, check_optional_int
+from extra_attrib._model_state import model_state_kept
+from extra_attrib._targets import ScoreType, score_function
+
 MethodSpec = Union[str, Callable[[nn.Module], Attribution]]
 
 CHANNEL_REDUCTIONS = ("sum", "mean", None)
@@ -113,8 +117,7 @@ def break_ties(
     a = np.asarray(attributions, dtype=np.float64)
     if a.ndim < 1:
         raise ValueError(f"attributions must have a batch dimension, got shape {a.shape}")
-    if not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    scale = check_nonnegative(scale, "scale", strict=True)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     peak = np.abs(a).reshape(len(a), -1).max(axis=1, initial=0.0) if a.size else np.zeros(len(a))
     peak = np.where(peak > 0, peak, 1.0).reshape((-1,) + (1,) * (a.ndim - 1))
@@ -174,10 +177,8 @@ def quantus_explain_func(
             f"channel_reduction={channel_reduction!r} is not supported: use one of "
             f"{CHANNEL_REDUCTIONS}"
         )
-    if seed is not None and not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if not isinstance(tie_break, bool):
-        raise TypeError(f"tie_break must be a bool, got {type(tie_break).__name__}")
+    seed = check_optional_int(seed, "seed", minimum=0)
+    check_bool(tie_break, "tie_break")
 
     def explain_func(
         model: nn.Module, inputs: Any, targets: Any = None, **kwargs: Any
@@ -269,7 +270,7 @@ def perturbation_curve(
     mode: str = "insertion",
     n_steps: int = 16,
     baseline: Union[str, float, Tensor, None] = None,
-    score: str = "softmax",
+    score: ScoreType = "softmax",
     batch_size: int = 16,
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
@@ -295,8 +296,9 @@ def perturbation_curve(
             ``"blur"`` (a Gaussian blur with sigma 5% of the image's longer side, 2-D images only,
             as in RISE). None means ``"blur"`` for insertion and ``0.0`` for deletion.
             Default: None.
-        score (str, optional): ``"softmax"`` (probability, as in RISE) or ``"raw"``.
-            Default: ``"softmax"``.
+        score (str or callable, optional): ``"softmax"`` (probability, as in RISE), ``"raw"``,
+            ``"log_softmax"``, or a callable ``score(outputs) -> outputs``: the same scores as
+            :meth:`TiledOcclusion.attribute`. Default: ``"softmax"``.
         batch_size (int, optional): Perturbed inputs per forward call. Default: 16.
         generator (torch.Generator or None, optional): For the random order of tied
             attributions. Default: None (torch's global RNG).
@@ -315,12 +317,9 @@ def perturbation_curve(
         raise ValueError(f"inputs must be a tensor of shape (N, C, ...), got {inputs!r:.60}")
     if mode not in CURVE_MODES:
         raise ValueError(f"mode={mode!r} is not supported: use one of {CURVE_MODES}")
-    if not (isinstance(n_steps, int) and n_steps >= 1):
-        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if score not in ("softmax", "raw"):
-        raise ValueError(f"score={score!r} is not supported: use 'softmax' or 'raw'")
+    n_steps = check_int(n_steps, "n_steps", minimum=1)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    score_fn = score_function(score)
     n, spatial = inputs.shape[0], inputs.shape[2:]
     a = torch.as_tensor(attributions, device=inputs.device).to(torch.float64)
     if a.shape == inputs.shape or (a.ndim == inputs.ndim and a.shape[1] == 1):
@@ -351,22 +350,20 @@ def perturbation_curve(
     rank_of.scatter_(1, order, torch.arange(positions, device=order.device).expand(n, -1))
     counts = [round(j * positions / n_steps) for j in range(n_steps + 1)]
 
-    if target is None:
-        target = forward_func(inputs).argmax(dim=1)
-    tgt = torch.as_tensor(target, device=inputs.device).long().expand(n)
-
     curve = torch.empty(n, n_steps + 1, dtype=torch.float32)
-    for i in range(n):
-        start, end = (base[i], inputs[i]) if mode == "insertion" else (inputs[i], base[i])
-        ranks = rank_of[i].view(1, 1, *spatial)
-        for b in range(0, n_steps + 1, batch_size):
-            steps = torch.tensor(counts[b : b + batch_size], device=inputs.device)
-            changed = ranks < steps.view(-1, *([1] * (len(spatial) + 1)))
-            batch = torch.where(changed, end.unsqueeze(0), start.unsqueeze(0))
-            out = forward_func(batch)
-            if score == "softmax":
-                out = torch.softmax(out, dim=1)
-            curve[i, b : b + len(steps)] = out[:, tgt[i]].float().cpu()
+    with model_state_kept(forward_func), torch.no_grad():
+        if target is None:
+            target = forward_func(inputs).argmax(dim=1)
+        tgt = torch.as_tensor(target, device=inputs.device).long().expand(n)
+        for i in range(n):
+            start, end = (base[i], inputs[i]) if mode == "insertion" else (inputs[i], base[i])
+            ranks = rank_of[i].view(1, 1, *spatial)
+            for b in range(0, n_steps + 1, batch_size):
+                steps = torch.tensor(counts[b : b + batch_size], device=inputs.device)
+                changed = ranks < steps.view(-1, *([1] * (len(spatial) + 1)))
+                batch = torch.where(changed, end.unsqueeze(0), start.unsqueeze(0))
+                out = score_fn(forward_func(batch))
+                curve[i, b : b + len(steps)] = out[:, tgt[i]].float().cpu()
     return curve
 
 

@@ -7,26 +7,30 @@ substituted with :func:`torch.func.functional_call` for the duration of each wra
 """
 
 import functools
-import inspect
-import math
-import numbers
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.attr import Attribution, GradientAttribution, PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
-from extra_attrib._noise import Std, perturb
+from extra_attrib._checks import check_bool, check_int, check_nonnegative, check_real
+from extra_attrib._fusion_batches import (
+    baseline_kind,
+    bind_extra_args,
+    check_split,
+    chunk_plan,
+    expand_kwargs,
+)
+from extra_attrib._model_state import model_state_kept, uninitialized_names
+from extra_attrib._noise import input_noise_scale, noisy_rows, perturb
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
 
-#: Default input-noise scale when ``sg_std=None``: for additive noise the standard deviation is
-#: this fraction of each example's value range ``max(x) - min(x)`` (SmoothGrad's 10-20 %); for
-#: multiplicative noise it is the standard deviation of the factor.
-SG_STD_FRACTION = 0.15
 
 _PREFIX = "model."
 
@@ -42,6 +46,44 @@ class _Runner(nn.Module):
 
     def forward(self, thunk: Any) -> Any:
         return thunk()
+
+
+class _UseWatch(TorchFunctionMode):
+    """Notes whether any of ``tensors`` is passed to a torch function while a wrapped call runs:
+    the check that the noisy weights reach the computation at all."""
+
+    def __init__(self, tensors: Iterable[Tensor]) -> None:
+        super().__init__()
+        self.ids = {id(t) for t in tensors}
+        self.seen = not self.ids
+
+    def wrap(self, call: Callable[[], Any]) -> Callable[[], Any]:
+        if self.seen:
+            return call
+
+        def watched() -> Any:
+            with self:
+                return call()
+
+        return watched
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if not self.seen:
+            self.seen = any(id(a) in self.ids for a in tree_leaves((args, kwargs)))
+        return func(*args, **kwargs)
+
+
+def _check_materialised(model: nn.Module) -> None:
+    names = uninitialized_names(model)
+    if names:
+        raise ValueError(
+            f"FusionGrad: the model has uninitialised lazy parameters or buffers "
+            f"({', '.join(names)}), which cannot take weight noise; run one forward pass "
+            "(model(x)) before FusionGrad so that they exist"
+        )
 
 
 class FusionGrad(PerturbationAttribution):
@@ -63,7 +105,12 @@ class FusionGrad(PerturbationAttribution):
     :func:`torch.func.functional_call` substitutes for the model's parameters during one call of
     the wrapped method (buffers are substituted by fresh copies, so BatchNorm running statistics
     cannot drift). Parameters and buffers are bit-identical afterwards, also when the wrapped
-    method raises, and the train/eval mode of every submodule is what it was. Because the
+    method raises, and the train/eval mode of every submodule is what it was (the guard of
+    :mod:`extra_attrib._model_state`, shared with TiledOcclusion). Lazy modules must have run
+    once before (their uninitialised parameters cannot take noise: ValueError). If the wrapped
+    method never passes any of the noisy tensors to a torch operation (``model`` is not what its
+    ``forward_func`` runs), the first call raises a ValueError instead of silently applying no
+    weight noise. Because the
     substitution covers the whole wrapped call, methods that reach the model through
     ``self.model`` (DeepLift, LRP), hold hooks on its modules (GuidedBackprop, layer methods),
     or whose ``forward_func`` merely calls the model (e.g. ``lambda x: model(x).softmax(1)``
@@ -72,8 +119,14 @@ class FusionGrad(PerturbationAttribution):
 
     The ``m`` input samples of one weight sample go to the wrapped method as one batch of
     ``N * m`` rows, each example repeated ``m`` times consecutively (as :class:`NoiseTunnel`
-    does); ``target``, ``additional_forward_args``, ``baselines`` and ``feature_mask`` are
-    expanded to match. ``batch_size`` bounds the rows per call. The mean is accumulated on the
+    does). Per-example arguments are cut and repeated to match, by this rule: a ``target``
+    tensor with more than one element or a list; every tensor of ``additional_forward_args``
+    with ``N`` rows; every ``baselines`` or ``feature_mask`` tensor with ``N >= 2`` rows (one
+    row broadcasts). Exception: the ``baselines`` of GradientShap, DeepLiftShap and their Layer
+    and Neuron variants (also inside a NoiseTunnel) are a distribution and go whole to every
+    call. For a method defined outside Captum and extra_attrib, ``N``-row ``baselines`` or
+    ``feature_mask`` are ambiguous, so a ``batch_size`` that would split the examples raises a
+    ValueError. ``batch_size`` bounds the rows per call. The mean is accumulated on the
     fly (never a stack of ``n * m`` attributions), in at least float32.
 
     Reproducibility: all noise is drawn from torch's default generator of the device holding
@@ -234,14 +287,13 @@ class FusionGrad(PerturbationAttribution):
             ("sg_additive_noise", sg_additive_noise),
             ("show_progress", show_progress),
         ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
-        n = _check_int("n", n, minimum=1)
-        m = _check_int("m", m, minimum=1)
+            check_bool(value, name)
+        n = check_int(n, "n", minimum=1)
+        m = check_int(m, "m", minimum=1)
         if batch_size is not None:
-            batch_size = _check_int("batch_size", batch_size, minimum=1)
-        std = _check_std("std", std)
-        sg_std_value = None if sg_std is None else _check_std("sg_std", sg_std)
+            batch_size = check_int(batch_size, "batch_size", minimum=1)
+        std = check_nonnegative(std, "std")
+        sg_std_value = None if sg_std is None else check_nonnegative(sg_std, "sg_std")
         mean = _resolve_mean("mean", mean, additive_noise)
         sg_mean = _resolve_mean("sg_mean", sg_mean, sg_additive_noise)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -253,7 +305,7 @@ class FusionGrad(PerturbationAttribution):
         inputs_tuple = _check_inputs(inputs)
         num = inputs_tuple[0].shape[0]
 
-        named = _bind_extra_args(self.attribution_method, inputs, args, kwargs)
+        named = bind_extra_args(self.attribution_method, inputs, args, kwargs)
         if target is not None:
             if "target" in named:
                 raise TypeError("target was given twice (positionally and as target=)")
@@ -264,48 +316,63 @@ class FusionGrad(PerturbationAttribution):
                 "n * m different models and inputs do not combine into one); got "
                 f"return_convergence_delta={named['return_convergence_delta']!r}"
             )
-        _expand_kwargs(named, num, 0, num, 1)  # validates shapes before any work
+        kind = baseline_kind(self.attribution_method)
+        expand_kwargs(named, num, 0, num, 1, kind)  # validates shapes before any work
 
         scales = [
-            _input_noise_scale(x, i, sg_std_value, sg_mean, sg_additive_noise)
+            input_noise_scale(x, i, sg_std_value, sg_mean, sg_additive_noise)
             for i, x in enumerate(inputs_tuple)
         ]
-        plan = _chunk_plan(num, m, batch_size)
+        plan = chunk_plan(num, m, batch_size)
+        check_split(named, num, plan, kind)
         running = _RunningMean(num)
         wants_grad = isinstance(self.attribution_method, GradientAttribution)
-        modes = [(module, module.training) for module in self.model.modules()]
+        _check_materialised(self.model)
         bar = tqdm(total=n * len(plan), desc="FusionGrad", disable=not show_progress)
+        # Whether the first wrapped call still has to show that the noisy weights are used.
+        unchecked = std != 0 or mean != (0.0 if additive_noise else 1.0)
         try:
-            for _ in range(n):
-                state = self._noisy_state(mean, std, additive_noise, generator)
-                for e0, e1, reps in plan:
-                    with torch.no_grad():
-                        noisy = tuple(
-                            _noisy_rows(
-                                x, scale, e0, e1, reps, sg_mean, sg_additive_noise, generator
-                            )
-                            for x, scale in zip(inputs_tuple, scales)
-                        )
-                        if wants_grad:  # as NoiseTunnel does: fresh leaves that require grad
+            with model_state_kept(self.model):
+                for _ in range(n):
+                    state = self._noisy_state(mean, std, additive_noise, generator)
+                    for e0, e1, reps in plan:
+                        with torch.no_grad():
                             noisy = tuple(
-                                t.requires_grad_() if t.is_floating_point() else t for t in noisy
+                                noisy_rows(
+                                    x, scale, e0, e1, reps, sg_mean, sg_additive_noise, generator
+                                )
+                                for x, scale in zip(inputs_tuple, scales)
                             )
-                        chunk_kwargs = _expand_kwargs(named, num, e0, e1, reps)
-                    call = functools.partial(
-                        self.attribution_method.attribute,
-                        noisy if is_tuple else noisy[0],
-                        **chunk_kwargs,
-                    )
-                    out = functional_call(self._runner, state, (call,), tie_weights=False)
-                    running.add(out, e0, e1, reps)
-                    bar.update(1)
-                    del call, out, noisy  # free this chunk before the next one is built
-                del state  # free this weight sample before the next one is drawn
+                            if wants_grad:  # as NoiseTunnel does: fresh leaves needing grad
+                                noisy = tuple(
+                                    t.requires_grad_() if t.is_floating_point() else t
+                                    for t in noisy
+                                )
+                            chunk_kwargs = expand_kwargs(named, num, e0, e1, reps, kind)
+                        call = functools.partial(
+                            self.attribution_method.attribute,
+                            noisy if is_tuple else noisy[0],
+                            **chunk_kwargs,
+                        )
+                        used = _UseWatch(state.values() if unchecked else ())
+                        out = functional_call(
+                            self._runner, state, (used.wrap(call),), tie_weights=False
+                        )
+                        unchecked = False  # the first call shows whether noise lands
+                        if not used.seen:
+                            raise ValueError(
+                                "FusionGrad: the wrapped method never used the parameters of "
+                                f"model={type(self.model).__name__}, so no weight noise would "
+                                "be applied; pass model=<the nn.Module that the wrapped "
+                                "method's forward_func runs> (or model=None when forward_func "
+                                "is that module)"
+                            )
+                        running.add(out, e0, e1, reps)
+                        bar.update(1)
+                        del call, out, noisy  # free this chunk before the next one is built
+                    del state  # free this weight sample before the next one is drawn
         finally:
             bar.close()
-            for module, was_training in modes:
-                if module.training != was_training:
-                    module.training = was_training
 
         return running.result(n * m, inputs_tuple)
 
@@ -346,38 +413,13 @@ class FusionGrad(PerturbationAttribution):
         return state
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an int >= {minimum}, got {type(value).__name__}: {value!r}"
-        )
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
-    return int(value)
-
-
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {name}={value}")
-    return float(value)
-
-
-def _check_std(name: str, value: Any) -> float:
-    value = _check_real(name, value)
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0 (a standard deviation), got {name}={value}")
-    return value
+# ----------------------------------------------------------------------------- checks
 
 
 def _resolve_mean(name: str, value: Optional[float], additive: bool) -> float:
     if value is None:
         return 0.0 if additive else 1.0
-    return _check_real(name, value)
+    return check_real(value, name)
 
 
 def _check_inputs(inputs: Any) -> Tuple[Tensor, ...]:
@@ -399,154 +441,6 @@ def _check_inputs(inputs: Any) -> Tuple[Tensor, ...]:
                 f"inputs[{i}] has {x.shape[0]} (shape {tuple(x.shape)})"
             )
     return tuple(items)
-
-
-def _bind_extra_args(
-    method: Attribution, inputs: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
-) -> Dict[str, Any]:
-    """Turns the positional arguments meant for ``method.attribute`` into keyword arguments,
-    so that every argument can be found (and expanded) by name."""
-    if not args:
-        return dict(kwargs)
-    label = f"{type(method).__name__}.attribute"
-    try:
-        signature = inspect.signature(method.attribute)
-        bound = signature.bind_partial(inputs, *args, **kwargs)
-    except (TypeError, ValueError) as err:
-        raise TypeError(
-            f"the extra positional arguments {args!r} do not fit {label}: {err}"
-        ) from None
-    first = next(iter(signature.parameters))
-    named: Dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if name == first:
-            continue
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            raise TypeError(
-                f"{label} takes *{name}; pass the arguments of the wrapped method by keyword, "
-                f"got extra positional arguments {args!r}"
-            )
-        else:
-            named[name] = value
-    return named
-
-
-# ----------------------------------------------------------------------------- batching
-
-
-def _chunk_plan(num: int, m: int, batch_size: Optional[int]) -> List[Tuple[int, int, int]]:
-    """Wrapped calls for one weight sample as ``(e0, e1, reps)``: examples ``e0..e1-1``, each
-    repeated ``reps`` times, ``(e1 - e0) * reps <= batch_size``; the ``reps`` add up to ``m``
-    for every example."""
-    if batch_size is None or batch_size >= num * m:
-        return [(0, num, m)]
-    if batch_size >= num:
-        per_call = batch_size // num
-        reps = [per_call] * (m // per_call) + ([m % per_call] if m % per_call else [])
-        return [(0, num, r) for r in reps]
-    blocks = [(e0, min(e0 + batch_size, num)) for e0 in range(0, num, batch_size)]
-    return [(e0, e1, 1) for _ in range(m) for e0, e1 in blocks]
-
-
-def _rows(t: Tensor, e0: int, e1: int, reps: int) -> Tensor:
-    """Rows ``e0..e1-1`` of ``t`` (shape ``(N, ...)``), each repeated ``reps`` times
-    consecutively: shape ``((e1 - e0) * reps, ...)``."""
-    block = t[e0:e1]
-    return block if reps == 1 else block.repeat_interleave(reps, dim=0)
-
-
-def _is_batched(value: Any, num: int) -> bool:
-    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == num
-
-
-def _expand_target(target: Any, num: int, e0: int, e1: int, reps: int) -> Any:
-    if isinstance(target, Tensor) and target.numel() > 1:
-        if not _is_batched(target, num):
-            raise ValueError(
-                "a target tensor must have one element or one entry per example along dim 0 "
-                f"(N={num}), got shape {tuple(target.shape)}"
-            )
-        return _rows(target, e0, e1, reps)
-    if isinstance(target, list):
-        if len(target) != num:
-            raise ValueError(
-                f"a target list must have one entry per example (N={num}), got length "
-                f"{len(target)}: {target!r}"
-            )
-        return [item for item in target[e0:e1] for _ in range(reps)]
-    return target  # None, int, tuple (one output index for all examples), one-element tensor
-
-
-def _expand_batched(value: Any, num: int, e0: int, e1: int, reps: int, min_num: int) -> Any:
-    """Expands a tensor with ``N`` rows (``N >= min_num``), or each such tensor of a tuple;
-    anything else (scalars, broadcastable tensors, non-tensors) passes unchanged."""
-    if isinstance(value, tuple):
-        return tuple(_expand_batched(v, num, e0, e1, reps, min_num) for v in value)
-    if num >= min_num and _is_batched(value, num):
-        return _rows(value, e0, e1, reps)
-    return value
-
-
-def _expand_kwargs(named: Dict[str, Any], num: int, e0: int, e1: int, reps: int) -> Dict[str, Any]:
-    """The wrapped method's keyword arguments for one call, with everything that has one row
-    per example expanded like the inputs (as NoiseTunnel does)."""
-    out = dict(named)
-    if "target" in out:
-        out["target"] = _expand_target(out["target"], num, e0, e1, reps)
-    if "additional_forward_args" in out:
-        out["additional_forward_args"] = _expand_batched(
-            out["additional_forward_args"], num, e0, e1, reps, min_num=1
-        )
-    for key in ("baselines", "feature_mask"):
-        if key in out:  # a first dim of 1 broadcasts, so it stays
-            out[key] = _expand_batched(out[key], num, e0, e1, reps, min_num=2)
-    return out
-
-
-# ----------------------------------------------------------------------------- noise
-
-
-def _input_noise_scale(
-    x: Tensor, index: int, sg_std: Optional[float], sg_mean: float, additive: bool
-) -> Optional[Std]:
-    """Standard deviation of the input noise for ``x``: a float, a per-example ``(N,)``
-    tensor (the default for additive noise), or None when ``x`` gets no noise at all."""
-    neutral = 0.0 if additive else 1.0
-    if sg_std == 0 and sg_mean == neutral:
-        return None
-    if not x.is_floating_point():
-        raise ValueError(
-            f"inputs[{index}] has dtype {x.dtype}, which cannot take input noise; use "
-            "sg_std=0 (and the default sg_mean) to apply weight noise only"
-        )
-    if sg_std is not None:
-        return sg_std
-    if not additive:
-        return SG_STD_FRACTION
-    flat = x.detach().reshape(x.shape[0], -1)
-    return SG_STD_FRACTION * (flat.amax(dim=1) - flat.amin(dim=1))
-
-
-def _noisy_rows(
-    x: Tensor,
-    scale: Optional[Std],
-    e0: int,
-    e1: int,
-    reps: int,
-    sg_mean: float,
-    additive: bool,
-    generator: Optional[torch.Generator],
-) -> Tensor:
-    """A fresh tensor of ``(e1 - e0) * reps`` rows of ``x`` with input noise applied."""
-    rows = _rows(x.detach(), e0, e1, reps)
-    if scale is None:
-        return rows.clone() if reps == 1 else rows  # never the caller's tensor itself
-    if isinstance(scale, Tensor):
-        scale = _rows(scale, e0, e1, reps).reshape((-1,) + (1,) * (x.dim() - 1))
-    return perturb(rows, sg_mean, scale, additive, generator)
 
 
 # ----------------------------------------------------------------------------- accumulation

@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import io
 import os
+import warnings
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -127,31 +128,80 @@ def bundled_photo(name: str) -> np.ndarray:
     return as_rgb_uint8(getattr(skdata, name)(), name)
 
 
+#: Pillow modes holding more than 8 bits per pixel (16-bit and 32-bit integers, 32-bit float):
+#: read as numbers and scaled by :func:`as_rgb_uint8`, not clipped by ``convert("RGB")``.
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
 def load_image(path: str) -> np.ndarray:
-    """An image file (any format Pillow reads) as an ``(H, W, 3)`` uint8 array."""
+    """An image file (any format Pillow reads) as an ``(H, W, 3)`` uint8 array.
+
+    16-bit, 32-bit and float greyscale images are scaled to 8 bits (see :func:`as_rgb_uint8`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not an image, a truncated or corrupt file, or a decompression bomb (more
+            pixels than Pillow's ``Image.MAX_IMAGE_PIXELS`` allows).
+    """
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path!r} does not exist")
     try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
-    except UnidentifiedImageError as err:
-        raise ValueError(f"{path!r} is not an image file Pillow can read") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                if img.mode in _WIDE_MODES:
+                    return as_rgb_uint8(np.array(img), path)
+                return np.array(img.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError("it is not an image file Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"refused as a possible decompression bomb ({err})") from None
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"the image file is truncated or corrupt ({err})") from None
 
 
 def as_rgb_uint8(img: np.ndarray, name: str = "image") -> np.ndarray:
-    """Grey, RGB or RGBA array (uint8 or float in [0, 1]) -> ``(H, W, 3)`` uint8."""
+    """Grey, RGB or RGBA array -> ``(H, W, 3)`` uint8.
+
+    Values are scaled, never clipped: uint8 stays; uint16 is read as 16-bit (``/ 65535``); other
+    integers as 8-bit when they lie in ``[0, 255]``, as 16-bit in ``[0, 65535]`` and over their
+    dtype's full range otherwise (Pillow reads some 16-bit PNGs as int32); bools are 0 or 255;
+    floats in ``[0, 1]`` are scaled by 255, other floats stretched from their minimum to their
+    maximum.
+    """
     img = np.asarray(img)
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=-1)
     if img.ndim != 3 or img.shape[-1] not in (3, 4):
         raise ValueError(f"{name} has shape {img.shape}: expected (H, W), (H, W, 3) or (H, W, 4)")
     img = img[..., :3]
-    if img.dtype != np.uint8:
-        scale = 255.0 if img.max() <= 1.0 else 1.0
-        img = np.clip(img.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
-    return img
+    if img.dtype == np.uint8:
+        return img
+    if img.size == 0:
+        raise ValueError(f"{name} has shape {img.shape}: it is empty")
+    if img.dtype == np.bool_:
+        return img.astype(np.uint8) * 255
+    values = img.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if np.issubdtype(img.dtype, np.integer):
+        if img.dtype == np.uint16 or (low >= 0 and 255 < high <= 65535):
+            unit = values / 65535.0
+        elif low >= 0 and high <= 255:
+            unit = values / 255.0
+        else:
+            info = np.iinfo(img.dtype)
+            unit = (values - info.min) / (float(info.max) - info.min)
+    else:
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
+        if low >= 0.0 and high <= 1.0:
+            unit = values
+        else:
+            unit = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return np.clip(unit * 255.0, 0, 255).round().astype(np.uint8)
 
 
 def preprocess(img: np.ndarray, size: int = INPUT_SIZE) -> Tuple[torch.Tensor, np.ndarray]:

@@ -7,17 +7,18 @@ algorithm itself is in :mod:`extra_attrib._geometry` (window positions and avera
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor
 
+from extra_attrib._checks import check_bool, check_int, check_optional_int, is_int
 from extra_attrib._engine import SweepResult, occlusion_sweep
 from extra_attrib._geometry import TileGeometry
+from extra_attrib._model_state import model_state_kept
 from extra_attrib._targets import ScoreType, as_target_list, score_function
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -93,8 +94,10 @@ class TiledOcclusion(PerturbationAttribution):
         r"""Attribute the target's score to every input element.
 
         Args:
-            inputs (Tensor or tuple of Tensor): Input of shape ``(N, *S)`` with 1 to 4 non-batch
-                dimensions (channels count as one, as in Captum), or a tuple of such tensors with
+            inputs (Tensor or tuple of Tensor): Input of shape ``(N, *S)`` with 0 to 4 non-batch
+                dimensions (channels count as one, as in Captum; shape ``(N,)`` makes each
+                example's scalar one feature, with one window: give ``window=1`` or ``()``,
+                or a tuple entry ``()`` for that tensor), or a tuple of such tensors with
                 the same ``N`` for a multi-input model; each tensor is occluded on its own, the
                 others left intact.
             target (int, tuple, Tensor, list or None, optional): Which output to explain, in
@@ -116,7 +119,9 @@ class TiledOcclusion(PerturbationAttribution):
                 scalar, or a tensor broadcastable to the input (per example ``(N, 1, ..)``, per
                 channel ``(C, 1, 1)``, or full ``(N, *S)`` / ``S``). NaN or Inf baselines only
                 ever reach the occluded window. For tuple inputs, one per tensor or one scalar
-                for all. ``None`` means 0. Default: 0
+                for all. ``None`` means 0. An integer or bool input takes only baselines its
+                dtype holds exactly (``0.5`` on int64, ``-1`` or ``300`` on uint8 raise a
+                ValueError rather than being truncated or wrapped). Default: 0
             additional_forward_args (Any, optional): Extra arguments of ``forward_func`` after
                 the inputs; tensors with ``N`` rows are repeated along with the perturbed
                 batch. Default: None
@@ -128,12 +133,13 @@ class TiledOcclusion(PerturbationAttribution):
                 a number for bit-for-bit repeatable results (batch composition changes float
                 rounding). Default: None
             show_progress (bool, optional): Show a tqdm progress bar whose total is the number of
-                forward passes. Default: False
+                forward passes; ``True`` or ``False`` only. Default: False
             score (str or callable, optional): The quantity that is differenced: ``"raw"`` (the
                 model output, as Captum), ``"softmax"`` (probability), ``"log_softmax"``
                 (log-probability; ``log P(x) - log P(x_occluded)``, the loss-based occlusion of
                 the literature), or a callable ``score(outputs) -> outputs`` applied to the raw
-                output before the target is selected. Default: ``"raw"``
+                output before the target is selected; it must return a tensor with one row per
+                example. Default: ``"raw"``
 
         Returns:
             Tensor or tuple of Tensor: Attributions with the type, shapes and device of
@@ -210,26 +216,56 @@ class TiledOcclusion(PerturbationAttribution):
         geometries = resolve_tiling([tuple(x.shape[1:]) for x in xs], window, k)
         fills = _format_baselines(baselines, xs)
         extra = _format_additional_args(additional_forward_args)
-        if perturbations_per_eval is not None and (
-            not _is_int(perturbations_per_eval) or perturbations_per_eval < 1
-        ):
-            raise ValueError(
-                f"perturbations_per_eval={perturbations_per_eval!r} must be a positive int or None"
-            )
+        perturbations_per_eval = check_optional_int(
+            perturbations_per_eval, "perturbations_per_eval", minimum=1
+        )
+        check_bool(show_progress, "show_progress")
         score_fn = score_function(score)
-        with _model_state_kept(self.forward_func):
+        # Inputs of shape (N,) (one scalar feature per example, as Captum allows) go through the
+        # engine as (N, 1) with one window; the model still receives them as (N,).
+        scalar = [j for j, x in enumerate(xs) if x.dim() == 1]
+        forward_func = _scalar_inputs_flattened(self.forward_func, scalar, len(xs))
+        xs = tuple(x.unsqueeze(1) if j in scalar else x for j, x in enumerate(xs))
+        fills = tuple(b.unsqueeze(-1) if j in scalar and b.dim() else b
+                      for j, b in enumerate(fills))
+        _warn_if_training(self.forward_func)
+        with model_state_kept(self.forward_func):
             sweep: SweepResult = occlusion_sweep(
-                self.forward_func, xs, fills, geometries, targets, score_fn, extra,
+                forward_func, xs, fills, geometries, targets, score_fn, extra,
                 chunk_size=perturbations_per_eval, show_progress=show_progress,
             )
         self.last_evaluations = sweep.evaluations
         self.last_perturbations = sweep.perturbations
         self.last_skipped = sweep.skipped
         out = []
-        for x, attr in zip(xs, sweep.attributions):
+        for j, (x, attr) in enumerate(zip(xs, sweep.attributions)):
             dtype = x.dtype if x.dtype.is_floating_point else attr.dtype
+            if j in scalar:
+                attr = attr.squeeze(-1)
             out.append(attr.to(dtype).clone())
         return out
+
+    def attribute_future(self) -> None:
+        r"""Not implemented for TiledOcclusion, as for Captum's Occlusion.
+
+        Raises:
+            NotImplementedError: always.
+        """
+        raise NotImplementedError("attribute_future is not implemented for TiledOcclusion")
+
+
+def _scalar_inputs_flattened(
+    forward_func: Callable[..., Tensor], scalar: List[int], count: int
+) -> Callable[..., Tensor]:
+    """``forward_func`` taking the inputs listed in ``scalar`` as ``(B, 1)`` instead of ``(B,)``."""
+    if not scalar:
+        return forward_func
+
+    def forward(*args: Any) -> Tensor:
+        return forward_func(*(a.squeeze(1) if j in scalar and j < count else a
+                              for j, a in enumerate(args)))
+
+    return forward
 
 
 def resolve_tiling(
@@ -257,8 +293,8 @@ def resolve_tiling(
         if isinstance(k_spec, tuple):
             kk = _per_dim(k_spec, shape, f"k{suffix}")
         else:
-            kk = tuple(1 if wi >= si else _check_positive(k_spec, f"k{suffix}")
-                       for wi, si in zip(w, shape))
+            k_int = check_int(k_spec, f"k{suffix}", minimum=1)
+            kk = tuple(1 if wi >= si else k_int for wi, si in zip(w, shape))
         for i, (wi, ki) in enumerate(zip(w, kk)):
             if wi % ki:
                 raise ValueError(
@@ -266,6 +302,8 @@ def resolve_tiling(
                     f"not divisible by k{suffix}[{i}]={ki}: the stride window/k must be a whole "
                     "number"
                 )
+        if not shape:  # inputs of shape (N,): one window over the example's single value
+            shape, w, kk = (1,), (1,), (1,)
         geometries.append(TileGeometry(shape, w, kk))
     return geometries
 
@@ -273,7 +311,7 @@ def resolve_tiling(
 def _per_tensor(spec: Any, count: int, name: str) -> List[Any]:
     if count == 1:
         return [spec]
-    if _is_int(spec):
+    if is_int(spec):
         return [spec] * count
     if isinstance(spec, tuple) and len(spec) == count:
         return list(spec)
@@ -284,8 +322,9 @@ def _per_tensor(spec: Any, count: int, name: str) -> List[Any]:
 
 
 def _per_dim(spec: Any, shape: Tuple[int, ...], name: str) -> Tuple[int, ...]:
-    if _is_int(spec):
-        return tuple(_check_positive(spec, name) for _ in shape)
+    if is_int(spec):
+        value = check_int(spec, name, minimum=1)
+        return tuple(value for _ in shape)
     if not isinstance(spec, tuple):
         raise TypeError(f"{name}={spec!r} must be an int or a tuple of ints")
     if len(spec) != len(shape):
@@ -293,19 +332,7 @@ def _per_dim(spec: Any, shape: Tuple[int, ...], name: str) -> Tuple[int, ...]:
             f"{name}={spec!r} has {len(spec)} entries but the input has {len(shape)} non-batch "
             f"dimensions {shape}: give one entry per non-batch dimension"
         )
-    return tuple(_check_positive(v, f"{name}[{i}]") for i, v in enumerate(spec))
-
-
-def _check_positive(value: Any, name: str) -> int:
-    if not _is_int(value):
-        raise TypeError(f"{name}={value!r} must be an int")
-    if value < 1:
-        raise ValueError(f"{name}={value!r} must be >= 1")
-    return int(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return tuple(check_int(v, f"{name}[{i}]", minimum=1) for i, v in enumerate(spec))
 
 
 def _format_inputs(inputs: TensorOrTuple) -> Tuple[Tensor, ...]:
@@ -316,10 +343,10 @@ def _format_inputs(inputs: TensorOrTuple) -> Tuple[Tensor, ...]:
         name = f"inputs[{j}]" if isinstance(inputs, tuple) else "inputs"
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
-        if not 2 <= x.dim() <= 5:
+        if not 1 <= x.dim() <= 5:
             raise ValueError(
                 f"{name} has shape {tuple(x.shape)}: TiledOcclusion needs a batch dimension and "
-                "1 to 4 more dimensions"
+                "0 to 4 more dimensions"
             )
         if x.numel() == 0:
             raise ValueError(f"{name} has shape {tuple(x.shape)}: it is empty")
@@ -347,7 +374,13 @@ def _format_baselines(baselines: Any, xs: Tuple[Tensor, ...]) -> Tuple[Tensor, .
     for j, (b, x) in enumerate(zip(specs, xs)):
         name = f"baselines[{j}]" if len(xs) > 1 else "baselines"
         if isinstance(b, (int, float)) and not isinstance(b, bool):
-            out.append(torch.tensor(b, dtype=x.dtype, device=x.device))
+            try:
+                value = torch.tensor(b, dtype=torch.float64 if isinstance(b, float) else None)
+            except (OverflowError, RuntimeError):
+                raise ValueError(
+                    f"{name}={b!r} cannot be represented in the input's dtype {x.dtype}"
+                ) from None
+            out.append(_exactly_in_dtype(value, x.dtype, name).to(x.device))
             continue
         if not isinstance(b, Tensor):
             raise TypeError(f"{name} must be a number or a Tensor, got {type(b).__name__}")
@@ -360,8 +393,34 @@ def _format_baselines(baselines: Any, xs: Tuple[Tensor, ...]) -> Tuple[Tensor, .
                 f"{name} has shape {tuple(b.shape)}, which does not broadcast to the input shape "
                 f"{tuple(x.shape)}"
             )
-        out.append(b.detach().to(device=x.device, dtype=x.dtype))
+        out.append(_exactly_in_dtype(b.detach(), x.dtype, name).to(x.device))
     return tuple(out)
+
+
+def _exactly_in_dtype(b: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    """``b`` converted to the input's ``dtype``, or a ValueError if that changes a value.
+
+    Integer and bool inputs take only baselines they can hold exactly (``0.5`` on int64 or
+    ``-1``/``300`` on uint8 raise); floating inputs round as usual but may not overflow to Inf.
+    """
+    converted = b.to(dtype)
+    if dtype.is_floating_point or dtype.is_complex:
+        bad = torch.isinf(converted) & torch.isfinite(b)
+    else:
+        bad = converted.to(b.dtype) != b
+    if bool(bad.any()):
+        value = b[bad][0].item() if b.dim() else b.item()
+        rule = (
+            f"integers in [{torch.iinfo(dtype).min}, {torch.iinfo(dtype).max}]"
+            if dtype != torch.bool and not dtype.is_floating_point and not dtype.is_complex
+            else ("0 or 1" if dtype == torch.bool else "finite values of that dtype")
+        )
+        raise ValueError(
+            f"{name} holds {value!r}, which the input's dtype {dtype} cannot represent (it takes "
+            f"{rule}); the value would change silently: give a baseline in that range, or "
+            "convert the input to a floating dtype"
+        )
+    return converted
 
 
 def _format_additional_args(args: Any) -> Tuple[Any, ...]:
@@ -376,27 +435,12 @@ _STOCHASTIC_OR_BATCH = (
 )
 
 
-@contextlib.contextmanager
-def _model_state_kept(forward_func: Callable[..., Any]) -> Iterator[None]:
-    """Leave a module's buffers and train/eval flags exactly as they were."""
-    if not isinstance(forward_func, torch.nn.Module):
-        yield
-        return
-    if any(m.training and isinstance(m, _STOCHASTIC_OR_BATCH) for m in forward_func.modules()):
+def _warn_if_training(forward_func: Callable[..., Any]) -> None:
+    if isinstance(forward_func, torch.nn.Module) and any(
+        m.training and isinstance(m, _STOCHASTIC_OR_BATCH) for m in forward_func.modules()
+    ):
         warnings.warn(
             "the model is in training mode: dropout and batch statistics make occlusion "
             "differences noisy; call model.eval() first (buffers are restored afterwards)",
-            stacklevel=4,
+            stacklevel=5,
         )
-    buffers = {name: b.clone() for name, b in forward_func.named_buffers()}
-    modes = {name: m.training for name, m in forward_func.named_modules()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, b in forward_func.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
-        for name, m in forward_func.named_modules():
-            if name in modes:
-                m.training = modes[name]

@@ -268,3 +268,50 @@ def test_curve_validation(data):
         perturbation_curve(None, x, attr)
     with pytest.raises(ValueError, match="curve"):
         area_under_curve(torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks shared with the rest of the package (#10)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argument", ["n_steps", "batch_size"])
+def test_curve_refuses_bools_like_the_rest_of_the_package(argument):
+    model, x = TinyCNN(), torch.rand(2, 3, 6, 8)
+    with pytest.raises(TypeError, match=rf"{argument}=True must be an int"):
+        perturbation_curve(model, x, torch.rand(2, 6, 8), target=0, **{argument: True})
+
+
+def test_break_ties_refuses_a_bool_scale():
+    with pytest.raises(TypeError, match="scale=True"):
+        break_ties(np.zeros((1, 2)), scale=True)
+
+
+def test_quantus_adapter_refuses_a_bool_seed():
+    with pytest.raises(TypeError, match="seed=True"):
+        quantus_explain_func("Saliency", seed=True)
+    with pytest.raises(TypeError, match="tie_break=1"):
+        quantus_explain_func("Saliency", tie_break=1)
+
+
+def test_curve_scores_are_the_package_scores():
+    model, x = TinyCNN(), torch.rand(2, 3, 6, 8)
+    attr = torch.rand(2, 6, 8)
+    kw = dict(target=1, n_steps=3, baseline=0.0, mode="deletion")
+    soft = perturbation_curve(model, x, attr, score="softmax", **kw)
+    torch.testing.assert_close(
+        perturbation_curve(model, x, attr, score=lambda o: o.softmax(1), **kw), soft
+    )
+    log = perturbation_curve(model, x, attr, score="log_softmax", **kw)
+    torch.testing.assert_close(log.exp(), soft)
+    with pytest.raises(ValueError, match="score=.*one row per example"):
+        perturbation_curve(model, x, attr, score=lambda o: o.sum(), **kw)
+
+
+def test_curve_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.rand(2, 3, 6, 8))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    perturbation_curve(model, torch.rand(2, 3, 6, 8), torch.rand(2, 6, 8), target=0, n_steps=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

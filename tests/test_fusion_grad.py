@@ -19,7 +19,9 @@ from captum.attr import (
     Saliency,
 )
 
-from extra_attrib.fusion_grad import SG_STD_FRACTION, FusionGrad, _chunk_plan
+from extra_attrib._fusion_batches import chunk_plan as _chunk_plan
+from extra_attrib._noise import SG_STD_FRACTION
+from extra_attrib.fusion_grad import FusionGrad
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -553,18 +555,18 @@ def test_constructor_errors():
 @pytest.mark.parametrize(
     "kwargs,error,pattern",
     [
-        ({"n": 0}, ValueError, "n must be >= 1, got n=0"),
-        ({"m": -2}, ValueError, "m must be >= 1"),
-        ({"n": 2.0}, TypeError, "n must be an int"),
-        ({"m": True}, TypeError, "m must be an int"),
-        ({"std": -0.1}, ValueError, "std must be >= 0"),
-        ({"std": float("nan")}, ValueError, "std must be finite"),
-        ({"sg_std": -1.0}, ValueError, "sg_std must be >= 0"),
-        ({"sg_std": float("inf")}, ValueError, "sg_std must be finite"),
-        ({"mean": "1"}, TypeError, "mean must be a real number"),
-        ({"sg_mean": float("nan")}, ValueError, "sg_mean must be finite"),
-        ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
-        ({"additive_noise": 1}, TypeError, "additive_noise must be a bool"),
+        ({"n": 0}, ValueError, "n=0 must be >= 1"),
+        ({"m": -2}, ValueError, "m=-2 must be >= 1"),
+        ({"n": 2.0}, TypeError, "n=2.0 must be an int"),
+        ({"m": True}, TypeError, "m=True must be an int"),
+        ({"std": -0.1}, ValueError, "std=-0.1 must be >= 0"),
+        ({"std": float("nan")}, ValueError, "std=nan must be finite"),
+        ({"sg_std": -1.0}, ValueError, "sg_std=-1.0 must be >= 0"),
+        ({"sg_std": float("inf")}, ValueError, "sg_std=inf must be finite"),
+        ({"mean": "1"}, TypeError, "mean='1' must be a real number"),
+        ({"sg_mean": float("nan")}, ValueError, "sg_mean=nan must be finite"),
+        ({"batch_size": 0}, ValueError, "batch_size=0 must be >= 1"),
+        ({"additive_noise": 1}, TypeError, "additive_noise=1 must be a bool"),
         ({"generator": 3}, TypeError, "generator must be"),
         ({"target": [0, 1]}, ValueError, "target list must have one entry per example"),
         ({"target": torch.tensor([0, 1])}, ValueError, "target tensor"),
@@ -602,3 +604,101 @@ def test_no_warnings_about_gradient_requirements():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         FusionGrad(Saliency(model)).attribute(images(), target=0, n=1, m=2)
+
+
+# ------------------------------------------------------------------ per-example arguments (#9)
+
+
+class OwnIntegratedGradients(IntegratedGradients):
+    """A method defined outside Captum: FusionGrad cannot know how it reads baselines."""
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_distribution_baselines_are_never_split():
+    # DeepLiftShap's baselines are a distribution shared by all examples: batch_size must not cut
+    # them along with the examples, even when they have as many rows as the inputs
+    from captum.attr import DeepLiftShap
+
+    model = mlp()
+    x, bg = torch.rand(4, 6), torch.rand(4, 6)
+    plain = DeepLiftShap(model).attribute(x, baselines=bg, target=1)
+    for batch_size in (None, 1, 2, 3):
+        fused = FusionGrad(DeepLiftShap(model)).attribute(
+            x, baselines=bg, target=1, n=1, m=1, std=0, sg_std=0, batch_size=batch_size
+        )
+        torch.testing.assert_close(fused, plain)
+
+
+def test_baseline_kind_looks_through_wrappers():
+    from captum.attr import DeepLiftShap, GradientShap
+
+    from extra_attrib._fusion_batches import baseline_kind
+
+    model = mlp()
+    assert baseline_kind(NoiseTunnel(DeepLiftShap(model))) == "distribution"
+    assert baseline_kind(FusionGrad(GradientShap(model))) == "distribution"
+    assert baseline_kind(NoiseTunnel(IntegratedGradients(model))) == "per-example"
+    assert baseline_kind(OwnIntegratedGradients(model)) == "unknown"
+
+
+def test_unknown_method_with_example_sized_baselines_refuses_a_split():
+    model = mlp()
+    x, b = torch.rand(4, 6), torch.rand(4, 6)
+    fg = FusionGrad(OwnIntegratedGradients(model))
+    with pytest.raises(ValueError, match="baselines has 4 rows.*batch_size"):
+        fg.attribute(x, baselines=b, target=0, n=1, m=2, batch_size=2)
+    whole = fg.attribute(x, baselines=b, target=0, n=1, m=1, std=0, sg_std=0, batch_size=4)
+    torch.testing.assert_close(
+        whole, IntegratedGradients(model).attribute(x, baselines=b, target=0)
+    )
+
+
+def test_known_method_per_example_baselines_are_split_with_the_examples():
+    model = mlp()
+    x, b = torch.rand(4, 6), torch.rand(4, 6)
+    fused = FusionGrad(IntegratedGradients(model)).attribute(
+        x, baselines=b, target=0, n=1, m=1, std=0, sg_std=0, batch_size=1
+    )
+    torch.testing.assert_close(
+        fused, IntegratedGradients(model).attribute(x, baselines=b, target=0)
+    )
+
+
+# ------------------------------------------------------------------- weight noise must land (#9)
+
+
+def test_model_not_run_by_the_wrapped_method_raises():
+    model, other = mlp(), mlp()
+    x = torch.rand(2, 6)
+    with pytest.raises(ValueError, match="never used the parameters"):
+        FusionGrad(Saliency(model), model=other).attribute(x, target=0, n=2, m=1)
+    # without weight noise there is nothing to lose
+    FusionGrad(Saliency(model), model=other).attribute(x, target=0, n=1, m=2, std=0)
+
+
+def test_weight_noise_reaches_an_lstm():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(2, 4, batch_first=True)
+    head = nn.Linear(4, 3)
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = lstm, head
+
+        def forward(self, x):
+            return self.head(self.lstm(x.reshape(x.shape[0], 3, 2))[0][:, -1])
+
+    model = Recurrent()
+    x = torch.rand(2, 6)
+    plain = Saliency(model).attribute(x, target=0, abs=False)
+    noisy = FusionGrad(Saliency(model)).attribute(x, target=0, n=2, m=1, sg_std=0, abs=False)
+    assert not torch.allclose(plain, noisy)
+    (lstm_only,) = [FusionGrad(Saliency(model), model=lstm)]
+    assert not torch.allclose(
+        plain, lstm_only.attribute(x, target=0, n=2, m=1, sg_std=0, abs=False)
+    )

@@ -170,3 +170,109 @@ def test_python_dash_m_entry_point():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert result.stdout.startswith("extra-attrib ")
+
+
+# ------------------------------------------------------------------- usage errors before work (#9)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The model must not even be loaded when the arguments are bad."""
+
+    def fail():
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(imagenet, "load_efficientnet_lite0", fail)
+
+
+def run_usage_error(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_truncated_png_is_a_usage_error(no_model, photo, tmp_path, capsys):
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(photo.read_bytes()[:400])
+    err = run_usage_error(["demo", "--image", str(cut), "--out", str(tmp_path / "x.png")], capsys)
+    assert f"--image {str(cut)!r}" in err and "truncated or corrupt" in err
+
+
+@pytest.mark.parametrize("limit", [1000, 2000])  # above 2x the limit Pillow raises, else warns
+def test_decompression_bomb_is_a_usage_error(no_model, photo, tmp_path, capsys, monkeypatch,
+                                             limit):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # the photo has 2400 pixels
+    err = run_usage_error(["demo", "--image", str(photo), "--out", str(tmp_path / "x.png")],
+                          capsys)
+    assert "decompression bomb" in err and "--image" in err
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("file.txt/fig.png", "is a file, not a directory"),
+        ("fig.xyz", "unknown extension '.xyz'"),
+        ("fig", "unknown extension '(none)'"),
+        (".", "is a directory"),
+    ],
+)
+def test_bad_out_is_a_usage_error_before_any_work(no_model, photo, tmp_path, capsys, out,
+                                                  message):
+    (tmp_path / "file.txt").write_text("a plain file")
+    path = str(tmp_path / out)
+    err = run_usage_error(["demo", "--image", str(photo), "--out", path], capsys)
+    assert "--out" in err and message in err
+
+
+def test_unwritable_out_is_a_usage_error(no_model, photo, tmp_path, capsys):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as a user who can write anywhere (root)")
+    err = run_usage_error(["demo", "--image", str(photo), "--out", str(locked / "f.png")],
+                          capsys)
+    assert "not writable" in err
+
+
+@pytest.mark.parametrize("dpi", ["5000", "0", "nan", "inf"])
+def test_dpi_is_bounded(no_model, dpi, capsys):
+    assert main(["demo", "--dpi", dpi]) == 2
+    assert "--dpi" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--dpi"):
+        _demo.DemoSettings(dpi=float(dpi)).check(224)
+
+
+def test_sixteen_bit_greyscale_png_is_scaled_not_clipped(tmp_path):
+    grey = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    path = tmp_path / "grey16.png"
+    Image.fromarray(grey).save(path)
+    rgb = imagenet.load_image(str(path))
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    np.testing.assert_allclose(rgb[..., 0], grey / 65535 * 255, atol=0.51)
+    assert (rgb == 255).mean() < 0.01
+
+
+def test_float_and_wide_integer_arrays_are_scaled():
+    unit = np.linspace(0, 1, 12).reshape(3, 4)
+    np.testing.assert_array_equal(imagenet.as_rgb_uint8(unit)[..., 1], np.round(unit * 255))
+    wide = unit * 1000 - 200  # floats outside [0, 1]: stretched from min to max
+    np.testing.assert_array_equal(imagenet.as_rgb_uint8(wide)[..., 2], np.round(unit * 255))
+    as_int = (unit * 65535).astype(np.int32)  # 16-bit data read by Pillow as int32
+    np.testing.assert_allclose(imagenet.as_rgb_uint8(as_int)[..., 0], unit * 255, atol=0.51)
+    with pytest.raises(ValueError, match="NaN"):
+        imagenet.as_rgb_uint8(np.full((2, 2), np.nan))
+
+
+def test_demo_scores_are_the_package_scores():
+    from extra_attrib._targets import score_function
+
+    model = TinyClassifier().eval()
+    x = torch.rand(2, 3, 224, 224)
+    for score in _demo.SCORES:
+        torch.testing.assert_close(_demo.scored_model(model, score)(x),
+                                   score_function(score)(model(x)))
+    with pytest.raises(ValueError, match="--score"):
+        _demo.scored_model(model, "logit")

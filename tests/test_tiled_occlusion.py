@@ -427,7 +427,7 @@ def test_bad_inputs_and_models_are_named():
     model = FlatLinear((8,))
     with pytest.raises(ValueError, match="is empty"):
         TiledOcclusion(model).attribute(torch.zeros(0, 8), window=2)
-    with pytest.raises(ValueError, match="1 to 4 more dimensions"):
+    with pytest.raises(ValueError, match="0 to 4 more dimensions"):
         TiledOcclusion(model).attribute(torch.zeros(1, 1, 1, 1, 1, 8), window=2)
     with pytest.raises(ValueError, match="first dimension must follow the input batch"):
         TiledOcclusion(lambda z: model(z).sum(0, keepdim=True)).attribute(
@@ -473,3 +473,75 @@ def test_progress_total_is_exact_with_automatic_chunks():
         sys.stderr = old
     evals = t.last_evaluations
     assert f"{evals}/{evals}" in err.getvalue().replace("\r", "\n").splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- hardening (#9)
+
+
+@pytest.mark.parametrize(
+    "dtype, baseline, shown",
+    [
+        (torch.int64, 0.5, "0.5"),
+        (torch.uint8, -1, "-1"),
+        (torch.uint8, 300, "300"),
+        (torch.uint8, torch.tensor([[-1.0]]), "-1.0"),
+        (torch.int32, torch.tensor([2.5, 1.0]).reshape(2, 1), "2.5"),
+        (torch.bool, 0.5, "0.5"),
+        (torch.float16, 1e6, "1000000.0"),
+    ],
+)
+def test_baselines_the_input_dtype_cannot_hold_raise(dtype, baseline, shown):
+    x = torch.ones(2, 3, dtype=dtype)
+    with pytest.raises(ValueError, match=rf"baselines holds {shown}.*{dtype}"):
+        TiledOcclusion(lambda v: v.float()).attribute(x, target=0, window=1, baselines=baseline)
+
+
+def test_integer_input_with_representable_baseline_is_exact():
+    x = torch.tensor([[10, 200, 3]], dtype=torch.uint8)
+    attr = TiledOcclusion(lambda v: v.double() * 2).attribute(
+        x, target=(1,), window=1, baselines=255.0
+    )
+    torch.testing.assert_close(attr, torch.tensor([[0.0, -110.0, 0.0]], dtype=torch.float64))
+
+
+def test_show_progress_must_be_a_bool():
+    with pytest.raises(TypeError, match="show_progress='yes' must be a bool"):
+        TiledOcclusion(lambda v: v).attribute(torch.rand(2, 3), window=1, show_progress="yes")
+
+
+def test_attribute_future_is_not_implemented_like_captum():
+    with pytest.raises(NotImplementedError, match="TiledOcclusion"):
+        TiledOcclusion(lambda v: v).attribute_future()
+
+
+@pytest.mark.parametrize(
+    "score, got",
+    [
+        (lambda o: o.sum(), r"shape \(\)"),
+        (lambda o: 3.0, "float"),
+        (lambda o: o[:1], r"shape \(1, 3\)"),
+    ],
+)
+def test_bad_score_callable_is_named(score, got):
+    with pytest.raises(ValueError, match=rf"score=.*lambda.* returned {got}.*one row per example"):
+        TiledOcclusion(lambda v: v).attribute(torch.rand(2, 3), target=0, window=1, score=score)
+
+
+def test_scalar_inputs_shape_n_one_feature_each():
+    # Captum's test_simple_multi_input_0d: inputs of shape (N,), each scalar one feature
+    def f(a, b):
+        return torch.stack([a * 2 + b**2, a - b], dim=1)
+
+    a, b = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    base = torch.full((4,), 0.5, dtype=torch.float64)
+    expected = (f(a, b)[:, 0] - f(base, b)[:, 0], f(a, b)[:, 0] - f(a, base)[:, 0])
+    for window, k in ((1, 1), (((), ()), ((), ())), (3, 2)):
+        got = TiledOcclusion(f).attribute((a, b), target=0, window=window, k=k, baselines=0.5)
+        assert got[0].shape == (4,)
+        torch.testing.assert_close(got, expected)
+    mixed = TiledOcclusion(lambda v, w: v + w.sum(1)).attribute(
+        (a, torch.ones(4, 2, dtype=torch.float64)), window=((), 1), baselines=(base, 0.0)
+    )
+    torch.testing.assert_close(mixed[0], a - 0.5)
+    with pytest.raises(ValueError, match="window"):
+        TiledOcclusion(f).attribute((a, b), target=0, window=0)
