@@ -309,7 +309,7 @@ class _Scale:
         values = self.values if values is None else values
         finite = np.nan_to_num(values, nan=0.0)
         rgba = self.cmap(self.norm(finite))
-        strength = np.clip(np.abs(finite) / self.limit, 0.0, 1.0)
+        strength = np.minimum(np.abs(finite), self.limit) / self.limit  # no overflow at +-Inf
         rgba[..., 3] = self.alpha * strength
         rgba[~np.isfinite(values), 3] = 0.0
         return rgba
@@ -337,7 +337,8 @@ def _clean_axis(ax: Axes) -> None:
 
 
 def _root_figure(ax: Axes) -> Figure:
-    fig = ax.figure
+    """The Figure an Axes belongs to, also when it sits in a SubFigure."""
+    fig: Any = ax.figure
     root = getattr(fig, "figure", None)  # a SubFigure's root figure
     return root if isinstance(root, Figure) else fig
 
@@ -447,12 +448,12 @@ def plot_attribution(
         >>> fig = plot_attribution(attr, x, title="tabby", save_path="tabby.png")
     """
     method = _check_method(method)
-    style = _Style.from_args(sign, clip_percentile, alpha, cmap)
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     if image is None and method != "heat_map":
         raise ValueError(f"image is required for method={method!r}; only 'heat_map' draws without")
     img = _image_for_display(image) if image is not None else None
     spatial = tuple(img.shape[:2]) if img is not None else None
-    scale = style.scale(_attr_map_2d(attr, spatial))
+    scale = colours.scale(_attr_map_2d(attr, spatial))
     if ax is None:
         fig = Figure(figsize=figsize, layout="constrained")
         ax = fig.add_subplot()
@@ -521,12 +522,12 @@ def plot_image_attribution(
         ...                                   strides=(3, 32, 32))
         >>> plot_image_attribution(x, attr, save_path="occlusion.png")
     """
-    style = _Style.from_args(sign, clip_percentile, alpha, cmap)
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     titles = list(titles)
     if len(titles) != 3:
         raise ValueError(f"titles must hold 3 strings (one per panel), got {len(titles)}")
     img = _image_for_display(image)
-    scale = style.scale(_attr_map_2d(attr, tuple(img.shape[:2])))
+    scale = colours.scale(_attr_map_2d(attr, tuple(img.shape[:2])))
     if axes is None:
         fig = Figure(figsize=figsize, layout="constrained")
         axes = fig.subplots(1, 3)
@@ -641,7 +642,7 @@ def plot_attribution_grid(
     if method not in ("blended_heat_map", "heat_map"):
         raise ValueError(f"method={method!r} must be 'blended_heat_map' or 'heat_map'")
     blended = method == "blended_heat_map"
-    style = _Style.from_args(sign, clip_percentile, alpha, cmap)
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     panel_size = _check_fraction(panel_size, "panel_size", 0.0, 100.0, True)
     if not isinstance(attributions, Mapping):
         raise TypeError(
@@ -657,7 +658,7 @@ def plot_attribution_grid(
     for name, maps in attributions.items():
         maps = _per_image(maps, count, f"attributions[{name!r}]")
         columns[str(name)] = [
-            style.scale(_attr_map_2d(m, tuple(img.shape[:2]), f"attributions[{name!r}][{i}]"))
+            colours.scale(_attr_map_2d(m, tuple(img.shape[:2]), f"attributions[{name!r}][{i}]"))
             for i, (m, img) in enumerate(zip(maps, image_list))
         ]
     if row_titles is not None:
@@ -789,7 +790,7 @@ def plot_1d_attribution(
     """
     if style not in ("band", "twin"):
         raise ValueError(f"style={style!r} must be 'band' or 'twin'")
-    style = _Style.from_args(sign, clip_percentile, alpha, cmap)
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     sig = _signal_channels(signal, channels_last, "signal")
     n_channels, length = sig.shape
     att = _signal_channels(attr, channels_last, "attr")
@@ -814,10 +815,10 @@ def plot_1d_attribution(
             raise ValueError(
                 f"channel_labels holds {len(channel_labels)} labels, expected {n_channels}"
             )
-    scale = style.scale(att)
+    scale = colours.scale(att)
     if ax is None:
         fig = Figure(figsize=figsize or (8.0, 1.6 * n_channels + 0.6), layout="constrained")
-        axes = list(np.atleast_1d(fig.subplots(n_channels, 1, sharex=True)))
+        axes = list(np.ravel(fig.subplots(n_channels, 1, sharex=True, squeeze=False)))
     else:
         axes = [ax] if isinstance(ax, Axes) else list(ax)
         if len(axes) != n_channels:
@@ -840,9 +841,9 @@ def plot_1d_attribution(
             twin = axis.twinx()
             vals = np.clip(scale.values[c], -scale.limit, scale.limit)
             twin.fill_between(xs, 0, vals, where=vals >= 0, step="mid", color="tab:red",
-                              alpha=style.alpha * 0.6, linewidth=0, interpolate=True)
+                              alpha=colours.alpha * 0.6, linewidth=0, interpolate=True)
             twin.fill_between(xs, 0, vals, where=vals <= 0, step="mid", color="tab:blue",
-                              alpha=style.alpha * 0.6, linewidth=0, interpolate=True)
+                              alpha=colours.alpha * 0.6, linewidth=0, interpolate=True)
             twin.axhline(0.0, color="grey", linewidth=0.5)
             twin.set_ylim(scale.norm.vmin * 1.05 if scale.norm.vmin < 0 else 0.0,
                           scale.norm.vmax * 1.05 if scale.norm.vmax > 0 else 0.0)
@@ -936,7 +937,7 @@ def plot_volume_slices(
         >>> attr = TiledOcclusion(model).attribute(ct, target=1, window=(1, 16, 16, 16), k=2)
         >>> plot_volume_slices(ct[0], attr[0], axis=0, n_slices=5, save_path="ct.png")
     """
-    style = _Style.from_args(sign, clip_percentile, alpha, cmap)
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     panel_size = _check_fraction(panel_size, "panel_size", 0.0, 100.0, True)
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -3 <= axis <= 2:
         raise ValueError(f"axis={axis!r} must be 0, 1 or 2 (or -3..-1), a dimension of (D, H, W)")
@@ -969,7 +970,7 @@ def plot_volume_slices(
                 f"[{-depth}, {depth}) along axis {axis} (size {depth})"
             )
         slice_ids = [s % depth for s in slice_ids]
-    scale = style.scale(att)
+    scale = colours.scale(att)
     n_rows = 1 if vol is None else 2
     fig = Figure(figsize=(panel_size * len(slice_ids) + 0.8, panel_size * n_rows +
                           (0.4 if title else 0.0)), layout="constrained")

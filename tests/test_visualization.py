@@ -239,6 +239,12 @@ def test_1d_single_channel(tmp_path, style):
                               title="sine", save_path=path)
     assert_png(path)
     assert fig.axes[0].get_title() == "sine"
+    if style == "band":  # coloured background cells and a colour bar, no second y axis
+        assert len(fig.axes[0].collections) == 1 and len(fig.axes) == 2
+        assert fig.axes[1].get_label() == "<colorbar>"
+    else:  # the attribution as filled curves on a twin y axis, no colour bar
+        assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "attribution"
+        assert len(fig.axes[1].collections) == 2
 
 
 def test_1d_multichannel_tensor_with_batch_dim_and_shared_attr(tmp_path):
