@@ -293,6 +293,7 @@ class _Scale:
         self.alpha = style.alpha
         low = -limit if sign in ("all", "negative") else 0.0
         high = 0.0 if sign == "negative" else limit
+        self.low, self.high = low, high
         self.norm = Normalize(vmin=low, vmax=high, clip=True)
         self.cmap = style.cmap
 
@@ -845,8 +846,7 @@ def plot_1d_attribution(
             twin.fill_between(xs, 0, vals, where=vals <= 0, step="mid", color="tab:blue",
                               alpha=colours.alpha * 0.6, linewidth=0, interpolate=True)
             twin.axhline(0.0, color="grey", linewidth=0.5)
-            twin.set_ylim(scale.norm.vmin * 1.05 if scale.norm.vmin < 0 else 0.0,
-                          scale.norm.vmax * 1.05 if scale.norm.vmax > 0 else 0.0)
+            twin.set_ylim(scale.low * 1.05, scale.high * 1.05)
             twin.set_ylabel("attribution", fontsize=8)
             twin.tick_params(labelsize=7)
             axis.set_zorder(twin.get_zorder() + 1)  # the signal above the filled curve
