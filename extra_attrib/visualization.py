@@ -85,6 +85,11 @@ def _drop_batch(arr: np.ndarray, max_ndim: int, name: str) -> np.ndarray:
             f"{name} has shape {tuple(arr.shape)}: at most {max_ndim} dimensions are allowed "
             f"after dropping a leading batch dimension of size 1"
         )
+    return arr
+
+
+def _drawable(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` itself; a ValueError naming ``name`` if it holds no element."""
     if arr.size == 0:
         raise ValueError(
             f"{name} has shape {tuple(arr.shape)}: every dimension must hold at least one "
@@ -175,7 +180,7 @@ def _image_for_display(image: Any, name: str = "image") -> np.ndarray:
     """Any supported image -> (H, W) or (H, W, 3) float array in [0, 1]."""
     channels_first = isinstance(image, torch.Tensor)
     integer = _is_integer(image)
-    img = _drop_batch(_to_array(image, name), 3, name)
+    img = _drawable(_drop_batch(_to_array(image, name), 3, name), name)
     axis = _channel_axis(tuple(img.shape), channels_first, name)
     if axis == 0:
         img = np.moveaxis(img, 0, -1)
@@ -212,7 +217,7 @@ def _attr_map_2d(
 ) -> np.ndarray:
     """Attribution of one 2D image -> (H, W) map with channels summed."""
     channels_first = isinstance(attr, torch.Tensor)
-    arr = _drop_batch(_to_array(attr, name), 3, name)
+    arr = _drawable(_drop_batch(_to_array(attr, name), 3, name), name)
     if arr.ndim not in (2, 3):
         raise ValueError(
             f"{name} has shape {tuple(arr.shape)}: expected (H, W), (C, H, W) or (H, W, C), "
@@ -703,7 +708,7 @@ def plot_attribution_grid(
 
 def _signal_channels(x: Any, channels_last: bool, name: str) -> np.ndarray:
     """(L,), (C, L), (L, C) (channels_last) or with a batch dim of 1 -> (C, L)."""
-    arr = _drop_batch(_to_array(x, name), 2, name)
+    arr = _drawable(_drop_batch(_to_array(x, name), 2, name), name)
     if arr.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the sequence), got a scalar")
     if arr.ndim == 1:
@@ -868,7 +873,7 @@ def plot_1d_attribution(
 
 def _volume(x: Any, channels_last: bool, name: str, reduce: str) -> np.ndarray:
     """(D, H, W), (C, D, H, W) / (D, H, W, C) or with a batch dim of 1 -> (D, H, W)."""
-    arr = _drop_batch(_to_array(x, name), 4, name)
+    arr = _drawable(_drop_batch(_to_array(x, name), 4, name), name)
     if arr.ndim == 3:
         return arr
     if arr.ndim == 4:

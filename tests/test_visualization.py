@@ -438,7 +438,6 @@ def test_every_plot_accepts_captum_sign_name_and_the_bounds(plot):
         (lambda: plot_volume_slices(np.zeros((0, 4, 4)), np.zeros((0, 4, 4))), "attr"),
         (lambda: plot_volume_slices(None, np.zeros((4, 4, 0))), "attr"),
         (lambda: plot_1d_attribution(np.zeros((0, 5)), np.zeros(5)), "signal"),
-        (lambda: to_hwc_numpy(np.zeros((0, 4, 3))), "x"),
     ],
 )
 def test_zero_size_input_is_a_value_error_naming_it(call, name):
