@@ -1,4 +1,4 @@
-"""Data and models for ``benchmarks/quality.py``.
+"""Data and models for :mod:`benchmarks.quality`.
 
 Two sources:
 
@@ -203,16 +203,6 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
 # --------------------------------------------------------------------------------------------
 # Real photos and EfficientNet-Lite0
 # --------------------------------------------------------------------------------------------
-
-
-def load_efficientnet_lite0() -> nn.Module:
-    """The demo's model: ImageNet-trained EfficientNet-Lite0 from the offline PyPI wheels."""
-    return imagenet.load_efficientnet_lite0()
-
-
-def imagenet_categories() -> List[str]:
-    """The 1000 ImageNet class names (from torchvision's metadata; no download)."""
-    return imagenet.imagenet_categories()
 
 
 def load_photos(names: Sequence[str] = PHOTOS) -> Tuple[Tensor, List[str], np.ndarray]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -87,11 +88,14 @@ def _drop_batch(arr: np.ndarray, max_ndim: int, name: str) -> np.ndarray:
     return arr
 
 
-def _check_sign(sign: str) -> str:
-    sign = _SIGN_ALIASES.get(sign, sign) if isinstance(sign, str) else sign
-    if sign not in SIGNS:
-        raise ValueError(f"sign={sign!r} must be one of {', '.join(map(repr, SIGNS))}")
-    return sign
+def _drawable(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` itself; a ValueError naming ``name`` if it holds no element."""
+    if arr.size == 0:
+        raise ValueError(
+            f"{name} has shape {tuple(arr.shape)}: every dimension must hold at least one "
+            f"element, there is nothing to draw"
+        )
+    return arr
 
 
 def _check_fraction(value: Any, name: str, low: float, high: float, low_open: bool) -> float:
@@ -102,6 +106,38 @@ def _check_fraction(value: Any, name: str, low: float, high: float, low_open: bo
         bracket = "(" if low_open else "["
         raise ValueError(f"{name}={value!r} must be a number in {bracket}{low:g}, {high:g}]")
     return float(value)
+
+
+@dataclass(frozen=True)
+class _Style:
+    """The checked colour arguments every plot shares: ``sign``, ``clip_percentile``, ``alpha``
+    and the colour map (``cmap=None`` resolved to the default of ``sign``).
+
+    Build it with :meth:`from_args`, which raises a ValueError naming the bad argument.
+    """
+
+    sign: str
+    clip_percentile: float
+    alpha: float
+    cmap: Colormap
+
+    @classmethod
+    def from_args(
+        cls, sign: Any, clip_percentile: Any, alpha: Any, cmap: Union[None, str, Colormap]
+    ) -> _Style:
+        sign = _SIGN_ALIASES.get(sign, sign) if isinstance(sign, str) else sign
+        if sign not in SIGNS:
+            raise ValueError(f"sign={sign!r} must be one of {', '.join(map(repr, SIGNS))}")
+        return cls(
+            sign=sign,
+            clip_percentile=_check_fraction(clip_percentile, "clip_percentile", 0.0, 100.0, True),
+            alpha=_check_fraction(alpha, "alpha", 0.0, 1.0, False),
+            cmap=_colormap(_DEFAULT_CMAPS[sign] if cmap is None else cmap),
+        )
+
+    def scale(self, attr: np.ndarray) -> _Scale:
+        """The colour scale of one attribution map drawn in this style."""
+        return _Scale(attr, self)
 
 
 def _check_method(method: str) -> str:
@@ -144,7 +180,7 @@ def _image_for_display(image: Any, name: str = "image") -> np.ndarray:
     """Any supported image -> (H, W) or (H, W, 3) float array in [0, 1]."""
     channels_first = isinstance(image, torch.Tensor)
     integer = _is_integer(image)
-    img = _drop_batch(_to_array(image, name), 3, name)
+    img = _drawable(_drop_batch(_to_array(image, name), 3, name), name)
     axis = _channel_axis(tuple(img.shape), channels_first, name)
     if axis == 0:
         img = np.moveaxis(img, 0, -1)
@@ -181,7 +217,7 @@ def _attr_map_2d(
 ) -> np.ndarray:
     """Attribution of one 2D image -> (H, W) map with channels summed."""
     channels_first = isinstance(attr, torch.Tensor)
-    arr = _drop_batch(_to_array(attr, name), 3, name)
+    arr = _drawable(_drop_batch(_to_array(attr, name), 3, name), name)
     if arr.ndim not in (2, 3):
         raise ValueError(
             f"{name} has shape {tuple(arr.shape)}: expected (H, W), (C, H, W) or (H, W, C), "
@@ -239,13 +275,8 @@ def to_hwc_numpy(x: ArrayLike) -> np.ndarray:
 class _Scale:
     """Signed view of an attribution and the colour scale that draws it."""
 
-    def __init__(
-        self,
-        attr: np.ndarray,
-        sign: str,
-        clip_percentile: float,
-        cmap: Union[None, str, Colormap],
-    ) -> None:
+    def __init__(self, attr: np.ndarray, style: _Style) -> None:
+        sign = style.sign
         if sign == "positive":
             values = np.maximum(attr, 0.0)
         elif sign == "negative":
@@ -255,7 +286,7 @@ class _Scale:
         else:
             values = attr
         magnitude = np.abs(values[np.isfinite(values)])
-        limit = float(np.percentile(magnitude, clip_percentile)) if magnitude.size else 0.0
+        limit = float(np.percentile(magnitude, style.clip_percentile)) if magnitude.size else 0.0
         if limit <= 0.0:
             limit = float(magnitude.max()) if magnitude.size else 0.0
         if limit <= 0.0:
@@ -264,10 +295,12 @@ class _Scale:
         self.values = values
         self.limit = limit
         self.sign = sign
+        self.alpha = style.alpha
         low = -limit if sign in ("all", "negative") else 0.0
         high = 0.0 if sign == "negative" else limit
+        self.low, self.high = low, high
         self.norm = Normalize(vmin=low, vmax=high, clip=True)
-        self.cmap = _colormap(_DEFAULT_CMAPS[sign] if cmap is None else cmap)
+        self.cmap = style.cmap
 
     def mappable(self) -> ScalarMappable:
         return ScalarMappable(norm=self.norm, cmap=self.cmap)
@@ -277,13 +310,13 @@ class _Scale:
             return "neither"
         return {"all": "both", "negative": "min"}.get(self.sign, "max")
 
-    def rgba(self, alpha: float, values: Optional[np.ndarray] = None) -> np.ndarray:
+    def rgba(self, values: Optional[np.ndarray] = None) -> np.ndarray:
         """Colours whose opacity grows with the magnitude, so small values let the image show."""
         values = self.values if values is None else values
         finite = np.nan_to_num(values, nan=0.0)
         rgba = self.cmap(self.norm(finite))
-        strength = np.clip(np.abs(finite) / self.limit, 0.0, 1.0)
-        rgba[..., 3] = alpha * strength
+        strength = np.minimum(np.abs(finite), self.limit) / self.limit  # no overflow at +-Inf
+        rgba[..., 3] = self.alpha * strength
         rgba[~np.isfinite(values), 3] = 0.0
         return rgba
 
@@ -310,31 +343,52 @@ def _clean_axis(ax: Axes) -> None:
 
 
 def _root_figure(ax: Axes) -> Figure:
-    fig = ax.figure
+    """The Figure an Axes belongs to, also when it sits in a SubFigure."""
+    fig: Any = ax.figure
     root = getattr(fig, "figure", None)  # a SubFigure's root figure
     return root if isinstance(root, Figure) else fig
 
 
 def _finish(fig: Figure, save_path: Optional[PathLike], dpi: Optional[float] = None) -> Figure:
+    """Save the figure if asked (creating missing parent folders) and return it."""
     if save_path is not None:
-        fig.savefig(os.fspath(save_path), dpi=dpi or fig.dpi, bbox_inches="tight")
+        try:
+            path = os.fspath(save_path)
+        except TypeError as err:
+            raise TypeError(
+                f"save_path must be a str or os.PathLike, got {type(save_path).__name__}"
+            ) from err
+        folder = os.path.dirname(path)
+        if folder:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as err:
+                raise ValueError(
+                    f"save_path={path!r}: cannot create its folder {folder!r} ({err.strerror})"
+                ) from err
+        fig.savefig(path, dpi=dpi or fig.dpi, bbox_inches="tight")
     return fig
 
 
-def _draw_panel(
-    ax: Axes,
-    method: str,
-    image: Optional[np.ndarray],
-    scale: Optional[_Scale],
-    alpha: float,
+def _draw_image(ax: Axes, image: np.ndarray) -> None:
+    """The ``"original_image"`` panel: the (H, W) or (H, W, 3) image in [0, 1]."""
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0)
+    _clean_axis(ax)
+
+
+def _draw_heat_map(ax: Axes, scale: _Scale, values: Optional[np.ndarray] = None) -> None:
+    """The ``"heat_map"`` panel: the map alone (``values`` defaults to the scale's own)."""
+    values = scale.values if values is None else values
+    ax.imshow(values, cmap=scale.cmap, norm=scale.norm, interpolation="nearest")
+    _clean_axis(ax)
+
+
+def _draw_blended(
+    ax: Axes, image: np.ndarray, scale: _Scale, values: Optional[np.ndarray] = None
 ) -> None:
-    if method == "original_image":
-        ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0.0, vmax=1.0)
-    elif method == "heat_map":
-        ax.imshow(scale.values, cmap=scale.cmap, norm=scale.norm, interpolation="nearest")
-    else:  # blended_heat_map
-        ax.imshow(_gray(image), cmap="gray", vmin=0.0, vmax=1.0)
-        ax.imshow(scale.rgba(alpha), interpolation="nearest")
+    """The ``"blended_heat_map"`` panel: the map over a grey version of the image."""
+    ax.imshow(_gray(image), cmap="gray", vmin=0.0, vmax=1.0)
+    ax.imshow(scale.rgba(values), interpolation="nearest")
     _clean_axis(ax)
 
 
@@ -389,7 +443,7 @@ def plot_attribution(
             Default: None
         figsize (tuple of float, optional): Size of a new figure, in inches. Default: (4.0, 3.6)
         save_path (str or PathLike, optional): If given, the figure is saved there (the format
-            follows the extension). Default: None
+            follows the extension; missing folders are created). Default: None
 
     Returns:
         matplotlib.figure.Figure: The figure drawn into.
@@ -400,20 +454,24 @@ def plot_attribution(
         >>> fig = plot_attribution(attr, x, title="tabby", save_path="tabby.png")
     """
     method = _check_method(method)
-    sign = _check_sign(sign)
-    clip_percentile = _check_fraction(clip_percentile, "clip_percentile", 0.0, 100.0, True)
-    alpha = _check_fraction(alpha, "alpha", 0.0, 1.0, False)
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     if image is None and method != "heat_map":
         raise ValueError(f"image is required for method={method!r}; only 'heat_map' draws without")
     img = _image_for_display(image) if image is not None else None
     spatial = tuple(img.shape[:2]) if img is not None else None
-    scale = _Scale(_attr_map_2d(attr, spatial), sign, clip_percentile, cmap)
+    scale = colours.scale(_attr_map_2d(attr, spatial))
     if ax is None:
         fig = Figure(figsize=figsize, layout="constrained")
         ax = fig.add_subplot()
     else:
         fig = _root_figure(ax)
-    _draw_panel(ax, method, img, scale, alpha)
+    if method == "heat_map":
+        _draw_heat_map(ax, scale)
+    elif img is not None:  # checked above: the other views need the image
+        if method == "original_image":
+            _draw_image(ax, img)
+        else:
+            _draw_blended(ax, img, scale)
     if colorbar and method != "original_image":
         _colorbar(fig, scale, ax, fraction=0.046, pad=0.03)
     if title:
@@ -458,7 +516,8 @@ def plot_image_attribution(
         axes (sequence of 3 Axes, optional): Axes to draw into; a new figure is made if None.
             Default: None
         figsize (tuple of float, optional): Size of a new figure in inches. Default: (10.0, 3.4)
-        save_path (str or PathLike, optional): Where to save the figure. Default: None
+        save_path (str or PathLike, optional): Where to save the figure; missing folders
+            are created. Default: None
 
     Returns:
         matplotlib.figure.Figure: The figure drawn into.
@@ -469,14 +528,12 @@ def plot_image_attribution(
         ...                                   strides=(3, 32, 32))
         >>> plot_image_attribution(x, attr, save_path="occlusion.png")
     """
-    sign = _check_sign(sign)
-    clip_percentile = _check_fraction(clip_percentile, "clip_percentile", 0.0, 100.0, True)
-    alpha = _check_fraction(alpha, "alpha", 0.0, 1.0, False)
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     titles = list(titles)
     if len(titles) != 3:
         raise ValueError(f"titles must hold 3 strings (one per panel), got {len(titles)}")
     img = _image_for_display(image)
-    scale = _Scale(_attr_map_2d(attr, tuple(img.shape[:2])), sign, clip_percentile, cmap)
+    scale = colours.scale(_attr_map_2d(attr, tuple(img.shape[:2])))
     if axes is None:
         fig = Figure(figsize=figsize, layout="constrained")
         axes = fig.subplots(1, 3)
@@ -485,9 +542,10 @@ def plot_image_attribution(
         if len(axes) != 3:
             raise ValueError(f"axes must hold 3 Axes (one per panel), got {len(axes)}")
         fig = _root_figure(axes[0])
-    for ax, method, panel_title in zip(axes, ("original_image", "heat_map", "blended_heat_map"),
-                                       titles):
-        _draw_panel(ax, method, img, scale, alpha)
+    _draw_image(axes[0], img)
+    _draw_heat_map(axes[1], scale)
+    _draw_blended(axes[2], img, scale)
+    for ax, panel_title in zip(axes, titles):
         if panel_title:
             ax.set_title(panel_title, fontsize=10)
     _colorbar(fig, scale, axes[1], fraction=0.046, pad=0.03)
@@ -573,7 +631,8 @@ def plot_attribution_grid(
             Default: False
         title (str, optional): Figure title. Default: None
         panel_size (float, optional): Width and height of one panel in inches. Default: 2.4
-        save_path (str or PathLike, optional): Where to save the figure. Default: None
+        save_path (str or PathLike, optional): Where to save the figure; missing folders
+            are created. Default: None
         dpi (float, optional): Resolution of the saved file; the figure's (100) if None.
             Default: None
 
@@ -588,9 +647,8 @@ def plot_attribution_grid(
     """
     if method not in ("blended_heat_map", "heat_map"):
         raise ValueError(f"method={method!r} must be 'blended_heat_map' or 'heat_map'")
-    sign = _check_sign(sign)
-    clip_percentile = _check_fraction(clip_percentile, "clip_percentile", 0.0, 100.0, True)
-    alpha = _check_fraction(alpha, "alpha", 0.0, 1.0, False)
+    blended = method == "blended_heat_map"
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     panel_size = _check_fraction(panel_size, "panel_size", 0.0, 100.0, True)
     if not isinstance(attributions, Mapping):
         raise TypeError(
@@ -606,8 +664,7 @@ def plot_attribution_grid(
     for name, maps in attributions.items():
         maps = _per_image(maps, count, f"attributions[{name!r}]")
         columns[str(name)] = [
-            _Scale(_attr_map_2d(m, tuple(img.shape[:2]), f"attributions[{name!r}][{i}]"), sign,
-                   clip_percentile, cmap)
+            colours.scale(_attr_map_2d(m, tuple(img.shape[:2]), f"attributions[{name!r}][{i}]"))
             for i, (m, img) in enumerate(zip(maps, image_list))
         ]
     if row_titles is not None:
@@ -622,11 +679,14 @@ def plot_attribution_grid(
     for row, img in enumerate(image_list):
         col = 0
         if show_image:
-            _draw_panel(axes[row, 0], "original_image", img, None, alpha)
+            _draw_image(axes[row, 0], img)
             col = 1
         for name, scales in columns.items():
             ax = axes[row, col]
-            _draw_panel(ax, method, img, scales[row], alpha)
+            if blended:
+                _draw_blended(ax, img, scales[row])
+            else:
+                _draw_heat_map(ax, scales[row])
             if colorbar:
                 _colorbar(fig, scales[row], ax, fraction=0.046, pad=0.03)
             if row == 0:
@@ -648,7 +708,7 @@ def plot_attribution_grid(
 
 def _signal_channels(x: Any, channels_last: bool, name: str) -> np.ndarray:
     """(L,), (C, L), (L, C) (channels_last) or with a batch dim of 1 -> (C, L)."""
-    arr = _drop_batch(_to_array(x, name), 2, name)
+    arr = _drawable(_drop_batch(_to_array(x, name), 2, name), name)
     if arr.ndim == 0:
         raise ValueError(f"{name} must have at least one dimension (the sequence), got a scalar")
     if arr.ndim == 1:
@@ -661,6 +721,14 @@ def _signal_channels(x: Any, channels_last: bool, name: str) -> np.ndarray:
             f"channels_last={channels_last}): a sequence needs at least 2 steps"
         )
     return arr
+
+
+def _finite_range(values: np.ndarray) -> Tuple[float, float]:
+    """Smallest and largest finite value; ``(0, 0)`` when there is none (all NaN or Inf)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 0.0
+    return float(finite.min()), float(finite.max())
 
 
 def _edges(x: np.ndarray) -> np.ndarray:
@@ -715,7 +783,8 @@ def plot_1d_attribution(
             is made if None. Default: None
         figsize (tuple of float, optional): Size of a new figure; ``(8, 1.6 * C + 0.6)`` if None.
             Default: None
-        save_path (str or PathLike, optional): Where to save the figure. Default: None
+        save_path (str or PathLike, optional): Where to save the figure; missing folders
+            are created. Default: None
 
     Returns:
         matplotlib.figure.Figure: The figure drawn into.
@@ -727,9 +796,7 @@ def plot_1d_attribution(
     """
     if style not in ("band", "twin"):
         raise ValueError(f"style={style!r} must be 'band' or 'twin'")
-    sign = _check_sign(sign)
-    clip_percentile = _check_fraction(clip_percentile, "clip_percentile", 0.0, 100.0, True)
-    alpha = _check_fraction(alpha, "alpha", 0.0, 1.0, False)
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     sig = _signal_channels(signal, channels_last, "signal")
     n_channels, length = sig.shape
     att = _signal_channels(attr, channels_last, "attr")
@@ -754,10 +821,10 @@ def plot_1d_attribution(
             raise ValueError(
                 f"channel_labels holds {len(channel_labels)} labels, expected {n_channels}"
             )
-    scale = _Scale(att, sign, clip_percentile, cmap)
+    scale = colours.scale(att)
     if ax is None:
         fig = Figure(figsize=figsize or (8.0, 1.6 * n_channels + 0.6), layout="constrained")
-        axes = list(np.atleast_1d(fig.subplots(n_channels, 1, sharex=True)))
+        axes = list(np.ravel(fig.subplots(n_channels, 1, sharex=True, squeeze=False)))
     else:
         axes = [ax] if isinstance(ax, Axes) else list(ax)
         if len(axes) != n_channels:
@@ -766,7 +833,7 @@ def plot_1d_attribution(
     edges = _edges(xs)
     for c, axis in enumerate(axes):
         axis.plot(xs, sig[c], color="black", linewidth=1.0, zorder=3)
-        low, high = float(np.nanmin(sig[c])), float(np.nanmax(sig[c]))
+        low, high = _finite_range(sig[c])
         pad = 0.08 * (high - low) if high > low else 1.0
         axis.set_ylim(low - pad, high + pad)
         axis.set_xlim(edges[0], edges[-1])
@@ -774,18 +841,17 @@ def plot_1d_attribution(
             mesh = axis.pcolormesh(edges, [low - pad, high + pad], np.zeros((1, length)),
                                    shading="flat", zorder=1)
             mesh.set_array(None)
-            mesh.set_facecolor(scale.rgba(alpha, scale.values[c]).reshape(-1, 4))
+            mesh.set_facecolor(scale.rgba(scale.values[c]).reshape(-1, 4))
             mesh.set_edgecolor("none")
         else:
             twin = axis.twinx()
             vals = np.clip(scale.values[c], -scale.limit, scale.limit)
             twin.fill_between(xs, 0, vals, where=vals >= 0, step="mid", color="tab:red",
-                              alpha=alpha * 0.6, linewidth=0, interpolate=True)
+                              alpha=colours.alpha * 0.6, linewidth=0, interpolate=True)
             twin.fill_between(xs, 0, vals, where=vals <= 0, step="mid", color="tab:blue",
-                              alpha=alpha * 0.6, linewidth=0, interpolate=True)
+                              alpha=colours.alpha * 0.6, linewidth=0, interpolate=True)
             twin.axhline(0.0, color="grey", linewidth=0.5)
-            twin.set_ylim(scale.norm.vmin * 1.05 if scale.norm.vmin < 0 else 0.0,
-                          scale.norm.vmax * 1.05 if scale.norm.vmax > 0 else 0.0)
+            twin.set_ylim(scale.low * 1.05, scale.high * 1.05)
             twin.set_ylabel("attribution", fontsize=8)
             twin.tick_params(labelsize=7)
             axis.set_zorder(twin.get_zorder() + 1)  # the signal above the filled curve
@@ -807,7 +873,7 @@ def plot_1d_attribution(
 
 def _volume(x: Any, channels_last: bool, name: str, reduce: str) -> np.ndarray:
     """(D, H, W), (C, D, H, W) / (D, H, W, C) or with a batch dim of 1 -> (D, H, W)."""
-    arr = _drop_batch(_to_array(x, name), 4, name)
+    arr = _drawable(_drop_batch(_to_array(x, name), 4, name), name)
     if arr.ndim == 3:
         return arr
     if arr.ndim == 4:
@@ -865,7 +931,8 @@ def plot_volume_slices(
             Default: False
         title (str, optional): Figure title. Default: None
         panel_size (float, optional): Size of one panel in inches. Default: 2.2
-        save_path (str or PathLike, optional): Where to save the figure. Default: None
+        save_path (str or PathLike, optional): Where to save the figure; missing folders
+            are created. Default: None
 
     Returns:
         matplotlib.figure.Figure: The new figure.
@@ -875,9 +942,7 @@ def plot_volume_slices(
         >>> attr = TiledOcclusion(model).attribute(ct, target=1, window=(1, 16, 16, 16), k=2)
         >>> plot_volume_slices(ct[0], attr[0], axis=0, n_slices=5, save_path="ct.png")
     """
-    sign = _check_sign(sign)
-    clip_percentile = _check_fraction(clip_percentile, "clip_percentile", 0.0, 100.0, True)
-    alpha = _check_fraction(alpha, "alpha", 0.0, 1.0, False)
+    colours = _Style.from_args(sign, clip_percentile, alpha, cmap)
     panel_size = _check_fraction(panel_size, "panel_size", 0.0, 100.0, True)
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -3 <= axis <= 2:
         raise ValueError(f"axis={axis!r} must be 0, 1 or 2 (or -3..-1), a dimension of (D, H, W)")
@@ -910,7 +975,7 @@ def plot_volume_slices(
                 f"[{-depth}, {depth}) along axis {axis} (size {depth})"
             )
         slice_ids = [s % depth for s in slice_ids]
-    scale = _Scale(att, sign, clip_percentile, cmap)
+    scale = colours.scale(att)
     n_rows = 1 if vol is None else 2
     fig = Figure(figsize=(panel_size * len(slice_ids) + 0.8, panel_size * n_rows +
                           (0.4 if title else 0.0)), layout="constrained")
@@ -918,15 +983,10 @@ def plot_volume_slices(
     dim_name = "DHW"[axis]
     for col, index in enumerate(slice_ids):
         values = np.take(scale.values, index, axis=axis)
-        top = axes[0, col]
-        top.imshow(values, cmap=scale.cmap, norm=scale.norm, interpolation="nearest")
-        _clean_axis(top)
-        top.set_title(f"{dim_name} = {index}", fontsize=9)
+        _draw_heat_map(axes[0, col], scale, values)
+        axes[0, col].set_title(f"{dim_name} = {index}", fontsize=9)
         if vol is not None:
-            bottom = axes[1, col]
-            bottom.imshow(np.take(vol, index, axis=axis), cmap="gray", vmin=0.0, vmax=1.0)
-            bottom.imshow(scale.rgba(alpha, values), interpolation="nearest")
-            _clean_axis(bottom)
+            _draw_blended(axes[1, col], np.take(vol, index, axis=axis), scale, values)
     axes[0, 0].set_ylabel("attribution", fontsize=9)
     if vol is not None:
         axes[1, 0].set_ylabel("overlay", fontsize=9)

@@ -1,6 +1,22 @@
-"""Brute-force tiled occlusion, written straight from the definition in DESIGN.md §1.
+"""Brute-force tiled occlusion, written straight from its definition.
 
-One forward pass per window, one example batch at a time, no shared code with the package.
+The definition (the README, "What TiledOcclusion computes", states the same): an input ``x`` of
+shape ``(N, s_1, ..., s_d)``, a window ``(w_1, ..., w_d)`` and a tiling ``(k_1, ..., k_d)`` with
+``w_i % k_i == 0`` give the stride ``t_i = w_i / k_i``.
+
+- Along dimension ``i`` a window starts at every multiple of ``t_i`` in ``[-(k_i - 1) t_i, s_i)``
+  and covers ``[start, start + w_i)`` clipped to ``[0, s_i)``; the windows of the whole input are
+  all products of one window per dimension. So there are ``ceil(s_i / t_i) + k_i - 1`` positions
+  per dimension, and every element is covered by exactly ``prod(k)`` windows, at the borders too.
+- ``attr(u) = mean over the windows W covering u of [score(x) - score(x with W set to the
+  baseline)]``, where ``score`` is the model output (after an optional transform) at ``target``.
+
+Consequences used by the tests: with ``k = 1`` this is Captum's ``Occlusion`` with
+``sliding_window_shapes = strides = window``; away from the borders it equals Captum's
+``Occlusion`` with ``strides = window / k``.
+
+This module shares no code with the package: one forward pass per window, one call per example
+batch, float64 accumulation.
 """
 
 import itertools
@@ -37,5 +53,6 @@ def brute_force(model, x, window, k, target, baseline=0.0, score=lambda o: o):
             view = diff.reshape(-1, *([1] * len(shape)))
             total[region] += view
             count[region[1:]] += 1
-    assert bool((count == math.prod(k)).all()), "definition violated: coverage is not prod(k)"
+    if not bool((count == math.prod(k)).all()):
+        raise RuntimeError("definition violated: an element is not covered by prod(k) windows")
     return total / count

@@ -239,6 +239,12 @@ def test_1d_single_channel(tmp_path, style):
                               title="sine", save_path=path)
     assert_png(path)
     assert fig.axes[0].get_title() == "sine"
+    if style == "band":  # coloured background cells and a colour bar, no second y axis
+        assert len(fig.axes[0].collections) == 1 and len(fig.axes) == 2
+        assert fig.axes[1].get_label() == "<colorbar>"
+    else:  # the attribution as filled curves on a twin y axis, no colour bar
+        assert len(fig.axes) == 2 and fig.axes[1].get_ylabel() == "attribution"
+        assert len(fig.axes[1].collections) == 2
 
 
 def test_1d_multichannel_tensor_with_batch_dim_and_shared_attr(tmp_path):
@@ -375,3 +381,111 @@ def test_to_hwc_numpy_layouts():
     # ambiguous (3, 4, 3): tensors are channels-first, arrays channels-last
     assert to_hwc_numpy(torch.zeros(3, 4, 3)).shape == (4, 3, 3)
     assert to_hwc_numpy(np.zeros((3, 4, 1))).shape == (3, 4, 1)
+
+
+# The five public plots share one validation of sign / clip_percentile / alpha / cmap.
+FIVE_PLOTS = {
+    "plot_attribution": lambda **kw: plot_attribution(blob(), np.zeros((H, W)), **kw),
+    "plot_image_attribution": lambda **kw: plot_image_attribution(np.zeros((H, W)), blob(), **kw),
+    "plot_attribution_grid": lambda **kw: plot_attribution_grid(
+        [np.zeros((H, W))], {"m": [blob()]}, **kw
+    ),
+    "plot_1d_attribution": lambda **kw: plot_1d_attribution(np.zeros(8), np.arange(8.0), **kw),
+    "plot_volume_slices": lambda **kw: plot_volume_slices(None, volume_blob(), **kw),
+}
+
+
+@pytest.mark.parametrize("plot", list(FIVE_PLOTS), ids=list(FIVE_PLOTS))
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sign": "both"}, r"sign='both' must be one of 'all', 'positive'"),
+        ({"sign": None}, "sign=None must be one of"),
+        ({"clip_percentile": 0}, r"clip_percentile=0 must be a number in \(0, 100\]"),
+        ({"clip_percentile": float("nan")}, "clip_percentile=nan must be a number"),
+        ({"clip_percentile": True}, "clip_percentile=True must be a number"),
+        ({"alpha": -0.1}, r"alpha=-0.1 must be a number in \[0, 1\]"),
+        ({"alpha": "0.5"}, "alpha='0.5' must be a number"),
+        ({"cmap": "no_such_map"}, "cmap='no_such_map' must be a matplotlib Colormap"),
+    ],
+)
+def test_every_plot_checks_the_style_arguments_alike(plot, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FIVE_PLOTS[plot](**kwargs)
+
+
+@pytest.mark.parametrize("plot", list(FIVE_PLOTS), ids=list(FIVE_PLOTS))
+def test_every_plot_accepts_captum_sign_name_and_the_bounds(plot):
+    assert isinstance(FIVE_PLOTS[plot](sign="absolute_value", clip_percentile=100, alpha=0), Figure)
+
+
+# ------------------------------------------------------------------------------------------
+# Degenerate data and paths (issue #9, item 12)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: plot_image_attribution(np.zeros((3, 0, 0)), np.zeros((3, 0, 0))), "image"),
+        (lambda: plot_image_attribution(np.zeros((0, W)), np.zeros((0, W))), "image"),
+        (lambda: plot_attribution(np.zeros((0, 0)), method="heat_map"), "attr"),
+        (lambda: plot_attribution(np.zeros((H, W)), np.zeros((H, 0))), "image"),
+        (lambda: plot_attribution_grid([np.zeros((4, 0))], {"m": [np.zeros((4, 0))]}),
+         r"images\[0\]"),
+        (lambda: plot_attribution_grid([np.zeros((4, 4))], {"m": [np.zeros((4, 0))]}),
+         r"attributions\['m'\]\[0\]"),
+        (lambda: plot_volume_slices(np.zeros((0, 4, 4)), np.zeros((0, 4, 4))), "attr"),
+        (lambda: plot_volume_slices(None, np.zeros((4, 4, 0))), "attr"),
+        (lambda: plot_1d_attribution(np.zeros((0, 5)), np.zeros(5)), "signal"),
+    ],
+)
+def test_zero_size_input_is_a_value_error_naming_it(call, name):
+    with pytest.raises(ValueError, match=rf"^{name} has shape .*at least one element"):
+        call()
+
+
+@pytest.mark.parametrize("style", ["band", "twin"])
+@pytest.mark.parametrize(
+    "signal",
+    [
+        np.array([0.0, 1.0, np.inf, 2.0, -1.0]),
+        np.array([-np.inf, 1.0, 2.0, 3.0, 4.0]),
+        np.full(5, np.nan),
+        np.full(5, np.inf),
+        np.array([np.nan, np.inf, -np.inf, np.nan, np.nan]),
+    ],
+)
+def test_1d_signal_with_inf_or_all_nan_draws(tmp_path, style, signal):
+    path = tmp_path / "s.png"
+    fig = plot_1d_attribution(signal, np.linspace(-1, 1, 5), style=style, save_path=path)
+    assert_png(path)
+    low, high = fig.axes[0].get_ylim()
+    assert np.isfinite([low, high]).all() and low < high
+    finite = signal[np.isfinite(signal)]
+    if finite.size:  # the finite part of the signal stays in view
+        assert low < finite.min() and finite.max() < high
+
+
+@pytest.mark.parametrize("style", ["band", "twin"])
+@pytest.mark.parametrize(
+    "attr", [np.full(5, np.nan), np.array([np.inf, -np.inf, 1.0, np.nan, 0.0])]
+)
+def test_1d_attribution_with_inf_or_all_nan_draws(tmp_path, style, attr):
+    plot_1d_attribution(np.arange(5.0), attr, style=style, save_path=tmp_path / "a.png")
+    assert_png(tmp_path / "a.png")
+
+
+def test_save_path_in_a_missing_folder_is_created(tmp_path, image_chw, attr_nchw):
+    path = tmp_path / "new" / "deeper" / "view.png"
+    plot_image_attribution(image_chw, attr_nchw, save_path=path)
+    assert_png(path)
+    plot_1d_attribution(np.arange(5.0), np.ones(5), save_path=str(tmp_path / "s" / "1d.png"))
+    assert_png(tmp_path / "s" / "1d.png")
+
+
+def test_save_path_under_a_plain_file_names_save_path(tmp_path, image_chw, attr_nchw):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"save_path='.*file\.txt.view\.png': cannot create"):
+        plot_image_attribution(image_chw, attr_nchw, save_path=blocker / "view.png")
