@@ -38,6 +38,12 @@ FORMAT = 1
 ATTR_KEY = "extra_attrib"
 MAX_CHUNK_BYTES = 64 * 2**20
 PER_ITEM_ARRAYS = ("targets", "scores", "done", "failed", "errors")
+# Arguments of Captum methods (and ours) that only change how the work is batched or shown, not
+# what is computed: a resumed run may change them (another GPU, another batch size). They are
+# recorded under "info", not compared.
+BATCHING_ARGUMENTS = frozenset({
+    "show_progress", "perturbations_per_eval", "internal_batch_size", "nt_samples_batch_size",
+})
 
 
 class StoreMismatchError(ValueError):
@@ -140,7 +146,8 @@ def fingerprint(
         target_desc = {"callable": _qualname(target)}
     return {
         "method": describe_method(method),
-        "arguments": describe_value(dict(attribute_kwargs)),
+        "arguments": describe_value({key: value for key, value in attribute_kwargs.items()
+                                     if key not in BATCHING_ARGUMENTS}),
         "model": model_digest(find_model(method)),
         "target": target_desc,
         "N": int(n_items),
@@ -185,8 +192,9 @@ def attribution_chunks(
     """``(chunks, shards)`` for the attributions array: one item per chunk, or per shard if big.
 
     An item of at most :data:`MAX_CHUNK_BYTES` is one chunk (``shards`` None). A larger one is one
-    shard whose inner chunks halve the largest dimension until they fit, e.g. a ``(1, 512, 512,
-    512)`` float32 volume (512 MiB) is one shard of ``(1, 128, 256, 256)`` chunks.
+    shard whose inner chunks halve the largest dimension (to a divisor of the item's size) until
+    they fit, e.g. a ``(1, 512, 512, 512)`` float32 volume (512 MiB) is one shard of
+    ``(1, 256, 256, 256)`` chunks (64 MiB).
     """
     shard = (1, *[int(s) for s in item_shape])
     inner = list(shard)
@@ -194,9 +202,10 @@ def attribution_chunks(
         dim = max(range(1, len(inner)), key=lambda i: inner[i])
         if inner[dim] == 1:
             break
-        inner[dim] = -(-inner[dim] // 2)
-        while shard[dim] % inner[dim]:  # a shard must hold a whole number of chunks
-            inner[dim] += 1
+        # the largest divisor of the item's size at most half the current chunk: a shard must
+        # hold a whole number of chunks
+        half = -(-inner[dim] // 2)
+        inner[dim] = max(d for d in range(1, half + 1) if shard[dim] % d == 0)
     if tuple(inner) == shard:
         return shard, None
     return tuple(inner), shard

@@ -350,7 +350,10 @@ def explain_dataset(
             Default: None
         storage_options (dict, optional): fsspec options for remote stores. Default: None
         **attribute_kwargs: Passed to ``method.attribute`` (e.g. ``window=32, k=4``); they are
-            part of the settings a resumed run must repeat.
+            part of the settings a resumed run must repeat, except those that only batch the
+            work (``perturbations_per_eval``, ``internal_batch_size``,
+            ``nt_samples_batch_size``). ``show_progress`` is taken by ``explain_dataset`` for
+            its own bar, so the method's per-batch bar stays off.
 
     Returns:
         ExplainSummary: done, failed, skipped (already done before), total, seconds and path.
@@ -400,7 +403,9 @@ def explain_dataset(
                 if meta is not None and resume:
                     _store.check_compatible(out, meta, fp)
                 else:
-                    _store.create(out, fp, paths, {"batch_size": batch_size},
+                    batching = {key: value for key, value in attribute_kwargs.items()
+                                if key in _store.BATCHING_ARGUMENTS}
+                    _store.create(out, fp, paths, dict(batching, batch_size=batch_size),
                                   storage_options)
             except Exception as err:
                 problem = err
