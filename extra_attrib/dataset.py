@@ -309,6 +309,7 @@ def explain_dataset(
     show_progress: bool = True,
     device: Any = None,
     storage_options: Optional[Dict[str, Any]] = None,
+    metadata: Optional[Dict[str, Any]] = None,
     **attribute_kwargs: Any,
 ) -> ExplainSummary:
     r"""Attribute every item of ``dataset`` with ``method`` into the zarr store ``out``.
@@ -349,6 +350,8 @@ def explain_dataset(
             None: ``cuda:LOCAL_RANK`` under torchrun with GPUs, else the model's device.
             Default: None
         storage_options (dict, optional): fsspec options for remote stores. Default: None
+        metadata (dict, optional): Free-form notes kept in the store's attributes (under
+            ``info``) when it is created; not compared on resume. Default: None
         **attribute_kwargs: Passed to ``method.attribute`` (e.g. ``window=32, k=4``); they are
             part of the settings a resumed run must repeat, except those that only batch the
             work (``perturbations_per_eval``, ``internal_batch_size``,
@@ -405,8 +408,8 @@ def explain_dataset(
                 else:
                     batching = {key: value for key, value in attribute_kwargs.items()
                                 if key in _store.BATCHING_ARGUMENTS}
-                    _store.create(out, fp, paths, dict(batching, batch_size=batch_size),
-                                  storage_options)
+                    info = dict(metadata or {}, batch_size=batch_size, **batching)
+                    _store.create(out, fp, paths, info, storage_options)
             except Exception as err:
                 problem = err
         shared = ranks.broadcast(None if problem is None else (type(problem), str(problem)))
