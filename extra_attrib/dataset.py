@@ -543,9 +543,9 @@ def _attribute_batch(
     def write(group: List[Tuple[int, Tensor, Any]],
               result: Tuple[np.ndarray, Tensor, np.ndarray]) -> None:
         values, targets, scores = result
-        for row, (index, _, _) in enumerate(group):
-            writer.success(index, values[row], int(targets[row]), float(scores[row]),
-                           bool(was_failed[index]))
+        indices = [index for index, _, _ in group]
+        writer.success(indices, values, targets.tolist(), scores.tolist(),
+                       was_failed[indices].tolist())
         state["succeeded"] += len(group)
 
     try:
