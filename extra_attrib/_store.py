@@ -325,3 +325,57 @@ class ItemWriter:
     def failure(self, index: int, message: str) -> None:
         self.errors[index] = message
         self.failed[index] = True
+
+
+class BackgroundWriter:
+    """An :class:`ItemWriter` whose writes run in one background thread, in submission order.
+
+    Writing a chunk is file-system (or network) latency more than work: done in the foreground
+    it cost 5-35 ms per array and batch on a loaded 2-core VM. In one thread, first in first out,
+    every item's ``done`` still comes after its values; a killed process loses the queued items,
+    which are not done and so are computed again. At most ``depth`` batches wait; an error in
+    the thread is raised at the next call or at :meth:`close`.
+    """
+
+    def __init__(self, writer: ItemWriter, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self._writer = writer
+        self._queue: Any = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._work, name="extra_attrib-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job[0](*job[1:])
+                except BaseException as err:  # handed to the main thread
+                    self._error = err
+
+    def _submit(self, *job: Any) -> None:
+        self._raise()
+        self._queue.put(job)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def success(self, *args: Any) -> None:
+        self._submit(self._writer.success, *args)
+
+    def failure(self, *args: Any) -> None:
+        self._submit(self._writer.failure, *args)
+
+    def close(self) -> None:
+        """Wait for every queued write; raise the thread's error if one occurred."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()

@@ -121,8 +121,9 @@ def open_attributions(
         raise FileNotFoundError(f"path={path!r}: no store written by explain_dataset there")
     group = _store.open_group(path, mode="r", storage_options=storage_options)
     failed = np.asarray(group["failed"][:], dtype=bool)
-    errors_array = group["errors"]
-    errors = {int(i): str(errors_array[int(i)]) for i in np.flatnonzero(failed)}
+    rows = np.flatnonzero(failed)
+    messages = group["errors"].oindex[rows] if rows.size else []
+    errors = {int(i): str(m) for i, m in zip(rows, messages)}
     paths = [str(p) for p in group["paths"][:]] if "paths" in group else None
     return AttributionStore(
         attributions=group["attributions"], targets=np.asarray(group["targets"][:]),
@@ -250,10 +251,17 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def _resolve_device(model: Any, device: Any, ranks: _Ranks) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if ranks.world > 1 and torch.cuda.is_available():
-        return torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+    chosen = None if device is None else torch.device(device)
+    if chosen is not None and not (chosen.type == "cuda" and chosen.index is None
+                                   and ranks.world > 1):
+        return chosen
+    if (chosen is not None or ranks.world > 1) and torch.cuda.is_available():
+        # under torchrun, "cuda" (or no device) means this process's GPU
+        index = ranks.local_rank % torch.cuda.device_count() if ranks.world > 1 else 0
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if chosen is not None:
+        return chosen
     if isinstance(model, nn.Module):
         for tensor in list(model.parameters()) + list(model.buffers()):
             return tensor.device
@@ -347,8 +355,8 @@ def explain_dataset(
         dtype (torch.dtype, optional): Dtype of the stored attributions. Default: torch.float32
         show_progress (bool, optional): A progress bar (items, ETA) on rank 0. Default: True
         device (str or torch.device, optional): Where items go and the model is moved to.
-            None: ``cuda:LOCAL_RANK`` under torchrun with GPUs, else the model's device.
-            Default: None
+            None: ``cuda:LOCAL_RANK`` under torchrun with GPUs, else the model's device;
+            ``"cuda"`` under torchrun also means ``cuda:LOCAL_RANK``. Default: None
         storage_options (dict, optional): fsspec options for remote stores. Default: None
         metadata (dict, optional): Free-form notes kept in the store's attributes (under
             ``info``) when it is created; not compared on resume. Default: None
@@ -424,9 +432,13 @@ def explain_dataset(
         ranks.barrier()  # everyone has read `done` before anyone writes it
         remaining = np.flatnonzero(~done)
         mine = [int(i) for i in remaining[ranks.rank::ranks.world]]
-        _run(method, model, dataset, mine, _store.ItemWriter(group), was_failed, item_shape,
-             target, batch_size, num_workers, dtype, run_device,
-             show_progress and ranks.rank == 0, ranks.world, attribute_kwargs)
+        writer = _store.BackgroundWriter(_store.ItemWriter(group))
+        try:
+            _run(method, model, dataset, mine, writer, was_failed, item_shape,
+                 target, batch_size, num_workers, dtype, run_device,
+                 show_progress and ranks.rank == 0, ranks.world, attribute_kwargs)
+        finally:
+            writer.close()  # items already computed are written even if the run stops
         ranks.barrier()
         final_done = np.asarray(group["done"][:], dtype=bool)
         final_failed = np.asarray(group["failed"][:], dtype=bool) & ~final_done
@@ -450,7 +462,7 @@ def _run(
     model: Any,
     dataset: Any,
     indices: List[int],
-    writer: _store.ItemWriter,
+    writer: Any,
     was_failed: np.ndarray,
     item_shape: Tuple[int, ...],
     target: TargetSpec,
@@ -527,7 +539,7 @@ def _attribute_batch(
     method: Any,
     model: Any,
     items: List[Tuple[int, Tensor, Any]],
-    writer: _store.ItemWriter,
+    writer: Any,
     was_failed: np.ndarray,
     target: TargetSpec,
     dtype: torch.dtype,

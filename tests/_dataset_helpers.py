@@ -3,12 +3,13 @@
 Run as a script (``python -m tests._dataset_helpers STORE [--kill-after CALLS]``, also under
 torchrun) it explains :func:`make_dataset` with :func:`make_method` into STORE and prints
 ``rank R computed C items: SUMMARY``; with ``--kill-after`` the process SIGKILLs itself in the
-middle of the model's CALLS-th forward pass.
+middle of the model's CALLS-th forward pass (a second after it starts).
 """
 
 import argparse
 import os
 import signal
+import time
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ class TinyNet(nn.Module):
         self.calls += 1
         self.rows += x.shape[0]
         if self.kill_after is not None and self.calls >= self.kill_after:
+            time.sleep(1.0)  # let the background writer land the earlier batches
             os.kill(os.getpid(), signal.SIGKILL)
         if torch.isnan(x).any():
             raise ValueError("the model refuses NaN inputs")
