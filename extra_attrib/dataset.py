@@ -402,8 +402,6 @@ def explain_dataset(
     ranks = _Ranks()
     try:
         run_device = _resolve_device(model, device, ranks)
-        if isinstance(model, nn.Module):
-            model.to(run_device)
         # rank 0 creates or checks the store; the others learn the outcome from it
         problem = None
         if ranks.rank == 0:
@@ -425,6 +423,8 @@ def explain_dataset(
             raise problem
         if shared is not None:
             raise _rebuilt(*shared)
+        if isinstance(model, nn.Module):  # only once the store is known to be usable
+            model.to(run_device)
         group = _store.open_group(out, "r+", storage_options)
         item_shape = tuple(group["attributions"].shape[1:])
         done = np.asarray(group["done"][:], dtype=bool)
