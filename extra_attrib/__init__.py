@@ -5,8 +5,11 @@ Public API:
 - :class:`TiledOcclusion` -- occlusion with large windows placed at a fine stride.
 - :class:`FusionGrad` -- NoiseGrad + SmoothGrad around any Captum attribution method.
 - ``plot_*`` -- matplotlib views of image, 1D and volume attributions.
+- :func:`explain_dataset`, :func:`open_attributions` -- a whole dataset into a resumable zarr
+  store, in one or several processes (needs the ``scale`` extra).
 """
 
+from extra_attrib.dataset import explain_dataset, open_attributions
 from extra_attrib.fusion_grad import FusionGrad
 from extra_attrib.tiled_occlusion import TiledOcclusion
 from extra_attrib.visualization import (
@@ -23,6 +26,8 @@ __all__ = [
     "FusionGrad",
     "TiledOcclusion",
     "__version__",
+    "explain_dataset",
+    "open_attributions",
     "plot_1d_attribution",
     "plot_attribution",
     "plot_attribution_grid",

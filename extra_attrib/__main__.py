@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"resolution of the figure, {MIN_DPI:g} to {MAX_DPI:g}; default: "
                            f"{defaults.dpi:g}")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    from extra_attrib._explain_cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -96,6 +99,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # --help, --version and usage errors
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command in ("explain", "show"):
+        from extra_attrib import _explain_cli
+
+        return _explain_cli.run_explain(args) if args.command == "explain" \
+            else _explain_cli.run_show(args)
     if args.command != "demo":
         parser.print_help()
         return 2

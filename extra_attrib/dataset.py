@@ -1,0 +1,587 @@
+"""Explain a whole dataset into a resumable zarr store, in one or several processes.
+
+:func:`explain_dataset` runs any Captum attribution method over a map-style dataset and writes one
+attribution per item into a zarr group (layout in :mod:`extra_attrib._store`);
+:func:`open_attributions` reads it back. Under ``torchrun`` every process takes a disjoint share
+of the items that are not done yet and writes its own chunks of the same store.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from extra_attrib import _store
+
+TargetSpec = Union[str, int, Callable[[Tensor, Optional[Tensor]], Any]]
+TARGET_WORDS = ("predicted", "label")
+
+__all__ = ["AttributionStore", "ExplainSummary", "explain_dataset", "open_attributions"]
+
+
+@dataclass(frozen=True)
+class ExplainSummary:
+    """What :func:`explain_dataset` did; every process of a run returns the same counts.
+
+    Attributes:
+        done (int): Items whose attribution is in the store (from this run or earlier ones).
+        failed (int): Items recorded as failed and not done (see ``open_attributions(...).errors``).
+        skipped (int): Items already done when the run started, not recomputed.
+        total (int): Items in the dataset.
+        seconds (float): Wall-clock time of this call.
+        path (str): The store.
+    """
+
+    done: int
+    failed: int
+    skipped: int
+    total: int
+    seconds: float
+    path: str
+
+    @property
+    def complete(self) -> bool:
+        """True when every item is done."""
+        return self.done == self.total
+
+    def __str__(self) -> str:
+        return (f"{self.done}/{self.total} done, {self.failed} failed, {self.skipped} already done "
+                f"before this run; {self.seconds:.1f} s; {self.path}")
+
+
+@dataclass
+class AttributionStore:
+    """A store written by :func:`explain_dataset`, opened by :func:`open_attributions`.
+
+    Attributes:
+        attributions (zarr.Array): ``(N, *S)``, read lazily: ``store.attributions[i]`` reads item
+            ``i`` only. Items not done hold zeros.
+        targets (numpy.ndarray): ``(N,)`` int64, the explained class (-1 where not done).
+        scores (numpy.ndarray): ``(N,)`` float64, the target's score on the clean input (NaN where
+            not done).
+        done (numpy.ndarray): ``(N,)`` bool.
+        failed (numpy.ndarray): ``(N,)`` bool, items whose loading or attribution raised.
+        errors (dict): ``{index: "ExceptionType: message"}`` for the failed items.
+        paths (list of str or None): The item's files when the dataset had a ``paths`` attribute
+            (the command line's image datasets do).
+        metadata (dict): Method, arguments, model, target, versions, creation time.
+    """
+
+    attributions: Any
+    targets: np.ndarray
+    scores: np.ndarray
+    done: np.ndarray
+    failed: np.ndarray
+    errors: Dict[int, str]
+    paths: Optional[List[str]]
+    metadata: Dict[str, Any] = field(repr=False)
+
+    def __len__(self) -> int:
+        return int(self.done.shape[0])
+
+    def item(self, index: int) -> Tensor:
+        """The attribution of item ``index`` as a tensor; ValueError if it is not done."""
+        if not 0 <= index < len(self):
+            raise ValueError(f"index={index} must be in [0, {len(self)})")
+        if not self.done[index]:
+            why = f" (failed: {self.errors[index]})" if index in self.errors else ""
+            raise ValueError(f"item {index} is not done{why}")
+        return torch.from_numpy(np.asarray(self.attributions[index]))
+
+
+def open_attributions(
+    path: Any, storage_options: Optional[Dict[str, Any]] = None
+) -> AttributionStore:
+    """Open a store written by :func:`explain_dataset` for reading.
+
+    Args:
+        path (str or os.PathLike): Local path or fsspec URL of the store.
+        storage_options (dict, optional): Passed to fsspec for remote stores. Default: None
+
+    Returns:
+        AttributionStore: lazy attributions plus the small per-item arrays in memory.
+
+    Example::
+
+        >>> store = extra_attrib.open_attributions("val.zarr")
+        >>> store.done.sum(), store.targets[:5], store.paths[:2]
+        >>> first = store.item(0)            # torch.Tensor of the item's shape
+    """
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    meta = _store.read_meta(path, storage_options)
+    if meta is None:
+        raise FileNotFoundError(f"path={path!r}: no store written by explain_dataset there")
+    group = _store.open_group(path, mode="r", storage_options=storage_options)
+    failed = np.asarray(group["failed"][:], dtype=bool)
+    rows = np.flatnonzero(failed)
+    messages = group["errors"].oindex[rows] if rows.size else []
+    errors = {int(i): str(m) for i, m in zip(rows, messages)}
+    paths = [str(p) for p in group["paths"][:]] if "paths" in group else None
+    return AttributionStore(
+        attributions=group["attributions"], targets=np.asarray(group["targets"][:]),
+        scores=np.asarray(group["scores"][:]), done=np.asarray(group["done"][:], dtype=bool),
+        failed=failed, errors=errors, paths=paths, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Processes: torchrun's environment, a gloo group for the few synchronisation points
+# --------------------------------------------------------------------------------------------
+
+
+class _Ranks:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.owned = False
+        env = os.environ
+        if dist.is_available() and dist.is_initialized():
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        elif dist.is_available() and "WORLD_SIZE" in env and int(env["WORLD_SIZE"]) > 1:
+            # Only barriers and one small broadcast go through it: gloo works with and without
+            # GPUs. A long timeout because ranks wait for each other at the end.
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+            self.owned = True
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        else:
+            self.rank, self.world = 0, 1
+        self.local_rank = int(env.get("LOCAL_RANK", 0)) if self.world > 1 else 0
+
+    def broadcast(self, value: Any) -> Any:
+        if self.world == 1:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
+    def close(self) -> None:
+        if self.owned and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Items: loading never raises; failures travel as messages
+# --------------------------------------------------------------------------------------------
+
+
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _split_item(item: Any, index: int) -> Tuple[Tensor, Any]:
+    if isinstance(item, Tensor):
+        return item, None
+    if isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor):
+        return item[0], item[1]
+    raise TypeError(f"dataset[{index}] must be a tensor or a (tensor, label) pair, got "
+                    f"{type(item).__name__}")
+
+
+class _Items(Dataset):
+    """``dataset`` restricted to ``indices``, yielding ``(index, tensor, label, error)``."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> Tuple[int, Optional[Tensor], Any, Optional[str]]:
+        index = self.indices[position]
+        try:
+            x, label = _split_item(self.dataset[index], index)
+            return index, x, label, None
+        except Exception as err:  # a corrupt file, a bad item: recorded, not fatal
+            return index, None, None, _error_text(err)
+
+
+def _as_list(batch: List[Any]) -> List[Any]:
+    return batch
+
+
+def _probe(dataset: Any, n: int) -> Tuple[torch.Size, bool]:
+    """Shape of the first item that loads, and whether it has a label."""
+    last = "no items"
+    for index in range(n):
+        _, x, label, error = _Items(dataset, [index])[0]
+        if error is None:
+            return x.shape, label is not None
+        last = error
+    raise ValueError(f"dataset: none of its {n} items could be loaded; the last error: {last}")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_target(target: Any) -> None:
+    if isinstance(target, str):
+        if target not in TARGET_WORDS:
+            raise ValueError(
+                f"target={target!r} must be 'predicted', 'label', an int or a callable")
+        return
+    if isinstance(target, bool) or not (isinstance(target, int) or callable(target)):
+        raise TypeError(f"target={target!r} must be 'predicted', 'label', an int or a callable "
+                        f"(outputs, labels) -> targets")
+    if isinstance(target, int) and target < 0:
+        raise ValueError(f"target={target} must be a non-negative class index")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} must be an int")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _resolve_device(model: Any, device: Any, ranks: _Ranks) -> torch.device:
+    chosen = None if device is None else torch.device(device)
+    if chosen is not None and not (chosen.type == "cuda" and chosen.index is None
+                                   and ranks.world > 1):
+        return chosen
+    if (chosen is not None or ranks.world > 1) and torch.cuda.is_available():
+        # under torchrun, "cuda" (or no device) means this process's GPU
+        index = ranks.local_rank % torch.cuda.device_count() if ranks.world > 1 else 0
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    if chosen is not None:
+        return chosen
+    if isinstance(model, nn.Module):
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _labels_tensor(labels: Sequence[Any], device: torch.device) -> Optional[Tensor]:
+    if any(label is None for label in labels):
+        return None
+    return torch.as_tensor([int(label) for label in labels], dtype=torch.long, device=device)
+
+
+def _targets(target: TargetSpec, outputs: Tensor, labels: Optional[Tensor]) -> Tensor:
+    rows, classes = outputs.shape
+    if target == "predicted":
+        chosen = outputs.argmax(dim=1)
+    elif target == "label":
+        if labels is None:
+            raise ValueError("target='label' needs a dataset yielding (tensor, label) pairs")
+        chosen = labels
+    elif isinstance(target, int):
+        chosen = torch.full((rows,), target, dtype=torch.long, device=outputs.device)
+    else:
+        chosen = torch.as_tensor(target(outputs, labels), device=outputs.device)
+        if chosen.dim() == 0:
+            chosen = chosen.expand(rows)
+    if chosen.shape != (rows,) or chosen.is_floating_point() or chosen.is_complex():
+        raise ValueError(f"target gave {tuple(chosen.shape)} {chosen.dtype} targets for a batch "
+                         f"of {rows}: expected {rows} integer class indices")
+    chosen = chosen.long()
+    bad = (chosen < 0) | (chosen >= classes)
+    if bool(bad.any()):
+        raise ValueError(f"target gave class {int(chosen[bad][0])}, outside the model's "
+                         f"{classes} outputs")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def explain_dataset(
+    method: Any,
+    dataset: Any,
+    out: Any,
+    *,
+    target: TargetSpec = "predicted",
+    batch_size: int = 8,
+    num_workers: int = 0,
+    resume: bool = True,
+    dtype: torch.dtype = torch.float32,
+    show_progress: bool = True,
+    device: Any = None,
+    storage_options: Optional[Dict[str, Any]] = None,
+    metadata: Optional[Dict[str, Any]] = None,
+    **attribute_kwargs: Any,
+) -> ExplainSummary:
+    r"""Attribute every item of ``dataset`` with ``method`` into the zarr store ``out``.
+
+    The store holds ``attributions`` ``(N, *S)`` (one item per chunk), ``targets``, ``scores``
+    (the target's output on the clean input), ``done`` and per-item failures (``failed``,
+    ``errors``), plus the settings as group attributes. Calling again with the same settings
+    continues where a previous run stopped, even one killed with ``kill -9``: an item is marked
+    done only after its attribution, target and score are written, so at most the items in flight
+    are lost, and a done item is never recomputed. A store made with other settings (method class,
+    its arguments, the model's class and weights, the target, N, item shape, dtype) is refused.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) each process takes every
+    ``WORLD_SIZE``-th item of those not done yet, runs on ``cuda:LOCAL_RANK`` when GPUs exist
+    and writes its own chunks; rank 0 creates or checks the store first, and the others wait for
+    it (a gloo process group, made here unless one exists). The result equals a single process.
+
+    Args:
+        method (captum.attr.Attribution): Any Captum attribution method (TiledOcclusion,
+            FusionGrad, NoiseTunnel(...) included) whose ``attribute(inputs, target=...,
+            **attribute_kwargs)`` takes a batch of items.
+        dataset (torch.utils.data.Dataset): Map-style; ``dataset[i]`` is a tensor of shape ``S``
+            or a ``(tensor, label)`` pair. An item that raises when loaded, or whose shape differs
+            from the first item's, is recorded as failed and the run goes on. A ``paths``
+            attribute (one string per item), if present, is stored.
+        out (str or os.PathLike): Local path or fsspec URL (``s3://...``) of the zarr group.
+        target (str, int or callable, optional): ``"predicted"`` (argmax of the clean forward
+            pass), ``"label"`` (the dataset's labels), a class index, or a function
+            ``(outputs, labels) -> targets`` of the clean outputs ``(B, C)`` and the labels
+            (``(B,)`` tensor, or None when the dataset has none). Default: ``"predicted"``
+        batch_size (int, optional): Items per ``attribute`` call. Default: 8
+        num_workers (int, optional): DataLoader worker processes for loading. Default: 0
+        resume (bool, optional): Continue an existing store (True) or overwrite it (False).
+            Default: True
+        dtype (torch.dtype, optional): Dtype of the stored attributions. Default: torch.float32
+        show_progress (bool, optional): A progress bar (items, ETA) on rank 0. Default: True
+        device (str or torch.device, optional): Where items go and the model is moved to.
+            None: ``cuda:LOCAL_RANK`` under torchrun with GPUs, else the model's device;
+            ``"cuda"`` under torchrun also means ``cuda:LOCAL_RANK``. Default: None
+        storage_options (dict, optional): fsspec options for remote stores. Default: None
+        metadata (dict, optional): Free-form notes kept in the store's attributes (under
+            ``info``) when it is created; not compared on resume. Default: None
+        **attribute_kwargs: Passed to ``method.attribute`` (e.g. ``window=32, k=4``); they are
+            part of the settings a resumed run must repeat, except those that only batch the
+            work (``perturbations_per_eval``, ``internal_batch_size``,
+            ``nt_samples_batch_size``). ``show_progress`` is taken by ``explain_dataset`` for
+            its own bar, so the method's per-batch bar stays off.
+
+    Returns:
+        ExplainSummary: done, failed, skipped (already done before), total, seconds and path.
+
+    Example::
+
+        >>> from extra_attrib import TiledOcclusion, explain_dataset, open_attributions
+        >>> summary = explain_dataset(TiledOcclusion(model.eval()), val_set, "val.zarr",
+        ...                           target="label", window=32, k=4, batch_size=4)
+        >>> print(summary)          # run it again after a crash: it continues
+        >>> store = open_attributions("val.zarr")
+    """
+    start = time.perf_counter()
+    _check_int("batch_size", batch_size, 1)
+    _check_int("num_workers", num_workers, 0)
+    _check_target(target)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype!r} must be a floating torch.dtype")
+    if dtype == torch.bfloat16:
+        raise ValueError("dtype=torch.bfloat16 cannot be stored by zarr; use float16 or float32")
+    if not hasattr(method, "attribute"):
+        raise TypeError(f"method={method!r} must be a Captum attribution (with .attribute)")
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise TypeError(f"dataset={dataset!r} must be a map-style Dataset (__getitem__, __len__)")
+    n = len(dataset)
+    if n < 1:
+        raise ValueError("dataset is empty")
+    paths = getattr(dataset, "paths", None)
+    if paths is not None and len(paths) != n:
+        raise ValueError(f"dataset.paths has {len(paths)} entries for {n} items")
+    out = os.fspath(out) if isinstance(out, os.PathLike) else out
+    if not isinstance(out, str):
+        raise TypeError(f"out={out!r} must be a path or URL string")
+    model = _store.find_model(method)
+    ranks = _Ranks()
+    try:
+        run_device = _resolve_device(model, device, ranks)
+        # rank 0 creates or checks the store; the others learn the outcome from it
+        problem = None
+        if ranks.rank == 0:
+            try:
+                shape, _ = _probe(dataset, n)
+                fp = _store.fingerprint(method, attribute_kwargs, target, n, shape, dtype)
+                meta = _store.read_meta(out, storage_options)
+                if meta is not None and resume:
+                    _store.check_compatible(out, meta, fp)
+                else:
+                    batching = {key: value for key, value in attribute_kwargs.items()
+                                if key in _store.BATCHING_ARGUMENTS}
+                    info = dict(metadata or {}, batch_size=batch_size, **batching)
+                    _store.create(out, fp, paths, info, storage_options)
+            except Exception as err:
+                problem = err
+        shared = ranks.broadcast(None if problem is None else (type(problem), str(problem)))
+        if problem is not None:
+            raise problem
+        if shared is not None:
+            raise _rebuilt(*shared)
+        if isinstance(model, nn.Module):  # only once the store is known to be usable
+            model.to(run_device)
+        group = _store.open_group(out, "r+", storage_options)
+        item_shape = tuple(group["attributions"].shape[1:])
+        done = np.asarray(group["done"][:], dtype=bool)
+        was_failed = np.asarray(group["failed"][:], dtype=bool)
+        ranks.barrier()  # everyone has read `done` before anyone writes it
+        remaining = np.flatnonzero(~done)
+        mine = [int(i) for i in remaining[ranks.rank::ranks.world]]
+        writer = _store.BackgroundWriter(_store.ItemWriter(group))
+        try:
+            _run(method, model, dataset, mine, writer, was_failed, item_shape,
+                 target, batch_size, num_workers, dtype, run_device,
+                 show_progress and ranks.rank == 0, ranks.world, attribute_kwargs)
+        finally:
+            writer.close()  # items already computed are written even if the run stops
+        ranks.barrier()
+        final_done = np.asarray(group["done"][:], dtype=bool)
+        final_failed = np.asarray(group["failed"][:], dtype=bool) & ~final_done
+        return ExplainSummary(done=int(final_done.sum()), failed=int(final_failed.sum()),
+                              skipped=int(done.sum()), total=n,
+                              seconds=time.perf_counter() - start, path=str(out))
+    finally:
+        ranks.close()
+
+
+def _rebuilt(kind: Any, text: str) -> Exception:
+    """Rank 0's exception, raised again on the other ranks."""
+    try:
+        return kind(f"rank 0: {text}")
+    except Exception:
+        return RuntimeError(f"rank 0: {text}")
+
+
+def _run(
+    method: Any,
+    model: Any,
+    dataset: Any,
+    indices: List[int],
+    writer: Any,
+    was_failed: np.ndarray,
+    item_shape: Tuple[int, ...],
+    target: TargetSpec,
+    batch_size: int,
+    num_workers: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: bool,
+    world: int,
+    attribute_kwargs: Dict[str, Any],
+) -> None:
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(_Items(dataset, indices), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=_as_list)
+    desc = "explain" if world == 1 else f"explain (rank 0 of {world})"
+    bar = tqdm(total=len(indices), desc=desc, unit="item", disable=not progress)
+    state = {"succeeded": 0}
+    try:
+        for batch in loader:
+            good = []
+            for index, x, label, error in batch:
+                if error is None and tuple(x.shape) != item_shape:
+                    error = (f"ValueError: item has shape {tuple(x.shape)}, the store's items "
+                             f"have {item_shape}")
+                if error is not None:
+                    writer.failure(index, error)
+                else:
+                    good.append((index, x, label))
+            if good:
+                _attribute_batch(method, model, good, writer, was_failed, target, dtype, device,
+                                 state, attribute_kwargs)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
+class _SettingError(ValueError):
+    """A wrong setting (targets, model outputs, method results): fatal, not an item's failure."""
+
+
+def _attempt(
+    method: Any,
+    model: Any,
+    items: List[Tuple[int, Tensor, Any]],
+    target: TargetSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+    attribute_kwargs: Dict[str, Any],
+) -> Tuple[np.ndarray, Tensor, np.ndarray]:
+    """Clean forward pass, targets, scores and attributions of a batch of items."""
+    x = torch.stack([item[1] for item in items]).to(device)
+    labels = _labels_tensor([item[2] for item in items], device)
+    with torch.no_grad():
+        outputs = model(x)
+    if not isinstance(outputs, Tensor) or outputs.dim() != 2:
+        raise _SettingError(
+            f"the model must return a (batch, classes) tensor to pick targets, got "
+            f"{tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__}")
+    try:
+        targets = _targets(target, outputs, labels)
+    except ValueError as err:
+        raise _SettingError(str(err)) from err
+    scores = outputs.gather(1, targets[:, None])[:, 0].double().cpu().numpy()
+    attr = method.attribute(x, target=targets, **attribute_kwargs)
+    if not isinstance(attr, Tensor) or attr.shape != x.shape:
+        raise _SettingError(
+            f"method.attribute returned {getattr(attr, 'shape', type(attr).__name__)} for inputs "
+            f"of shape {tuple(x.shape)}: one attribution of the input's shape per item expected")
+    return attr.detach().to("cpu", dtype).numpy(), targets.cpu(), scores
+
+
+def _attribute_batch(
+    method: Any,
+    model: Any,
+    items: List[Tuple[int, Tensor, Any]],
+    writer: Any,
+    was_failed: np.ndarray,
+    target: TargetSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+    state: Dict[str, int],
+    attribute_kwargs: Dict[str, Any],
+) -> None:
+    """Attribute and write a batch; if it raises, retry item by item and record the failures.
+
+    If the first batch of a process fails on every one of its (two or more) items with the same
+    message, that is a wrong setting (a misspelt argument, say), not bad items: it is raised.
+    """
+    def write(group: List[Tuple[int, Tensor, Any]],
+              result: Tuple[np.ndarray, Tensor, np.ndarray]) -> None:
+        values, targets, scores = result
+        indices = [index for index, _, _ in group]
+        writer.success(indices, values, targets.tolist(), scores.tolist(),
+                       was_failed[indices].tolist())
+        state["succeeded"] += len(group)
+
+    try:
+        write(items, _attempt(method, model, items, target, dtype, device, attribute_kwargs))
+        return
+    except _SettingError:
+        raise
+    except Exception as err:
+        failures = [(items[0][0], err)] if len(items) == 1 else []
+        first_error = err
+    if len(items) > 1:
+        for one in items:
+            try:
+                write([one], _attempt(method, model, [one], target, dtype, device,
+                                      attribute_kwargs))
+            except _SettingError:
+                raise
+            except Exception as err:
+                failures.append((one[0], err))
+    texts = [_error_text(err) for _, err in failures]
+    if state["succeeded"] == 0 and len(items) > 1 and len(failures) == len(items) \
+            and len(set(texts)) == 1:
+        raise RuntimeError(
+            f"every item of the first batch failed with the same error, so a setting is "
+            f"probably wrong (nothing was recorded): {texts[0]}") from first_error
+    for (index, _), text in zip(failures, texts):
+        writer.failure(index, text)

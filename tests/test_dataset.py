@@ -1,0 +1,333 @@
+"""explain_dataset / open_attributions: results, targets, failures, resume, processes."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extra_attrib import TiledOcclusion, _store, explain_dataset, open_attributions
+from extra_attrib._store import StoreMismatchError
+from tests._dataset_helpers import (
+    ATTRIBUTE_KWARGS,
+    CLASSES,
+    N_ITEMS,
+    CountingMethod,
+    ItemsDataset,
+    TinyNet,
+)
+
+pytest.importorskip("zarr")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(out, dataset=None, model=None, **kwargs):
+    model = TinyNet().eval() if model is None else model
+    method = CountingMethod(TiledOcclusion(model))
+    options = dict(ATTRIBUTE_KWARGS, batch_size=3, dtype=torch.float64, show_progress=False)
+    options.update(kwargs)
+    summary = explain_dataset(method, ItemsDataset() if dataset is None else dataset, str(out),
+                              **options)
+    return summary, method
+
+
+def reference(dataset, target_of):
+    """Each item attributed on its own with TiledOcclusion, straight from the definition's code."""
+    model = TinyNet().eval()
+    rows = []
+    for i in range(len(dataset)):
+        x, label = dataset[i]
+        with torch.no_grad():
+            outputs = model(x[None])
+        t = target_of(outputs, label)
+        attr = TiledOcclusion(model).attribute(x[None], target=t, **ATTRIBUTE_KWARGS)[0]
+        rows.append((attr, t, float(outputs[0, t])))
+    return rows
+
+
+def assert_store_equals(path, rows, done=None):
+    store = open_attributions(path)
+    for i, (attr, t, score) in enumerate(rows):
+        if done is not None and i not in done:
+            continue
+        assert store.done[i], i
+        torch.testing.assert_close(store.item(i), attr, rtol=1e-10, atol=1e-12)
+        assert store.targets[i] == t
+        assert store.scores[i] == pytest.approx(score, rel=1e-12)
+
+
+def test_uninterrupted_run_equals_each_item_attributed_alone(tmp_path):
+    summary, method = run(tmp_path / "s.zarr")
+    assert (summary.done, summary.failed, summary.skipped, summary.total) == (N_ITEMS, 0, 0,
+                                                                              N_ITEMS)
+    assert summary.complete and method.items == N_ITEMS
+    rows = reference(ItemsDataset(), lambda out, label: int(out.argmax()))
+    assert_store_equals(tmp_path / "s.zarr", rows)
+    store = open_attributions(tmp_path / "s.zarr")
+    assert store.attributions.shape == (N_ITEMS, 2, 8, 8)
+    assert store.attributions.chunks == (1, 2, 8, 8)  # one item per chunk
+    assert store.attributions.dtype == np.float64
+    assert store.paths is None and store.errors == {}
+    fp = store.metadata["fingerprint"]
+    assert fp["N"] == N_ITEMS and fp["arguments"]["k"] == 2 and fp["target"] == "predicted"
+    assert fp["model"]["class"].endswith("TinyNet")
+    assert set(store.metadata["versions"]) >= {"torch", "captum", "zarr", "extra_attrib"}
+
+
+@pytest.mark.parametrize("form", ["predicted", "label", "int", "callable"])
+def test_every_target_form(tmp_path, form):
+    seen = {}
+
+    def lowest(outputs, labels):
+        seen["labels"] = labels
+        return outputs.argmin(dim=1)
+
+    target, target_of = {
+        "predicted": ("predicted", lambda out, label: int(out.argmax())),
+        "label": ("label", lambda out, label: label),
+        "int": (2, lambda out, label: 2),
+        "callable": (lowest, lambda out, label: int(out.argmin())),
+    }[form]
+    summary, _ = run(tmp_path / "s.zarr", target=target)
+    assert summary.complete
+    assert_store_equals(tmp_path / "s.zarr", reference(ItemsDataset(), target_of))
+    if form == "callable":
+        assert seen["labels"].tolist() == [i % CLASSES for i in range(9, 10)]  # last batch
+
+
+def test_callable_target_without_labels_gets_none(tmp_path):
+    got = []
+
+    def first(outputs, labels):
+        got.append(labels)
+        return torch.zeros(outputs.shape[0], dtype=torch.long)
+
+    summary, _ = run(tmp_path / "s.zarr", dataset=ItemsDataset(with_labels=False), target=first)
+    assert summary.complete and got and all(labels is None for labels in got)
+    assert (open_attributions(tmp_path / "s.zarr").targets == 0).all()
+
+
+@pytest.mark.parametrize("target, match", [
+    ("label", "needs a dataset yielding"), (CLASSES, "outside the model's 3 outputs"),
+    (lambda out, labels: out.argmax(1).float(), "integer class indices"),
+])
+def test_bad_targets_are_errors_not_item_failures(tmp_path, target, match):
+    dataset = ItemsDataset(with_labels=False) if target == "label" else ItemsDataset()
+    with pytest.raises(ValueError, match=match):
+        run(tmp_path / "s.zarr", dataset=dataset, target=target)
+    assert not open_attributions(tmp_path / "s.zarr").done.any()
+
+
+def test_corrupt_and_failing_items_are_recorded_and_the_rest_completes(tmp_path):
+    dataset = ItemsDataset(corrupt={3}, nan={7})
+    summary, method = run(tmp_path / "s.zarr", dataset=dataset)
+    assert (summary.done, summary.failed) == (N_ITEMS - 2, 2) and not summary.complete
+    store = open_attributions(tmp_path / "s.zarr")
+    assert store.errors == {3: "OSError: item 3 is corrupt",
+                            7: "ValueError: the model refuses NaN inputs"}
+    assert store.failed.tolist() == [i in (3, 7) for i in range(N_ITEMS)]
+    assert store.targets[3] == -1 and np.isnan(store.scores[3])
+    with pytest.raises(ValueError, match="item 3 is not done.*corrupt"):
+        store.item(3)
+    rows = reference(ItemsDataset(), lambda out, label: int(out.argmax()))
+    assert_store_equals(tmp_path / "s.zarr", rows, done=set(range(N_ITEMS)) - {3, 7})
+    # the files are repaired: a resume computes only those two and clears their failures
+    summary, method = run(tmp_path / "s.zarr")
+    assert (summary.done, summary.failed, summary.skipped) == (N_ITEMS, 0, N_ITEMS - 2)
+    assert method.items == 2
+    store = open_attributions(tmp_path / "s.zarr")
+    assert store.errors == {} and not store.failed.any()
+    assert_store_equals(tmp_path / "s.zarr", rows)
+
+
+def test_item_of_another_shape_is_a_failure(tmp_path):
+    class Mixed(ItemsDataset):
+        def __getitem__(self, index):
+            x, label = super().__getitem__(index)
+            return (x[:, :4], label) if index == 5 else (x, label)
+
+    summary, _ = run(tmp_path / "s.zarr", dataset=Mixed())
+    assert summary.failed == 1
+    assert "shape (2, 4, 8)" in open_attributions(tmp_path / "s.zarr").errors[5]
+
+
+def test_a_wrong_setting_raises_instead_of_failing_every_item(tmp_path):
+    with pytest.raises(RuntimeError, match="setting is probably wrong.*windw"):
+        run(tmp_path / "s.zarr", windw=3)
+    store = open_attributions(tmp_path / "s.zarr")
+    assert not store.failed.any() and not store.done.any()
+
+
+class Crash(BaseException):
+    """Stands for a kill: not an Exception, so nothing records it as an item failure."""
+
+
+@pytest.mark.parametrize("crash_at_call", [1, 8, 15, 27])
+def test_crash_then_resume_equals_uninterrupted_without_recomputing(tmp_path, crash_at_call):
+    model = TinyNet().eval()
+
+    def crash(module, args):
+        if module.calls + 1 == crash_at_call:
+            raise Crash()
+
+    model.register_forward_pre_hook(crash)
+    with pytest.raises(Crash):
+        run(tmp_path / "s.zarr", model=model)
+    before = open_attributions(tmp_path / "s.zarr").done
+    assert before.sum() < N_ITEMS
+    summary, method = run(tmp_path / "s.zarr")
+    assert summary.complete and summary.skipped == before.sum()
+    assert method.items == N_ITEMS - before.sum()  # done items are not recomputed
+    _, plain = run(tmp_path / "plain.zarr")
+    fresh, resumed = open_attributions(tmp_path / "plain.zarr"), open_attributions(
+        tmp_path / "s.zarr")
+    np.testing.assert_allclose(resumed.attributions[:], fresh.attributions[:], rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_array_equal(resumed.targets, fresh.targets)
+    np.testing.assert_allclose(resumed.scores, fresh.scores, rtol=1e-12)
+
+
+def test_sigkill_half_way_then_resume(tmp_path):
+    out = str(tmp_path / "s.zarr")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "tests._dataset_helpers", out,
+                           "--kill-after", "16"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    before = open_attributions(out).done
+    assert 0 < before.sum() < N_ITEMS
+    summary, method = run(out)
+    assert summary.complete and method.items == N_ITEMS - before.sum()
+    assert_store_equals(out, reference(ItemsDataset(), lambda out, label: int(out.argmax())))
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    one, two = str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, "-m", "tests._dataset_helpers", one], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "tests._dataset_helpers", two], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "rank 0 computed 5 items" in proc.stdout and "rank 1 computed 5 items" in proc.stdout
+    assert proc.stdout.count(f"{N_ITEMS}/{N_ITEMS} done") == 2
+    a, b = open_attributions(one), open_attributions(two)
+    assert b.done.all()
+    np.testing.assert_allclose(b.attributions[:], a.attributions[:], rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(b.targets, a.targets)
+    np.testing.assert_allclose(b.scores, a.scores, rtol=1e-12)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"k": 1}, "arguments"),
+    ({"model": "other weights"}, "model"),
+    ({"target": "label"}, "target"),
+    ({"dataset": ItemsDataset(n=N_ITEMS + 1)}, "N"),
+    ({"dtype": torch.float32}, "dtype"),
+])
+def test_mismatched_settings_are_refused(tmp_path, change, message):
+    out = tmp_path / "s.zarr"
+    run(out, dataset=ItemsDataset(corrupt={4}))
+    before = open_attributions(out)
+    kwargs = dict(change)
+    if kwargs.pop("model", None):
+        kwargs["model"] = TinyNet(seed=1).eval()
+    with pytest.raises(StoreMismatchError, match=rf"other settings(.|\n)*{message}: "):
+        run(out, **kwargs)
+    after = open_attributions(out)  # untouched
+    np.testing.assert_array_equal(after.done, before.done)
+    assert after.errors == before.errors
+    # resume=False starts again
+    summary, method = run(out, resume=False, **kwargs)
+    assert summary.skipped == 0 and method.items == summary.total
+
+
+def test_store_of_something_else_is_refused(tmp_path):
+    import zarr
+
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").create_array(
+        "x", shape=(2,), dtype="int8")
+    with pytest.raises(ValueError, match="did not make"):
+        run(tmp_path / "other.zarr")
+
+
+def test_dataset_of_volumes(tmp_path):
+    shape = (1, 6, 8, 4)
+    dataset = ItemsDataset(n=4, shape=shape)
+    model = TinyNet(shape=shape).eval()
+    method = TiledOcclusion(model)
+    summary = explain_dataset(method, dataset, str(tmp_path / "v.zarr"), batch_size=2,
+                              dtype=torch.float64, show_progress=False, window=(1, 2, 4, 2),
+                              k=(1, 2, 2, 1))
+    assert summary.complete
+    store = open_attributions(tmp_path / "v.zarr")
+    assert store.attributions.shape == (4, *shape) and store.attributions.chunks == (1, *shape)
+    for i in range(4):
+        x = dataset[i][0][None]
+        t = int(model(x).argmax())
+        expected = TiledOcclusion(model).attribute(x, target=t, window=(1, 2, 4, 2),
+                                                   k=(1, 2, 2, 1))[0]
+        torch.testing.assert_close(store.item(i), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_paths_attribute_is_stored(tmp_path):
+    dataset = ItemsDataset(n=3)
+    dataset.paths = [f"img_{i}.png" for i in range(3)]
+    run(tmp_path / "s.zarr", dataset=dataset)
+    assert open_attributions(tmp_path / "s.zarr").paths == ["img_0.png", "img_1.png", "img_2.png"]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"batch_size": 0}, ValueError, "batch_size=0 must be at least 1"),
+    ({"batch_size": 2.0}, TypeError, "batch_size=2.0 must be an int"),
+    ({"num_workers": -1}, ValueError, "num_workers=-1"),
+    ({"target": "best"}, ValueError, "target='best' must be"),
+    ({"target": -1}, ValueError, "target=-1 must be a non-negative"),
+    ({"target": 1.5}, TypeError, "target=1.5"),
+    ({"dtype": torch.int32}, TypeError, "dtype=torch.int32 must be a floating"),
+    ({"dataset": ItemsDataset(n=0)}, ValueError, "dataset is empty"),
+    ({"dataset": ItemsDataset(n=2, corrupt={0, 1})}, ValueError, "none of its 2 items"),
+])
+def test_bad_arguments(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        run(tmp_path / "s.zarr", **kwargs)
+
+
+def test_open_attributions_of_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no store"):
+        open_attributions(tmp_path / "missing.zarr")
+
+
+def test_fingerprint_is_stable_and_address_free():
+    model = TinyNet().eval()
+    a = _store.fingerprint(TiledOcclusion(model), {"window": 4, "baselines": torch.ones(2),
+                                                   "f": len, "o": object()}, "predicted", 5,
+                           (2, 8, 8), torch.float32)
+    b = _store.fingerprint(TiledOcclusion(TinyNet().eval()), {"window": 4,
+                           "baselines": torch.ones(2), "f": len, "o": object()}, "predicted",
+                           5, (2, 8, 8), torch.float32)
+    assert _store.differences(a, b) == []
+    c = _store.fingerprint(TiledOcclusion(model), {"window": 4, "baselines": torch.zeros(2),
+                                                   "f": len, "o": object()}, "predicted", 5,
+                           (2, 8, 8), torch.float32)
+    assert [line.split(":")[0] for line in _store.differences(a, c)] == ["arguments"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 600), min_size=1, max_size=4), st.sampled_from([1, 2, 4, 8]))
+def test_attribution_chunks_hold_one_item(shape, itemsize):
+    chunks, shards = _store.attribution_chunks(shape, itemsize)
+    item = (1, *shape)
+    if shards is None:
+        assert chunks == item and np.prod(item) * itemsize <= _store.MAX_CHUNK_BYTES
+    else:
+        assert shards == item
+        assert all(s % c == 0 for s, c in zip(shards, chunks))
+        assert np.prod(chunks) * itemsize <= _store.MAX_CHUNK_BYTES or max(chunks[1:]) == 1

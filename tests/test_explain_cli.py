@@ -1,0 +1,133 @@
+"""``extra-attrib explain`` and ``extra-attrib show`` end to end on small PNGs."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from extra_attrib import TiledOcclusion, open_attributions
+from extra_attrib.__main__ import main
+from extra_attrib._explain_cli import image_files
+from tests._dataset_helpers import factory
+
+pytest.importorskip("zarr")
+Image = pytest.importorskip("PIL.Image")
+MODEL = "tests._dataset_helpers:factory"
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Four good PNGs (one in a sub-folder, one not 16 x 16) and a corrupt one."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for name, size in [("b.png", (16, 16)), ("a.png", (20, 24)), ("sub/c.png", (16, 16))]:
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / name)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / "grey.jpg")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    (folder / "sub" / "broken.png").write_bytes(b"not a png at all")
+    return folder
+
+
+def explain(capsys, *args):
+    code = main(["explain", *map(str, args), "--no-progress"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_folders_are_searched_recursively_in_sorted_order(images):
+    files = image_files([str(images), str(images / "b.png")])
+    names = [os.path.relpath(f, images) for f in files]
+    assert names == ["a.png", "b.png", "grey.jpg", "sub/broken.png", "sub/c.png", "b.png"]
+
+
+def test_explain_end_to_end_with_a_corrupt_image(images, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    code, stdout, err = explain(capsys, images, "--out", out, "--model", MODEL, "--window", 8,
+                                "--k", 2, "--score", "raw", "--batch-size", 2)
+    assert code == 1, err
+    assert "Traceback" not in stdout + err
+    lines = stdout.strip().splitlines()
+    assert lines[-1].startswith("extra-attrib explain: 4 done, 1 failed of 5 (0 already done)")
+    assert any("broken.png: UnidentifiedImageError" in line for line in lines)
+    store = open_attributions(out)
+    assert [os.path.relpath(p, images) for p in store.paths] == [
+        "a.png", "b.png", "grey.jpg", "sub/broken.png", "sub/c.png"]
+    assert store.done.tolist() == [True, True, True, False, True]
+    assert store.metadata["info"]["preprocess"] == "custom"
+    # the stored maps are TiledOcclusion's of the transformed images, for the predicted class
+    model, transform = factory()
+    for i in (0, 2, 4):
+        with Image.open(store.paths[i]) as image:
+            x = transform(image)[None]
+        target = int(model(x).argmax())
+        expected = TiledOcclusion(model).attribute(x, target=target, window=8, k=2,
+                                                   baselines=0.0)[0]
+        assert store.targets[i] == target
+        torch.testing.assert_close(store.item(i), expected, rtol=1e-5, atol=1e-5)
+
+    # same command again: nothing recomputed, same exit status
+    code, stdout, _ = explain(capsys, images, "--out", out, "--model", MODEL, "--window", 8,
+                              "--k", 2, "--score", "raw", "--batch-size", 2)
+    assert code == 1 and "4 done, 1 failed of 5 (4 already done)" in stdout
+
+    # other settings on the same store: refused, exit 2, store untouched
+    code, _, err = explain(capsys, images, "--out", out, "--model", MODEL, "--window", 8,
+                           "--k", 4, "--score", "raw")
+    assert code == 2 and "other settings" in err and "Traceback" not in err
+    assert open_attributions(out).done.sum() == 4
+
+    # show: the 3-panel figure of a done item; a failed item or a bad index is an error
+    fig = tmp_path / "fig.png"
+    assert main(["show", str(out), "--index", "4", "--out", str(fig)]) == 0
+    assert fig.stat().st_size > 0
+    assert main(["show", str(out), "--index", "3", "--out", str(fig)]) == 1
+    assert main(["show", str(out), "--index", "5", "--out", str(fig)]) == 2
+    assert main(["show", str(tmp_path / "none.zarr"), "--index", "0", "--out", str(fig)]) == 2
+    _, err = capsys.readouterr()
+    assert "item 3 is not done: UnidentifiedImageError" in err
+
+
+@pytest.mark.parametrize("method", ["tiled", "occlusion", "fusiongrad-saliency"])
+def test_every_method_completes_with_exit_status_0(images, tmp_path, capsys, method):
+    code, stdout, err = explain(capsys, images / "sub" / "c.png", images / "b.png", "--out",
+                                tmp_path / "s.zarr", "--model", MODEL, "--method", method,
+                                "--window", 8, "--k", 2, "--target", 1,
+                                "--perturbations-per-eval", 4)
+    assert code == 0, err
+    assert stdout.strip().splitlines()[-1].startswith(
+        "extra-attrib explain: 2 done, 0 failed of 2")
+    store = open_attributions(tmp_path / "s.zarr")
+    assert store.targets.tolist() == [1, 1]
+    assert store.metadata["info"]["method"] == method
+    assert np.abs(store.attributions[:]).sum() > 0
+
+
+def test_show_without_the_image_draws_the_map(images, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    copy = tmp_path / "copy.png"
+    copy.write_bytes((images / "b.png").read_bytes())
+    assert explain(capsys, copy, "--out", out, "--model", MODEL, "--window", 8, "--k", 2)[0] == 0
+    copy.unlink()
+    fig = tmp_path / "fig.png"
+    assert main(["show", str(out), "--index", "0", "--out", str(fig)]) == 0 and fig.exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--window", "8", "--k", "3"], "--window 8 must be divisible by --k 3"),
+    (["--model", "tests._dataset_helpers"], "must be MODULE:FACTORY"),
+    (["--model", "tests._dataset_helpers:nothing"], "has no attribute 'nothing'"),
+    (["--model", "no_such_module_xyz:f"], "No module named"),
+])
+def test_bad_options_exit_2_without_traceback(images, tmp_path, capsys, args, message):
+    code, stdout, err = explain(capsys, images, "--out", tmp_path / "s.zarr",
+                                *(["--model", MODEL] if "--model" not in args else []), *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_missing_path_and_bad_target_exit_2(tmp_path, capsys):
+    code, _, err = explain(capsys, tmp_path / "nothing", "--out", tmp_path / "s.zarr")
+    assert code == 2 and "neither a file nor a folder" in err
+    code, _, err = explain(capsys, tmp_path, "--out", tmp_path / "s.zarr", "--target", "best")
+    assert code == 2 and "'best' must be 'predicted' or a class index" in err
