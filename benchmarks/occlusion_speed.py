@@ -154,7 +154,7 @@ def ops_outside_model(model: nn.Module, x: torch.Tensor, window, k) -> Tuple[flo
     return (counter.count - inside) / tiled.last_perturbations, chunk
 
 
-def run_case(name: str, quick: bool) -> dict:
+def run_case(name: str, quick: bool, rounds: int) -> dict:
     model, x, window, k = build_case(name, quick)
     stride = tuple(w // kk for w, kk in zip(window, k))
     sizes = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32, 64]
@@ -166,7 +166,6 @@ def run_case(name: str, quick: bool) -> dict:
     p_captum = math.prod(
         (s - w) // t + 1 for s, w, t in zip(x.shape[1:], window, stride)
     )
-    rounds = 1 if quick else 3
     # Warm up every path once; then each round times every candidate once, interleaved.
     per_example_forward(model, x, sizes[:1])
     tiled.attribute(x, target=0, window=window, k=k)
@@ -317,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="cpu: CPU time of this process (default; with 1 thread it is what "
                              "the work costs, and it barely moves when other jobs load a shared "
                              "machine); wall: elapsed time")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per case (default: 3, 1 with --quick)")
     parser.add_argument("--memory-probe", choices=["tiled", "captum"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -327,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     rows = []
     for case in args.cases:
-        row = run_case(case, args.quick)
+        row = run_case(case, args.quick, args.rounds or (1 if args.quick else 3))
         print(json.dumps(row), flush=True)
         rows.append(row)
     memory = []

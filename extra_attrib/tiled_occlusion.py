@@ -131,7 +131,8 @@ class TiledOcclusion(PerturbationAttribution):
                 perturbation (the best batch size depends on model and machine); on GPU about
                 64 rows per pass; always within a 256 MiB budget for the perturbed copies. Give
                 a number for bit-for-bit repeatable results (batch composition changes float
-                rounding). Default: None
+                rounding); it is capped at the number of windows and at the same budget.
+                Default: None
             show_progress (bool, optional): Show a tqdm progress bar whose total is the number of
                 forward passes; ``True`` or ``False`` only. Default: False
             score (str or callable, optional): The quantity that is differenced: ``"raw"`` (the
