@@ -95,14 +95,19 @@ def test_multi_target_sweep_is_one_sweep():
 
 
 def test_planner_candidates_respect_budget_and_count():
-    small = torch.zeros(1, 3, 32, 32)
-    assert ChunkPlanner([small], 1000).candidates == [1, 2, 4, 8, 16, 32]
-    assert ChunkPlanner([small], 5).candidates == [1, 2, 4, 5]
-    assert ChunkPlanner([torch.zeros(32, 3, 8, 8)], 1000).candidates == [1]
+    image = torch.zeros(1, 3, 224, 224)
+    assert ChunkPlanner([image], 1000).candidates == [1, 2, 4, 8, 16, 32]
+    assert ChunkPlanner([image], 5).candidates == [1, 2, 4, 5]
+    assert ChunkPlanner([torch.zeros(32, 3, 96, 96)], 1000).candidates == [1]
     huge = torch.zeros(1, 1, 400, 400, 400)  # 256 MB per copy
     assert ChunkPlanner([huge], 1000).candidates == [1]
-    assert ChunkPlanner([small], 1000, chunk_size=7).candidates == [7]
-    assert ChunkPlanner([small], 1000).capacity == 32
+    assert ChunkPlanner([image], 1000, chunk_size=7).candidates == [7]
+    assert ChunkPlanner([image], 1000).capacity == 32
+    # Light inputs go on doubling past 32 rows while a pass holds at most 2**20 elements.
+    small = torch.zeros(1, 3, 32, 32)  # 3072 elements: up to 256 rows
+    assert ChunkPlanner([small], 1000).candidates == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    tabular = torch.zeros(64, 512)  # 64 rows of 512 features: up to 32 copies of the batch
+    assert ChunkPlanner([tabular], 1000).candidates == [1, 2, 4, 8, 16, 32]
 
 
 def test_planner_keeps_the_fastest_size_per_perturbation():
