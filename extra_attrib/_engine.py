@@ -42,12 +42,19 @@ class SweepResult:
         evaluations (int): Forward passes run, the unperturbed one included.
         perturbations (int): Perturbed copies evaluated.
         skipped (int): Windows skipped because they could not change the input.
+        differences (list of Tensor, optional): With ``return_differences``, per input the
+            score difference of every window, shape ``(T, N, J_1, ..., J_d)``; windows not
+            evaluated hold ``score(x) - score(x)``. Otherwise None.
+        targets (Tensor, optional): The flat target indices resolved on the unperturbed
+            output, shape ``(N, T)``, as :func:`resolve_targets` gives them.
     """
 
     attributions: List[Tensor]
     evaluations: int
     perturbations: int
     skipped: int
+    differences: Optional[List[Tensor]] = None
+    targets: Optional[Tensor] = None
 
 
 def memory_bound(inputs: Sequence[Tensor]) -> int:
@@ -153,6 +160,8 @@ def occlusion_sweep(
     skip_unchanged: bool = True,
     show_progress: bool = False,
     description: str = "TiledOcclusion attribution",
+    windows: Optional[Sequence[Sequence[int]]] = None,
+    return_differences: bool = False,
 ) -> SweepResult:
     """Occlude every window of every input and average the score differences per element.
 
@@ -170,6 +179,11 @@ def occlusion_sweep(
             Default: True.
         show_progress (bool, optional): Show a progress bar over forward passes. Default: False.
         description (str, optional): Progress bar label.
+        windows (sequence of sequence of int, optional): Per input, the flat indices of the
+            only windows to evaluate (in increasing order); the others get no forward pass and
+            count neither as perturbed nor as skipped. Default: None (every window).
+        return_differences (bool, optional): Also return every window's score difference.
+            Default: False
 
     Returns:
         SweepResult: Attributions per input of shape ``(T, N, *S_j)`` in the scores' dtype.
@@ -187,16 +201,21 @@ def occlusion_sweep(
     base_scores = base_scores.to(acc_dtype)
 
     active = []
-    for x, b, geometry in zip(inputs, baselines, geometries):
+    for j, (x, b, geometry) in enumerate(zip(inputs, baselines, geometries)):
         if skip_unchanged:
             mask = changed_windows(x, b, geometry).flatten()
             active.append(mask.nonzero().squeeze(1).tolist())
         else:
             active.append(list(range(geometry.num_perturbations)))
+        if windows is not None:
+            wanted = set(windows[j])
+            active[-1] = [i for i in active[-1] if i in wanted]
     busiest = max(len(a) for a in active)
     planner = ChunkPlanner(inputs, max(busiest, 1), chunk_size)
     total = sum(len(a) for a in active)
-    skipped = sum(g.num_perturbations for g in geometries) - total
+    requested = (sum(g.num_perturbations for g in geometries) if windows is None
+                 else sum(len(set(w)) for w in windows))
+    skipped = requested - total
 
     bar = tqdm(total=1 + planner.expected_chunks(total), desc=description,
                disable=not show_progress)
@@ -204,7 +223,7 @@ def occlusion_sweep(
     evaluations, done = 1, 0
     try:
         sweep = _Sweep(forward_func, inputs, baselines, additional_forward_args, planner.capacity)
-        attributions = []
+        attributions, differences = [], []
         for j, (geometry, indices) in enumerate(zip(geometries, active)):
             # A skipped window leaves the input as it is: its difference is score(x) - score(x),
             # which is 0, or NaN where the score itself is not finite, as the forward pass gives.
@@ -230,9 +249,12 @@ def occlusion_sweep(
             sweep.reset(j)
             per_window = diffs.reshape(n, index.shape[1], *geometry.grid)
             attributions.append(accumulate(per_window, geometry).transpose(0, 1))
+            if return_differences:
+                differences.append(per_window.transpose(0, 1))
     finally:
         bar.close()
-    return SweepResult(attributions, evaluations, total, skipped)
+    return SweepResult(attributions, evaluations, total, skipped,
+                       differences if return_differences else None, index)
 
 
 class _Sweep:

@@ -8,6 +8,7 @@ algorithm itself is in :mod:`extra_attrib._geometry` (window positions and avera
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -16,6 +17,7 @@ from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor
 
+from extra_attrib._drilldown import check_refine, drilldown_sweep
 from extra_attrib._engine import SweepResult, occlusion_sweep
 from extra_attrib._geometry import TileGeometry
 from extra_attrib._targets import ScoreType, as_target_list, score_function
@@ -89,6 +91,8 @@ class TiledOcclusion(PerturbationAttribution):
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         score: ScoreType = "raw",
+        refine: Optional[float] = None,
+        refine_by: str = "abs",
     ) -> TensorOrTuple:
         r"""Attribute the target's score to every input element.
 
@@ -134,6 +138,18 @@ class TiledOcclusion(PerturbationAttribution):
                 (log-probability; ``log P(x) - log P(x_occluded)``, the loss-based occlusion of
                 the literature), or a callable ``score(outputs) -> outputs`` applied to the raw
                 output before the target is selected. Default: ``"raw"``
+            refine (float, optional): Adaptive drill-down: a fraction ``0 < refine <= 1`` of
+                the coarse cells (window-sized blocks at stride ``window``) that get the full
+                tiled map. A coarse pass evaluates the windows at stride ``window`` (tiled
+                positions, reused); per example and input tensor the top
+                ``ceil(refine * cells)`` cells by ``refine_by`` (ties: lower row-major index)
+                are refined by evaluating every window covering them, so their elements get
+                exactly the full value; all other elements keep the coarse value (Occlusion
+                with window and stride ``window``). ``1`` gives the full map. See
+                :mod:`extra_attrib._drilldown`. Default: None (full map)
+            refine_by (str, optional): Ranking of the coarse cells: ``"abs"`` (absolute coarse
+                attribution) or ``"positive"`` (its positive part, the evidence for the
+                target). Default: ``"abs"``
 
         Returns:
             Tensor or tuple of Tensor: Attributions with the type, shapes and device of
@@ -150,7 +166,7 @@ class TiledOcclusion(PerturbationAttribution):
         """
         is_tuple = isinstance(inputs, tuple)
         result = self._run(inputs, [target], k, window, baselines, additional_forward_args,
-                           perturbations_per_eval, show_progress, score)
+                           perturbations_per_eval, show_progress, score, refine, refine_by)
         attributions = tuple(a[0] for a in result)
         return attributions if is_tuple else attributions[0]
 
@@ -167,6 +183,8 @@ class TiledOcclusion(PerturbationAttribution):
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         score: ScoreType = "raw",
+        refine: Optional[float] = None,
+        refine_by: str = "abs",
     ) -> TensorOrTuple:
         r"""Attribute several targets in one sweep over the windows.
 
@@ -177,7 +195,11 @@ class TiledOcclusion(PerturbationAttribution):
             targets (list): Non-empty list; each element any ``target`` form of
                 :meth:`attribute` (e.g. ``[281, 282, 285]``, or per-example tensors).
             k, window, baselines, additional_forward_args, perturbations_per_eval,
-            show_progress, score: As in :meth:`attribute`.
+            show_progress, score, refine, refine_by: As in :meth:`attribute`. With
+                ``refine``, the cells refined for an example are the union over the targets of
+                each target's top cells, and every target's map is refined on that union (the
+                forward passes hold every target's score, so this costs nothing extra); each
+                map is therefore at least as refined as ``attribute`` would give it.
 
         Returns:
             Tensor or tuple of Tensor: For each input, shape ``(len(targets), *input.shape)``;
@@ -191,7 +213,8 @@ class TiledOcclusion(PerturbationAttribution):
         """
         is_tuple = isinstance(inputs, tuple)
         result = self._run(inputs, as_target_list(targets), k, window, baselines,
-                           additional_forward_args, perturbations_per_eval, show_progress, score)
+                           additional_forward_args, perturbations_per_eval, show_progress, score,
+                           refine, refine_by)
         return tuple(result) if is_tuple else result[0]
 
     def _run(
@@ -205,6 +228,8 @@ class TiledOcclusion(PerturbationAttribution):
         perturbations_per_eval: Optional[int],
         show_progress: bool,
         score: ScoreType,
+        refine: Optional[float] = None,
+        refine_by: str = "abs",
     ) -> List[Tensor]:
         xs = _format_inputs(inputs)
         geometries = resolve_tiling([tuple(x.shape[1:]) for x in xs], window, k)
@@ -217,8 +242,11 @@ class TiledOcclusion(PerturbationAttribution):
                 f"perturbations_per_eval={perturbations_per_eval!r} must be a positive int or None"
             )
         score_fn = score_function(score)
+        fraction = check_refine(refine, refine_by)
+        run_sweep: Callable[..., SweepResult] = occlusion_sweep if fraction is None else (
+            functools.partial(drilldown_sweep, refine=fraction, refine_by=refine_by))
         with _model_state_kept(self.forward_func):
-            sweep: SweepResult = occlusion_sweep(
+            sweep: SweepResult = run_sweep(
                 self.forward_func, xs, fills, geometries, targets, score_fn, extra,
                 chunk_size=perturbations_per_eval, show_progress=show_progress,
             )
