@@ -145,8 +145,12 @@ class TiledOcclusion(PerturbationAttribution):
                 ``ceil(refine * cells)`` cells by ``refine_by`` (ties: lower row-major index)
                 are refined by evaluating every window covering them, so their elements get
                 exactly the full value; all other elements keep the coarse value (Occlusion
-                with window and stride ``window``). ``1`` gives the full map. See
-                :mod:`extra_attrib._drilldown`. Default: None (full map)
+                with window and stride ``window``). ``1`` gives the full map. With a batch,
+                the coarse pass runs on the whole batch and the refinement once per example on
+                that example's own windows (``perturbations_per_eval`` then counts copies of
+                one example); ``last_perturbations`` counts the coarse pass's batch copies plus
+                the refined rows divided by ``N``. See :mod:`extra_attrib._drilldown`.
+                Default: None (full map)
             refine_by (str, optional): Ranking of the coarse cells: ``"abs"`` (absolute coarse
                 attribution) or ``"positive"`` (its positive part, the evidence for the
                 target). Default: ``"abs"``
