@@ -183,8 +183,34 @@ def test_batch_modes_agree_with_reference_and_single_examples(batch_mode):
         single = tiled.attribute_multi(x[e : e + 1], [int(targets[0][e]), 1], window=window, k=k,
                                        baselines=base[e : e + 1], refine=0.25)
         torch.testing.assert_close(res.attributions[0][:, e : e + 1], single)
-    # Per-example mode never evaluates more rows than the union.
     assert res.selected[0].shape == (4, 2, 3, 3)
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return self.model(x)
+
+
+def test_per_example_runs_fewer_rows_than_the_union_for_the_same_maps():
+    shape, window, k = (1, 12, 12), (1, 4, 4), (1, 2, 2)
+    counting = Counting(FlatLinear(shape))
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    args = ((x,), (torch.tensor(0.0, dtype=torch.float64),), [TileGeometry(shape, window, k)],
+            [0], score_function("raw"), (), 0.2)
+    rows, maps = {}, {}
+    for mode in ("per_example", "union"):
+        counting.rows = 0
+        maps[mode] = drilldown_sweep(counting, *args, batch_mode=mode).attributions[0]
+        rows[mode] = counting.rows
+    torch.testing.assert_close(maps["per_example"], maps["union"])
+    assert rows["per_example"] < rows["union"]
+    with pytest.raises(ValueError, match="batch_mode='both'"):
+        drilldown_sweep(counting, *args, batch_mode="both")
 
 
 def test_attribute_multi_selects_the_union_over_targets():
