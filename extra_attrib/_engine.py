@@ -73,12 +73,19 @@ class SweepResult:
         evaluations (int): Forward passes run, the unperturbed one included.
         perturbations (int): Perturbed copies evaluated.
         skipped (int): Windows skipped because they could not change the input.
+        differences (list of Tensor, optional): With ``return_differences``, per input the
+            score difference of every window, shape ``(T, N, J_1, ..., J_d)``; windows not
+            evaluated hold ``score(x) - score(x)``. Otherwise None.
+        targets (Tensor, optional): The flat target indices resolved on the unperturbed
+            output, shape ``(N, T)``, as :func:`resolve_targets` gives them.
     """
 
     attributions: List[Tensor]
     evaluations: int
     perturbations: int
     skipped: int
+    differences: Optional[List[Tensor]] = None
+    targets: Optional[Tensor] = None
 
 
 def memory_bound(inputs: Sequence[Tensor]) -> int:
@@ -219,6 +226,8 @@ def occlusion_sweep(
     skip_unchanged: bool = True,
     show_progress: bool = False,
     description: str = "TiledOcclusion attribution",
+    windows: Optional[Sequence[Sequence[int]]] = None,
+    return_differences: bool = False,
 ) -> SweepResult:
     """Occlude every window of every input and average the score differences per element.
 
@@ -236,6 +245,11 @@ def occlusion_sweep(
             Default: True.
         show_progress (bool, optional): Show a progress bar over forward passes. Default: False.
         description (str, optional): Progress bar label.
+        windows (sequence of sequence of int, optional): Per input, the flat indices of the
+            only windows to evaluate (in increasing order); the others get no forward pass and
+            count neither as perturbed nor as skipped. Default: None (every window).
+        return_differences (bool, optional): Also return every window's score difference.
+            Default: False
 
     Returns:
         SweepResult: Attributions per input of shape ``(T, N, *S_j)`` in the scores' dtype.
@@ -254,16 +268,21 @@ def occlusion_sweep(
     pick = _TargetPicker(index)
 
     active = []
-    for x, b, geometry in zip(inputs, baselines, geometries):
+    for j, (x, b, geometry) in enumerate(zip(inputs, baselines, geometries)):
         if skip_unchanged:
             mask = changed_windows(x, b, geometry).flatten()
             active.append(mask.nonzero().squeeze(1).tolist())
         else:
             active.append(list(range(geometry.num_perturbations)))
+        if windows is not None:
+            wanted = set(windows[j])
+            active[-1] = [i for i in active[-1] if i in wanted]
     busiest = max(len(a) for a in active)
     planner = ChunkPlanner(inputs, max(busiest, 1), chunk_size)
     total = sum(len(a) for a in active)
-    skipped = sum(g.num_perturbations for g in geometries) - total
+    requested = (sum(g.num_perturbations for g in geometries) if windows is None
+                 else sum(len(set(w)) for w in windows))
+    skipped = requested - total
 
     bar = tqdm(total=1 + planner.expected_chunks(total), desc=description,
                disable=not show_progress)
@@ -272,7 +291,7 @@ def occlusion_sweep(
     try:
         evaluator = DenseEvaluator(forward_func, inputs, baselines, geometries,
                                    additional_forward_args, planner.capacity)
-        attributions = []
+        attributions, differences = [], []
         for j, (geometry, indices) in enumerate(zip(geometries, active)):
             on_device = torch.tensor(indices, dtype=torch.long, device=inputs[j].device)
             while True:
@@ -305,9 +324,12 @@ def occlusion_sweep(
                 total += len(indices)
             per_window = diffs.permute(1, 2, 0).reshape(n, index.shape[1], *geometry.grid)
             attributions.append(accumulate(per_window, geometry).transpose(0, 1))
+            if return_differences:
+                differences.append(per_window.transpose(0, 1))
     finally:
         bar.close()
-    return SweepResult(attributions, evaluations, done, skipped)
+    return SweepResult(attributions, evaluations, done, skipped,
+                       differences if return_differences else None, index)
 
 
 class DenseEvaluator:

@@ -7,6 +7,7 @@ algorithm itself is in :mod:`extra_attrib._geometry` (window positions and avera
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -16,6 +17,7 @@ from captum.log import log_usage
 from torch import Tensor
 
 from extra_attrib._checks import check_bool, check_int, check_optional_int, is_int
+from extra_attrib._drilldown import check_refine, drilldown_sweep
 from extra_attrib._engine import SweepResult, occlusion_sweep
 from extra_attrib._geometry import TileGeometry
 from extra_attrib._model_state import model_state_kept
@@ -90,6 +92,8 @@ class TiledOcclusion(PerturbationAttribution):
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         score: ScoreType = "raw",
+        refine: Optional[float] = None,
+        refine_by: str = "abs",
     ) -> TensorOrTuple:
         r"""Attribute the target's score to every input element.
 
@@ -141,6 +145,22 @@ class TiledOcclusion(PerturbationAttribution):
                 the literature), or a callable ``score(outputs) -> outputs`` applied to the raw
                 output before the target is selected; it must return a tensor with one row per
                 example. Default: ``"raw"``
+            refine (float, optional): Adaptive drill-down: a fraction ``0 < refine <= 1`` of
+                the coarse cells (window-sized blocks at stride ``window``) that get the full
+                tiled map. A coarse pass evaluates the windows at stride ``window`` (tiled
+                positions, reused); per example and input tensor the top
+                ``ceil(refine * cells)`` cells by ``refine_by`` (ties: lower row-major index)
+                are refined by evaluating every window covering them, so their elements get
+                exactly the full value; all other elements keep the coarse value (Occlusion
+                with window and stride ``window``). ``1`` gives the full map. With a batch,
+                the coarse pass runs on the whole batch and the refinement once per example on
+                that example's own windows (``perturbations_per_eval`` then counts copies of
+                one example); ``last_perturbations`` counts the coarse pass's batch copies plus
+                the refined rows divided by ``N``. See :mod:`extra_attrib._drilldown`.
+                Default: None (full map)
+            refine_by (str, optional): Ranking of the coarse cells: ``"abs"`` (absolute coarse
+                attribution) or ``"positive"`` (its positive part, the evidence for the
+                target). Default: ``"abs"``
 
         Returns:
             Tensor or tuple of Tensor: Attributions with the type, shapes and device of
@@ -157,7 +177,7 @@ class TiledOcclusion(PerturbationAttribution):
         """
         is_tuple = isinstance(inputs, tuple)
         result = self._run(inputs, [target], k, window, baselines, additional_forward_args,
-                           perturbations_per_eval, show_progress, score)
+                           perturbations_per_eval, show_progress, score, refine, refine_by)
         attributions = tuple(a[0] for a in result)
         return attributions if is_tuple else attributions[0]
 
@@ -174,6 +194,8 @@ class TiledOcclusion(PerturbationAttribution):
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         score: ScoreType = "raw",
+        refine: Optional[float] = None,
+        refine_by: str = "abs",
     ) -> TensorOrTuple:
         r"""Attribute several targets in one sweep over the windows.
 
@@ -184,7 +206,11 @@ class TiledOcclusion(PerturbationAttribution):
             targets (list): Non-empty list; each element any ``target`` form of
                 :meth:`attribute` (e.g. ``[281, 282, 285]``, or per-example tensors).
             k, window, baselines, additional_forward_args, perturbations_per_eval,
-            show_progress, score: As in :meth:`attribute`.
+            show_progress, score, refine, refine_by: As in :meth:`attribute`. With
+                ``refine``, the cells refined for an example are the union over the targets of
+                each target's top cells, and every target's map is refined on that union (the
+                forward passes hold every target's score, so this costs nothing extra); each
+                map is therefore at least as refined as ``attribute`` would give it.
 
         Returns:
             Tensor or tuple of Tensor: For each input, shape ``(len(targets), *input.shape)``;
@@ -198,7 +224,8 @@ class TiledOcclusion(PerturbationAttribution):
         """
         is_tuple = isinstance(inputs, tuple)
         result = self._run(inputs, as_target_list(targets), k, window, baselines,
-                           additional_forward_args, perturbations_per_eval, show_progress, score)
+                           additional_forward_args, perturbations_per_eval, show_progress, score,
+                           refine, refine_by)
         return tuple(result) if is_tuple else result[0]
 
     def _run(
@@ -212,6 +239,8 @@ class TiledOcclusion(PerturbationAttribution):
         perturbations_per_eval: Optional[int],
         show_progress: bool,
         score: ScoreType,
+        refine: Optional[float] = None,
+        refine_by: str = "abs",
     ) -> List[Tensor]:
         xs = _format_inputs(inputs)
         geometries = resolve_tiling([tuple(x.shape[1:]) for x in xs], window, k)
@@ -229,9 +258,12 @@ class TiledOcclusion(PerturbationAttribution):
         xs = tuple(x.unsqueeze(1) if j in scalar else x for j, x in enumerate(xs))
         fills = tuple(b.unsqueeze(-1) if j in scalar and b.dim() else b
                       for j, b in enumerate(fills))
+        fraction = check_refine(refine, refine_by)
+        run_sweep: Callable[..., SweepResult] = occlusion_sweep if fraction is None else (
+            functools.partial(drilldown_sweep, refine=fraction, refine_by=refine_by))
         _warn_if_training(self.forward_func)
         with model_state_kept(self.forward_func):
-            sweep: SweepResult = occlusion_sweep(
+            sweep: SweepResult = run_sweep(
                 forward_func, xs, fills, geometries, targets, score_fn, extra,
                 chunk_size=perturbations_per_eval, show_progress=show_progress,
             )
