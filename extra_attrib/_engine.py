@@ -153,6 +153,7 @@ def occlusion_sweep(
     skip_unchanged: bool = True,
     show_progress: bool = False,
     description: str = "TiledOcclusion attribution",
+    evaluator: Optional[Callable[..., Any]] = None,
 ) -> SweepResult:
     """Occlude every window of every input and average the score differences per element.
 
@@ -170,6 +171,10 @@ def occlusion_sweep(
             Default: True.
         show_progress (bool, optional): Show a progress bar over forward passes. Default: False.
         description (str, optional): Progress bar label.
+        evaluator (callable, optional): Builds the object that evaluates chunks, called like
+            ``_Sweep(forward_func, inputs, baselines, additional_forward_args, capacity)``; its
+            ``run(j, boxes)`` returns the model outputs of the chunk and ``reset(j)`` ends input
+            ``j``. Default: None (the dense ``_Sweep``)
 
     Returns:
         SweepResult: Attributions per input of shape ``(T, N, *S_j)`` in the scores' dtype.
@@ -203,7 +208,9 @@ def occlusion_sweep(
     bar.update(1)
     evaluations, done = 1, 0
     try:
-        sweep = _Sweep(forward_func, inputs, baselines, additional_forward_args, planner.capacity)
+        sweep = (evaluator or _Sweep)(
+            forward_func, inputs, baselines, additional_forward_args, planner.capacity
+        )
         attributions = []
         for j, (geometry, indices) in enumerate(zip(geometries, active)):
             # A skipped window leaves the input as it is: its difference is score(x) - score(x),

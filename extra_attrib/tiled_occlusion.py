@@ -18,6 +18,7 @@ from torch import Tensor
 
 from extra_attrib._engine import SweepResult, occlusion_sweep
 from extra_attrib._geometry import TileGeometry
+from extra_attrib._incremental import central_box, choose_engine
 from extra_attrib._targets import ScoreType, as_target_list, score_function
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -75,6 +76,10 @@ class TiledOcclusion(PerturbationAttribution):
         self.last_perturbations: int = 0
         #: Windows the last call skipped because they equalled the baseline in every example.
         self.last_skipped: int = 0
+        #: Engine of the last call: ``"dense"`` or ``"incremental"``.
+        self.last_engine: str = ""
+        #: Why the last call used that engine.
+        self.last_engine_reason: str = ""
 
     @log_usage()
     @torch.no_grad()
@@ -89,6 +94,7 @@ class TiledOcclusion(PerturbationAttribution):
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         score: ScoreType = "raw",
+        engine: str = "auto",
     ) -> TensorOrTuple:
         r"""Attribute the target's score to every input element.
 
@@ -134,6 +140,14 @@ class TiledOcclusion(PerturbationAttribution):
                 (log-probability; ``log P(x) - log P(x_occluded)``, the loss-based occlusion of
                 the literature), or a callable ``score(outputs) -> outputs`` applied to the raw
                 output before the target is selected. Default: ``"raw"``
+            engine (str, optional): ``"dense"`` runs one full forward pass per window;
+                ``"incremental"`` recomputes only the box of each layer's activation a window
+                changes (exact, for CNNs made of convolutions, pooling, BatchNorm, activations,
+                add/mul/concat; the rest of the network after a global pool, linear layer, ...
+                runs densely) and raises a ValueError naming the first operation it cannot
+                handle; ``"auto"`` uses incremental when the model is supported and a cost model
+                predicts a gain. ``last_engine`` and ``last_engine_reason`` tell what ran and
+                why. Default: ``"auto"``
 
         Returns:
             Tensor or tuple of Tensor: Attributions with the type, shapes and device of
@@ -150,7 +164,7 @@ class TiledOcclusion(PerturbationAttribution):
         """
         is_tuple = isinstance(inputs, tuple)
         result = self._run(inputs, [target], k, window, baselines, additional_forward_args,
-                           perturbations_per_eval, show_progress, score)
+                           perturbations_per_eval, show_progress, score, engine)
         attributions = tuple(a[0] for a in result)
         return attributions if is_tuple else attributions[0]
 
@@ -167,6 +181,7 @@ class TiledOcclusion(PerturbationAttribution):
         perturbations_per_eval: Optional[int] = None,
         show_progress: bool = False,
         score: ScoreType = "raw",
+        engine: str = "auto",
     ) -> TensorOrTuple:
         r"""Attribute several targets in one sweep over the windows.
 
@@ -177,7 +192,7 @@ class TiledOcclusion(PerturbationAttribution):
             targets (list): Non-empty list; each element any ``target`` form of
                 :meth:`attribute` (e.g. ``[281, 282, 285]``, or per-example tensors).
             k, window, baselines, additional_forward_args, perturbations_per_eval,
-            show_progress, score: As in :meth:`attribute`.
+            show_progress, score, engine: As in :meth:`attribute`.
 
         Returns:
             Tensor or tuple of Tensor: For each input, shape ``(len(targets), *input.shape)``;
@@ -191,7 +206,8 @@ class TiledOcclusion(PerturbationAttribution):
         """
         is_tuple = isinstance(inputs, tuple)
         result = self._run(inputs, as_target_list(targets), k, window, baselines,
-                           additional_forward_args, perturbations_per_eval, show_progress, score)
+                           additional_forward_args, perturbations_per_eval, show_progress, score,
+                           engine)
         return tuple(result) if is_tuple else result[0]
 
     def _run(
@@ -205,6 +221,7 @@ class TiledOcclusion(PerturbationAttribution):
         perturbations_per_eval: Optional[int],
         show_progress: bool,
         score: ScoreType,
+        engine: str = "auto",
     ) -> List[Tensor]:
         xs = _format_inputs(inputs)
         geometries = resolve_tiling([tuple(x.shape[1:]) for x in xs], window, k)
@@ -216,11 +233,19 @@ class TiledOcclusion(PerturbationAttribution):
             raise ValueError(
                 f"perturbations_per_eval={perturbations_per_eval!r} must be a positive int or None"
             )
+        if engine not in ("auto", "dense", "incremental"):
+            raise ValueError(
+                f"engine={engine!r} must be 'auto', 'dense' or 'incremental'"
+            )
         score_fn = score_function(score)
         with _model_state_kept(self.forward_func):
+            choice = choose_engine(engine, self.forward_func, xs, fills, extra,
+                                   central_box(geometries[0]))
+            self.last_engine, self.last_engine_reason = choice.engine, choice.reason
             sweep: SweepResult = occlusion_sweep(
                 self.forward_func, xs, fills, geometries, targets, score_fn, extra,
                 chunk_size=perturbations_per_eval, show_progress=show_progress,
+                evaluator=choice.factory,
             )
         self.last_evaluations = sweep.evaluations
         self.last_perturbations = sweep.perturbations
