@@ -78,7 +78,7 @@ _DENSE_MODULES = (
     nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
     nn.CircularPad3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, *_CONSTPAD_MODULES,
 )
 #: Out-of-place functional forms of in-place capable activation modules.
 _OUT_OF_PLACE: Dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
@@ -108,11 +108,12 @@ _POINTWISE_METHODS = {
 }
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _BINARY_FUNCTIONS = {
-    operator.add: torch.add, operator.sub: torch.sub, operator.mul: torch.mul,
-    operator.truediv: torch.div, torch.add: torch.add, torch.sub: torch.sub,
-    torch.mul: torch.mul, torch.div: torch.div,
+    operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+    operator.truediv: operator.truediv, torch.add: operator.add, torch.sub: operator.sub,
+    torch.mul: operator.mul, torch.div: operator.truediv,
 }
-_BINARY_METHODS = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
+_BINARY_METHODS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
+                   "div": operator.truediv}
 _DENSE_FUNCTIONS = {
     torch.flatten, torch.mean, torch.sum, torch.amax, torch.amin, torch.softmax, F.softmax,
     F.log_softmax, torch.log_softmax, F.linear, F.interpolate, operator.getitem, torch.squeeze,
@@ -333,14 +334,7 @@ class IncrementalProgram:
                 f"the input has shape {tuple(example.shape)}: incremental occlusion needs "
                 "(N, C, *spatial) with 1 to 3 spatial dimensions"
             )
-        if isinstance(model, nn.Module):
-            for name, m in model.named_modules():
-                if m.training and isinstance(m, (nn.modules.batchnorm._NormBase,
-                                                 nn.modules.dropout._DropoutNd)):
-                    raise UnsupportedModel(
-                        f"module {name!r} ({type(m).__name__}) is in training mode: its output "
-                        "depends on the whole batch or on chance; call model.eval()"
-                    )
+        _check_eval_mode(model)
         try:
             self.graph_module = fx.symbolic_trace(model)
         except Exception as error:  # fx raises many types for untraceable code
@@ -519,8 +513,7 @@ class IncrementalProgram:
             if step.kind == "input":
                 env[node] = patch
             elif step.kind == "output":
-                result = fx.node.map_arg(node.args[0], lambda a: _as_dense(env[a], cost))
-                return fx.node.map_arg(result, lambda a: a)
+                return fx.node.map_arg(node.args[0], lambda a: _as_dense(env[a], cost))
             else:
                 out = _HANDLERS[step.kind](self, step, env, clean[node], b, cost)
                 if isinstance(out, Patch) and (
@@ -647,12 +640,13 @@ def _pointwise(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any]
     args, kwargs = _args(step, env)
     first = args[0] if args else None
     rest = list(args[1:]) + list(kwargs.values())
-    if not isinstance(first, Patch) or any(isinstance(a, (Patch, _Dense)) for a in rest):
+    if not isinstance(first, Patch) or any(
+        isinstance(a, (Patch, _Dense)) or (isinstance(a, Tensor) and not _local_operand(
+            a, first.clean.dim())) for a in rest
+    ):
         return _run_dense(program, step, env, clean, b, cost)
     if not isinstance(clean, Tensor) or clean.shape != first.clean.shape:
-        return _run_dense(program, step, env, clean, b, cost)  # e.g. a dtype or shape change
-    if isinstance(step.module, nn.PReLU) and step.module.num_parameters > 1 and clean.dim() < 2:
-        return _run_dense(program, step, env, clean, b, cost)
+        return _run_dense(program, step, env, clean, b, cost)  # e.g. a shape change
     out = program._call(step, (first.values, *args[1:]), kwargs)
     if cost is not None:
         cost.elements(out.numel())
@@ -879,13 +873,30 @@ _PROGRAMS: weakref.WeakKeyDictionary[Any, Dict[Tuple[Any, ...], IncrementalProgr
 )
 
 
+def _check_eval_mode(model: Callable[..., Tensor]) -> None:
+    if not isinstance(model, nn.Module):
+        return
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, (nn.modules.batchnorm._NormBase,
+                                         nn.modules.dropout._DropoutNd)):
+            raise UnsupportedModel(
+                f"module {name!r} ({type(m).__name__}) is in training mode: its output "
+                "depends on the whole batch or on chance; call model.eval()"
+            )
+
+
 def program_for(model: Callable[..., Tensor], x: Tensor) -> IncrementalProgram:
     """The traced program of ``model`` for inputs shaped like ``x``, cached per model and shape.
+
+    The cache key includes the identity of every submodule, so replacing a layer retraces.
 
     Raises:
         UnsupportedModel: As :class:`IncrementalProgram`.
     """
-    key = (tuple(x.shape), x.dtype, x.device)
+    _check_eval_mode(model)
+    key: Tuple[Any, ...] = (tuple(x.shape), x.dtype, x.device)
+    if isinstance(model, nn.Module):
+        key += tuple(id(m) for m in model.modules())
     try:
         cache = _PROGRAMS.setdefault(model, {})
     except TypeError:  # not weak-referenceable: trace every time

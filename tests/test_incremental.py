@@ -364,3 +364,39 @@ def test_nan_inf_baseline_stays_in_window():
     incr = tiled.attribute(x, target=0, window=8, k=(1, 2), baselines=math.inf,
                            engine="incremental")
     torch.testing.assert_close(incr, dense, equal_nan=True)
+
+
+class Operands(nn.Module):
+    """Scalars on either side, per-channel parameters, and a spatial (non-local) constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.scale = nn.Parameter(torch.randn(4, 1, 1, dtype=torch.float64))
+        self.position = nn.Parameter(torch.randn(1, 4, 24, 20, dtype=torch.float64))
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = 1.0 - torch.sigmoid(self.conv(x))
+        y = torch.clamp(y * self.scale + 0.5, -1.0, 1.0)
+        y = self.conv2(y / 2.0)
+        y = y + self.position  # differs per position: this add runs densely
+        return self.head(y.amax((2, 3)))
+
+
+def test_scalar_channel_and_spatial_operands():
+    x = torch.randn(2, 2, 24, 20, dtype=torch.float64)
+    _both(Operands().double(), x, window=(2, 6, 6), k=(1, 2, 3), targets=(0, 1), rtol=1e-10,
+          perturbations_per_eval=4)
+
+
+def test_replaced_layer_retraces_and_train_mode_is_refused_after_caching():
+    model = _net3d().eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    first = program_for(model, x)
+    model[2] = nn.Tanh()
+    assert program_for(model, x) is not first
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        program_for(model, x)
