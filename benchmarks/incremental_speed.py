@@ -31,6 +31,8 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -115,13 +117,42 @@ def floor_per_example(model: nn.Module, x: torch.Tensor, sizes: Sequence[int],
     return {b: statistics.median(v) for b, v in samples.items()}
 
 
-def run_case(name: str, size: int, window: int, k: int, args: argparse.Namespace) -> dict:
+def setup(name: str, size: int, window: int, k: int):
     model = build_case(name, size)
     spatial = 3 if name == "cnn3d" else 2
     channels = 1 if name == "cnn3d" else 3
     x = torch.randn(1, channels, *([size] * spatial))
     geometry = TileGeometry(tuple(x.shape[1:]), (channels,) + (window,) * spatial,
                             (1,) + (k,) * spatial)
+    return model, x, geometry
+
+
+def memory_probe(name: str, size: int, window: int, k: int, engine: str, chunk: int) -> float:
+    """Peak RSS growth (MiB) of one chunk of ``chunk`` interior windows, this process only."""
+    model, x, geometry = setup(name, size, window, k)
+    base = torch.tensor(0.0)
+    mid = geometry.num_perturbations // 2
+    boxes = perturbation_boxes(geometry, list(range(mid, mid + chunk)))
+
+    def one_chunk() -> None:
+        with torch.no_grad():
+            if engine == "dense":
+                _Sweep(model, (x,), (base,), (), chunk).run(0, boxes)
+            else:
+                IncrementalSweep(program_for(model, x), (x,), (base,)).run(0, boxes)
+
+    return timed(one_chunk)[1]
+
+
+def measure_memory(case: Tuple[str, int, int, int], engine: str, chunk: int) -> float:
+    cmd = [sys.executable, "-m", "benchmarks.incremental_speed", "--memory-probe",
+           ",".join(map(str, case)), engine, str(chunk)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def run_case(name: str, size: int, window: int, k: int, args: argparse.Namespace) -> dict:
+    model, x, geometry = setup(name, size, window, k)
     base = torch.tensor(0.0)
     sizes = [b for b in args.floor_batches if b <= args.max_batch.get(name, 64)]
     floor = floor_per_example(model, x, sizes, args.repeats)
@@ -141,7 +172,6 @@ def run_case(name: str, size: int, window: int, k: int, args: argparse.Namespace
     dense = _Sweep(model, (x,), (base,), (), max(chunk_sizes.values()))
 
     samples: Dict[str, List[float]] = {c: [] for c in chunk_sizes}
-    peaks: Dict[str, float] = {c: 0.0 for c in chunk_sizes}
 
     def run(candidate: str, start: int) -> None:
         b = chunk_sizes[candidate]
@@ -155,12 +185,14 @@ def run_case(name: str, size: int, window: int, k: int, args: argparse.Namespace
     for _ in range(args.repeats):
         for candidate in chunk_sizes:
             for chunk in range(args.chunks):
-                seconds, peak = timed(lambda c=candidate, i=chunk: run(c, i))
+                seconds, _ = timed(lambda c=candidate, i=chunk: run(c, i))
                 samples[candidate].append(seconds / chunk_sizes[candidate])
-                peaks[candidate] = max(peaks[candidate], peak)
     med = {c: statistics.median(v) for c, v in samples.items()}
     best_incr = min((c for c in med if c != "dense"), key=med.get)
     auto = best_incr if choice.engine == "incremental" else "dense"
+    case = (name, size, window, k)
+    peaks = {"dense": measure_memory(case, "dense", best_batch),
+             best_incr: measure_memory(case, "incremental", chunk_sizes[best_incr])}
     return {
         "case": name, "input": "x".join(map(str, x.shape)), "window": window, "k": k,
         "P": geometry.num_perturbations, "best_batch": best_batch, "floor": t_floor,
@@ -184,14 +216,15 @@ def render(rows: List[dict], args: argparse.Namespace, started: str) -> str:
         "",
         "Each engine evaluates the same interior windows (fixed number of chunks, not a full "
         "sweep); figures are speed-ups over the forward floor (best per-example forward time), "
-        "median [min-max] over the timed chunks. Peak: growth of peak RSS during a chunk, MiB "
-        "(allocator reuse can hide it); stored: the clean activations incremental keeps "
-        "(parameters included).",
+        "median [min-max] over the timed chunks. Peak: growth of the peak RSS over the RSS "
+        "after loading the model, for one chunk at the timed chunk size, each engine in a fresh "
+        "process (incremental: its clean pass and stored activations included); stored: the "
+        "clean activations incremental keeps (parameters included).",
         "",
         "| case | input | window, k | P | floor batch | dense / floor | incremental (best B) "
         "/ floor | incremental over dense | auto picks | auto / dense time | peak MiB dense / "
-        "incr |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "incr | stored activations MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         d, i = r["samples"]["dense"], r["samples"][r["best_incr"]]
@@ -225,8 +258,15 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=None)
     parser.add_argument("--cases", nargs="*", default=None,
                         help="subset of case names (e.g. vgg16 cnn3d)")
+    parser.add_argument("--memory-probe", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        case, engine, chunk = args.memory_probe
+        name, *numbers = case.split(",")
+        size, window, k = map(int, numbers)
+        print(memory_probe(name, size, window, k, engine, int(chunk)))
+        return
     args.repeats = args.repeats or (1 if args.quick else 3)
     args.chunks = args.chunks or 1
     args.floor_batches = [1, 4, 8] if args.quick else [1, 2, 4, 8, 16]
@@ -240,7 +280,7 @@ def main() -> None:
     for name, size, window, k in cases:
         row = run_case(name, size, window, k, args)
         rows.append(row)
-        print(render([row], args, started).splitlines()[-4], flush=True)
+        print(render([row], args, started).splitlines()[-5], flush=True)
     table = render(rows, args, started)
     print(table)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
