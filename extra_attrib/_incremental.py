@@ -419,8 +419,13 @@ class IncrementalProgram:
             if target in _CONV_FUNCTIONS:
                 return _Step(node, "conv", free, None, _CONV_FUNCTIONS[target])
             if target in _DROPOUT_FUNCTIONS:
-                if node.kwargs.get("training", len(node.args) > 2 and node.args[2]):
-                    raise UnsupportedModel(f"dropout in training mode at {self._where(node)}")
+                default = target is not F.alpha_dropout  # torch's defaults for `training`
+                training = node.args[2] if len(node.args) > 2 else node.kwargs.get(
+                    "training", default)
+                if training is not False:
+                    raise UnsupportedModel(
+                        f"dropout in training mode (or with a traced training flag) at "
+                        f"{self._where(node)}")
                 return _Step(node, "pointwise", free)
             if target in _POINTWISE_FUNCTIONS:
                 return _Step(node, "pointwise", free)

@@ -400,3 +400,23 @@ def test_replaced_layer_retraces_and_train_mode_is_refused_after_caching():
     model.train()
     with pytest.raises(ValueError, match="training mode"):
         program_for(model, x)
+
+
+class FunctionalDropout(nn.Module):
+    def __init__(self, training_flag):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.training_flag = training_flag
+
+    def forward(self, x):
+        y = self.conv(x)
+        # F.dropout defaults to training=True, whatever model.eval() says.
+        y = F.dropout(y, 0.5, self.training) if self.training_flag else F.dropout(y, 0.5)
+        return y.mean((2, 3))
+
+
+def test_functional_dropout_follows_its_training_argument():
+    x = torch.randn(1, 1, 8, 8)
+    program_for(FunctionalDropout(True).eval(), x)
+    with pytest.raises(ValueError, match="dropout in training mode"):
+        program_for(FunctionalDropout(False).eval(), x)
