@@ -228,6 +228,7 @@ def occlusion_sweep(
     description: str = "TiledOcclusion attribution",
     windows: Optional[Sequence[Sequence[int]]] = None,
     return_differences: bool = False,
+    evaluator: Optional[Callable[..., Any]] = None,
 ) -> SweepResult:
     """Occlude every window of every input and average the score differences per element.
 
@@ -250,6 +251,10 @@ def occlusion_sweep(
             count neither as perturbed nor as skipped. Default: None (every window).
         return_differences (bool, optional): Also return every window's score difference.
             Default: False
+        evaluator (callable, optional): Builds the object that evaluates chunks, called like
+            ``DenseEvaluator(forward_func, inputs, baselines, geometries,
+            additional_forward_args, capacity)``; it must have ``evaluate`` and ``finish`` as
+            described in :class:`DenseEvaluator`. Default: None (:class:`DenseEvaluator`)
 
     Returns:
         SweepResult: Attributions per input of shape ``(T, N, *S_j)`` in the scores' dtype.
@@ -289,8 +294,8 @@ def occlusion_sweep(
     bar.update(1)
     evaluations, done = 1, 0
     try:
-        evaluator = DenseEvaluator(forward_func, inputs, baselines, geometries,
-                                   additional_forward_args, planner.capacity)
+        runner = (evaluator or DenseEvaluator)(forward_func, inputs, baselines, geometries,
+                                                 additional_forward_args, planner.capacity)
         attributions, differences = [], []
         for j, (geometry, indices) in enumerate(zip(geometries, active)):
             on_device = torch.tensor(indices, dtype=torch.long, device=inputs[j].device)
@@ -306,7 +311,7 @@ def occlusion_sweep(
                     chunk = indices[start : start + size]
                     where = on_device[start : start + size]  # a view: no host-device copy
                     began = time.perf_counter()
-                    outputs = evaluator.evaluate(j, chunk, where)
+                    outputs = runner.evaluate(j, chunk, where)
                     scores = pick(score_fn(outputs), len(chunk)).to(acc_dtype)
                     diffs.index_copy_(0, where, base_scores - scores)
                     if planner.tuning:
@@ -316,7 +321,7 @@ def occlusion_sweep(
                     evaluations += 1
                     bar.total = evaluations + planner.expected_chunks(total - done)
                     bar.update(1)
-                if evaluator.finish(j):
+                if runner.finish(j):
                     break
                 # The model changed its input behind autograd's back (through ``.data`` or
                 # numpy): the chunks of this input may have seen a corrupted copy. The

@@ -20,6 +20,7 @@ from extra_attrib._checks import check_bool, check_int, check_optional_int, is_i
 from extra_attrib._drilldown import check_refine, drilldown_sweep
 from extra_attrib._engine import SweepResult, occlusion_sweep
 from extra_attrib._geometry import TileGeometry
+from extra_attrib._incremental import central_box, choose_engine
 from extra_attrib._model_state import model_state_kept
 from extra_attrib._targets import ScoreType, as_target_list, score_function
 
@@ -78,6 +79,10 @@ class TiledOcclusion(PerturbationAttribution):
         self.last_perturbations: int = 0
         #: Windows the last call skipped because they equalled the baseline in every example.
         self.last_skipped: int = 0
+        #: Engine of the last call: ``"dense"`` or ``"incremental"``.
+        self.last_engine: str = ""
+        #: Why the last call used that engine.
+        self.last_engine_reason: str = ""
 
     @log_usage()
     @torch.no_grad()
@@ -94,6 +99,7 @@ class TiledOcclusion(PerturbationAttribution):
         score: ScoreType = "raw",
         refine: Optional[float] = None,
         refine_by: str = "abs",
+        engine: str = "auto",
     ) -> TensorOrTuple:
         r"""Attribute the target's score to every input element.
 
@@ -161,6 +167,14 @@ class TiledOcclusion(PerturbationAttribution):
             refine_by (str, optional): Ranking of the coarse cells: ``"abs"`` (absolute coarse
                 attribution) or ``"positive"`` (its positive part, the evidence for the
                 target). Default: ``"abs"``
+            engine (str, optional): ``"dense"`` runs one full forward pass per window;
+                ``"incremental"`` recomputes only the box of each layer's activation a window
+                changes (exact, for CNNs made of convolutions, pooling, BatchNorm, activations,
+                add/mul/concat; the rest of the network after a global pool, linear layer, ...
+                runs densely) and raises a ValueError naming the first operation it cannot
+                handle; ``"auto"`` uses incremental when the model is supported and a cost model
+                predicts a gain. ``last_engine`` and ``last_engine_reason`` tell what ran and
+                why. Default: ``"auto"``
 
         Returns:
             Tensor or tuple of Tensor: Attributions with the type, shapes and device of
@@ -177,7 +191,8 @@ class TiledOcclusion(PerturbationAttribution):
         """
         is_tuple = isinstance(inputs, tuple)
         result = self._run(inputs, [target], k, window, baselines, additional_forward_args,
-                           perturbations_per_eval, show_progress, score, refine, refine_by)
+                           perturbations_per_eval, show_progress, score, refine, refine_by,
+                           engine)
         attributions = tuple(a[0] for a in result)
         return attributions if is_tuple else attributions[0]
 
@@ -196,6 +211,7 @@ class TiledOcclusion(PerturbationAttribution):
         score: ScoreType = "raw",
         refine: Optional[float] = None,
         refine_by: str = "abs",
+        engine: str = "auto",
     ) -> TensorOrTuple:
         r"""Attribute several targets in one sweep over the windows.
 
@@ -206,7 +222,7 @@ class TiledOcclusion(PerturbationAttribution):
             targets (list): Non-empty list; each element any ``target`` form of
                 :meth:`attribute` (e.g. ``[281, 282, 285]``, or per-example tensors).
             k, window, baselines, additional_forward_args, perturbations_per_eval,
-            show_progress, score, refine, refine_by: As in :meth:`attribute`. With
+            show_progress, score, refine, refine_by, engine: As in :meth:`attribute`. With
                 ``refine``, the cells refined for an example are the union over the targets of
                 each target's top cells, and every target's map is refined on that union (the
                 forward passes hold every target's score, so this costs nothing extra); each
@@ -225,7 +241,7 @@ class TiledOcclusion(PerturbationAttribution):
         is_tuple = isinstance(inputs, tuple)
         result = self._run(inputs, as_target_list(targets), k, window, baselines,
                            additional_forward_args, perturbations_per_eval, show_progress, score,
-                           refine, refine_by)
+                           refine, refine_by, engine)
         return tuple(result) if is_tuple else result[0]
 
     def _run(
@@ -241,6 +257,7 @@ class TiledOcclusion(PerturbationAttribution):
         score: ScoreType,
         refine: Optional[float] = None,
         refine_by: str = "abs",
+        engine: str = "auto",
     ) -> List[Tensor]:
         xs = _format_inputs(inputs)
         geometries = resolve_tiling([tuple(x.shape[1:]) for x in xs], window, k)
@@ -258,14 +275,20 @@ class TiledOcclusion(PerturbationAttribution):
         xs = tuple(x.unsqueeze(1) if j in scalar else x for j, x in enumerate(xs))
         fills = tuple(b.unsqueeze(-1) if j in scalar and b.dim() else b
                       for j, b in enumerate(fills))
+        if engine not in ("auto", "dense", "incremental"):
+            raise ValueError(f"engine={engine!r} must be 'auto', 'dense' or 'incremental'")
         fraction = check_refine(refine, refine_by)
         run_sweep: Callable[..., SweepResult] = occlusion_sweep if fraction is None else (
             functools.partial(drilldown_sweep, refine=fraction, refine_by=refine_by))
         _warn_if_training(self.forward_func)
         with model_state_kept(self.forward_func):
+            choice = choose_engine(engine, forward_func, xs, fills, extra,
+                                   central_box(geometries[0]))
+            self.last_engine, self.last_engine_reason = choice.engine, choice.reason
             sweep: SweepResult = run_sweep(
                 forward_func, xs, fills, geometries, targets, score_fn, extra,
                 chunk_size=perturbations_per_eval, show_progress=show_progress,
+                evaluator=choice.factory,
             )
         self.last_evaluations = sweep.evaluations
         self.last_perturbations = sweep.perturbations
