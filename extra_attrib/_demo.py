@@ -124,9 +124,11 @@ class _Scored(nn.Module):
 
 
 def scored_model(model: nn.Module, score: str) -> nn.Module:
-    """The function every method explains: the model's logits, probabilities or log-probs,
-    with the scores of :func:`extra_attrib._targets.score_function` (those of ``TiledOcclusion``
-    and ``perturbation_curve``)."""
+    """The function every method explains: the model's logits, probabilities or log-probs.
+
+    It applies the scores of :func:`extra_attrib._targets.score_function` (those of
+    ``TiledOcclusion`` and ``perturbation_curve``).
+    """
     if score not in SCORES:
         raise ValueError(f"--score {score!r} must be one of {', '.join(SCORES)}")
     return model if score == "raw" else _Scored(model, score)

@@ -16,13 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 
 # (file name, docstring owner, message): each is a docutils/Sphinx warning text fragment.
-KNOWN_WARNINGS = {
-    (
-        "tiled_occlusion.py",
-        "extra_attrib.tiled_occlusion.TiledOcclusion.attribute_multi",
-        "Field list ends without a blank line; unexpected unindent.",
-    ),
-}
+KNOWN_WARNINGS: set = set()
 
 
 def _parse(line):
