@@ -300,9 +300,10 @@ def save_figure(
 ) -> None:
     from extra_attrib.visualization import plot_attribution_grid
 
+    per_image = [round(r.evaluations / len(photos)) for r in results]
     columns = {
-        f"{r.name}\n{r.detail}\n{round(r.evaluations / len(photos))} evaluations per image":
-        r.attributions for r in results
+        f"{r.name}\n{r.detail}\n{count} evaluations per image": r.attributions
+        for r, count in zip(results, per_image)
     }
     rows = [f"{p.name}: {imagenet.class_name(c, categories)} ({prob:.0%})"
             for p, (c, prob) in zip(photos, labels)]
