@@ -140,22 +140,21 @@ class FusionGrad(PerturbationAttribution):
     wrapped method is itself deterministic.
 
     Reference: Bykov et al., AAAI 2022, https://arxiv.org/abs/2106.10185
+
+    Args:
+        attribution_method (Attribution): an instance of any Captum attribution method,
+            gradient based (Saliency, IntegratedGradients, InputXGradient,
+            GuidedBackprop, DeepLift, layer methods, ...) or perturbation based
+            (Occlusion, :class:`~extra_attrib.TiledOcclusion`, ...), or a
+            :class:`~captum.attr.NoiseTunnel` around one.
+        model (torch.nn.Module, optional): the model whose weights get noise. It must be
+            the module the wrapped method's forward function runs.
+            Default: None (the wrapped method's ``forward_func``, which must then
+            be an ``nn.Module``).
     """
 
     def __init__(self, attribution_method: Attribution, model: Optional[nn.Module] = None) -> None:
-        r"""Wrap ``attribution_method``; ``model`` is the module whose weights get noise.
-
-        Args:
-            attribution_method (Attribution): an instance of any Captum attribution method,
-                gradient based (Saliency, IntegratedGradients, InputXGradient,
-                GuidedBackprop, DeepLift, layer methods, ...) or perturbation based
-                (Occlusion, :class:`~extra_attrib.TiledOcclusion`, ...), or a
-                :class:`~captum.attr.NoiseTunnel` around one.
-            model (torch.nn.Module, optional): the model whose weights get noise. It must be
-                the module the wrapped method's forward function runs.
-                Default: None (the wrapped method's ``forward_func``, which must then
-                be an ``nn.Module``).
-        """
+        """Wrap ``attribution_method`` (see the class's ``Args``)."""
         if not isinstance(attribution_method, Attribution):
             raise TypeError(
                 "attribution_method must be a captum.attr.Attribution instance (e.g. "
