@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-# Public at runtime (the base of every lazy parameter and buffer) but missing from torch's stubs.
+# Exists at runtime (the base of every lazy parameter and buffer) but is missing from torch's stubs.
 from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 __all__ = ["model_state_kept", "same_bits", "uninitialized_names"]
