@@ -25,6 +25,7 @@ counts. Needs the optional 'demo' extra: pip install "extra_attrib[demo]".
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``extra-attrib`` command line and its subcommands."""
     from extra_attrib._demo import DEFAULT_OUT, DEFAULT_PHOTOS, SCORES, DemoSettings
 
     defaults = DemoSettings()

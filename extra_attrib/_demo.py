@@ -124,9 +124,11 @@ class _Scored(nn.Module):
 
 
 def scored_model(model: nn.Module, score: str) -> nn.Module:
-    """The function every method explains: the model's logits, probabilities or log-probs,
-    with the scores of :func:`extra_attrib._targets.score_function` (those of ``TiledOcclusion``
-    and ``perturbation_curve``)."""
+    """The function every method explains: the model's logits, probabilities or log-probs.
+
+    It applies the scores of :func:`extra_attrib._targets.score_function` (those of
+    ``TiledOcclusion`` and ``perturbation_curve``).
+    """
     if score not in SCORES:
         raise ValueError(f"--score {score!r} must be one of {', '.join(SCORES)}")
     return model if score == "raw" else _Scored(model, score)
@@ -298,9 +300,10 @@ def save_figure(
 ) -> None:
     from extra_attrib.visualization import plot_attribution_grid
 
+    per_image = [round(r.evaluations / len(photos)) for r in results]
     columns = {
-        f"{r.name}\n{r.detail}\n{round(r.evaluations / len(photos))} evaluations per image":
-        r.attributions for r in results
+        f"{r.name}\n{r.detail}\n{count} evaluations per image": r.attributions
+        for r, count in zip(results, per_image)
     }
     rows = [f"{p.name}: {imagenet.class_name(c, categories)} ({prob:.0%})"
             for p, (c, prob) in zip(photos, labels)]

@@ -212,9 +212,10 @@ def merge(differences: Tensor, selected: Tensor, geometry: TileGeometry) -> Tens
 
 @dataclass
 class DrillResult(SweepResult):
-    """What :func:`drilldown_sweep` returns: a :class:`SweepResult` whose ``evaluations``
-    count the forward passes of all passes (each pass has its unperturbed one) and whose
-    ``perturbations`` count perturbed copies of the batch: the coarse pass's, plus the
+    """What :func:`drilldown_sweep` returns: a :class:`SweepResult` with its own counts.
+
+    Its ``evaluations`` count the forward passes of all passes (each pass has its unperturbed one)
+    and its ``perturbations`` count perturbed copies of the batch: the coarse pass's, plus the
     refinement's perturbed rows divided by ``N``, rounded up.
 
     Attributes:
@@ -224,7 +225,7 @@ class DrillResult(SweepResult):
     selected: List[Tensor] = field(default_factory=list)
 
 
-def drilldown_sweep(
+def drilldown_sweep(  # noqa: D417 (the shared arguments are documented at occlusion_sweep)
     forward_func: Callable[..., Tensor],
     inputs: Tuple[Tensor, ...],
     baselines: Tuple[Tensor, ...],
@@ -239,7 +240,9 @@ def drilldown_sweep(
     batch_mode: str = "per_example",
     **sweep_kwargs: Any,
 ) -> DrillResult:
-    """Coarse pass, selection, refinement; arguments as :func:`occlusion_sweep` plus:
+    """Coarse pass, selection, refinement.
+
+    The other arguments are those of :func:`occlusion_sweep`.
 
     Args:
         refine (float): Fraction of cells refined, in ``(0, 1]``.

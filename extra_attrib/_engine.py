@@ -17,7 +17,9 @@ their input.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -99,8 +101,11 @@ def memory_bound(inputs: Sequence[Tensor]) -> int:
 
 
 def _cpu_rows(inputs: Sequence[Tensor]) -> List[int]:
-    """Rows per pass to try on CPU: :data:`CPU_CANDIDATE_ROWS`, then doublings while a pass holds
-    at most :data:`LIGHT_PASS_ELEMENTS` input elements."""
+    """Rows per pass to try on CPU.
+
+    :data:`CPU_CANDIDATE_ROWS`, then doublings while a pass holds at most
+    :data:`LIGHT_PASS_ELEMENTS` input elements.
+    """
     per_row = sum(math.prod(x.shape[1:]) for x in inputs)
     rows = list(CPU_CANDIDATE_ROWS)
     while rows[-1] * 2 * per_row <= LIGHT_PASS_ELEMENTS:
@@ -157,8 +162,7 @@ class ChunkPlanner:
         return self.candidates[-1]  # not reached: the last full trial settles the choice
 
     def record(self, size: int, seconds: float, count: int) -> None:
-        """Report that a trial chunk of ``size`` slots ran ``count`` perturbations in
-        ``seconds``."""
+        """Report a trial chunk: ``size`` slots ran ``count`` perturbations in ``seconds``."""
         if self._chosen is not None or count < size:
             return  # a short last chunk says little about its size
         self._timings.setdefault(size, []).append(seconds / count)
@@ -167,7 +171,7 @@ class ChunkPlanner:
         # The fastest of a candidate's trials: a passing hiccup on a shared machine only ever
         # slows a trial down, so the minimum is the robust estimate.
         best = {c: min(t) for c, t in self._timings.items() if len(t) == TRIALS_PER_CANDIDATE}
-        winner = min(best, key=best.get)
+        winner = min(best, key=best.__getitem__)
         if best[size] > TUNING_STOP * best[winner] or size == self.candidates[-1]:
             self._chosen = winner
 
@@ -176,7 +180,7 @@ class ChunkPlanner:
         if self._chosen is not None:
             return math.ceil(remaining / self._chosen)
         best = {c: min(t) for c, t in self._timings.items()}
-        return math.ceil(remaining / min(best, key=best.get, default=self.capacity))
+        return math.ceil(remaining / min(best, key=best.__getitem__, default=self.capacity))
 
 
 def changed_windows(x: Tensor, baseline: Tensor, geometry: TileGeometry) -> Tensor:
@@ -459,11 +463,11 @@ class DenseEvaluator:
         if j not in self._masks:
             self._masks[j] = window_masks(self.geometries[j], self.inputs[j].device)
         reps, d = positions[0].shape[0], len(positions)
-        mask = None
+        rows = []
         for i, (table, pos) in enumerate(zip(self._masks[j], positions)):
             row = table.index_select(0, pos)
-            row = row.view(reps, 1, *([1] * i), row.shape[1], *([1] * (d - 1 - i)))
-            mask = row if mask is None else mask & row
+            rows.append(row.view(reps, 1, *([1] * i), row.shape[1], *([1] * (d - 1 - i))))
+        mask = functools.reduce(operator.and_, rows)
         torch.where(mask, self.fills[j], self.inputs[j], out=views.slots[j])
         self._dirty[j] = None
         self._boxes[j] = [None] * len(self._boxes[j])
@@ -475,12 +479,13 @@ class DenseEvaluator:
         if old is not None:
             self._restore(j, old)
         reps, d = positions[0].shape[0], len(positions)
-        offsets = None
+        rows = []
         for i, (table, pos) in enumerate(zip(self._offsets[j], positions)):
             row = table.index_select(0, pos)
             if d > 1:
                 row = row.view(reps, *([1] * i), row.shape[1], *([1] * (d - 1 - i)))
-            offsets = row if offsets is None else offsets + row
+            rows.append(row)
+        offsets = functools.reduce(operator.add, rows)
         new = offsets.view(reps, 1, -1).expand(-1, self.n, -1)
         views.flat_slots[j].scatter_(2, new, views.flat_fills[j].gather(2, new))
         self._dirty[j] = new
@@ -491,8 +496,8 @@ class DenseEvaluator:
         for slot, box in enumerate(perturbation_boxes(self.geometries[j], windows)):
             old = dirty[slot]
             if old is not None:
-                buf[(slot, slice(None), *old)] = x[(slice(None), *old)]
-            buf[(slot, slice(None), *box)] = fill[(slice(None), *box)]
+                buf[(slot, slice(None)) + tuple(old)] = x[(slice(None),) + tuple(old)]
+            buf[(slot, slice(None)) + tuple(box)] = fill[(slice(None),) + tuple(box)]
             dirty[slot] = box
 
     def _restore(self, j: int, old: Tensor) -> None:
@@ -510,7 +515,7 @@ class DenseEvaluator:
         elif self.modes[j] == "slices" and not self.rebuild_all:
             for slot, box in enumerate(self._boxes[j]):
                 if box is not None:
-                    buf[(slot, slice(None), *box)] = x[(slice(None), *box)]
+                    buf[(slot, slice(None)) + tuple(box)] = x[(slice(None),) + tuple(box)]
         elif self.used:
             buf[: self.used].copy_(x.expand(self.used, *x.shape))
         if self.rebuild_all:
@@ -567,8 +572,10 @@ _Sweep = DenseEvaluator
 
 
 def build_mode(geometry: TileGeometry, n: int = 1, device: Any = "cpu") -> str:
-    """How :class:`DenseEvaluator` builds chunks of this tiling: ``"patch"``, ``"rebuild"`` or
-    ``"slices"`` (see its cost rule)."""
+    """How :class:`DenseEvaluator` builds chunks of this tiling.
+
+    One of ``"patch"``, ``"rebuild"`` or ``"slices"`` (see its cost rule).
+    """
     window = math.prod(geometry.window)
     if PATCH_ELEMENT_COST * 2 * window >= math.prod(geometry.shape):
         return "rebuild"

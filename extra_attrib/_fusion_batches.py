@@ -99,8 +99,9 @@ def check_split(
 def bind_extra_args(
     method: Attribution, inputs: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]
 ) -> Dict[str, Any]:
-    """Turn the positional arguments meant for ``method.attribute`` into keyword arguments,
-    so that every argument can be found (and expanded) by name.
+    """Turn the positional arguments meant for ``method.attribute`` into keyword arguments.
+
+    So every argument can be found (and expanded) by name.
 
     Args:
         method (Attribution): The wrapped method.
@@ -201,8 +202,10 @@ def _expand_target(target: Any, num: int, e0: int, e1: int, reps: int) -> Any:
 
 
 def _expand_batched(value: Any, num: int, e0: int, e1: int, reps: int, min_num: int) -> Any:
-    """Expands a tensor with ``N`` rows (``N >= min_num``), or each such tensor of a tuple;
-    anything else (scalars, broadcastable tensors, non-tensors) passes unchanged."""
+    """Expands a tensor with ``N`` rows (``N >= min_num``), or each such tensor of a tuple.
+
+    Anything else (scalars, broadcastable tensors, non-tensors) passes unchanged.
+    """
     if isinstance(value, tuple):
         return tuple(_expand_batched(v, num, e0, e1, reps, min_num) for v in value)
     if num >= min_num and _is_batched(value, num):
@@ -213,8 +216,10 @@ def _expand_batched(value: Any, num: int, e0: int, e1: int, reps: int, min_num: 
 def expand_kwargs(
     named: Dict[str, Any], num: int, e0: int, e1: int, reps: int, kind: str = PER_EXAMPLE
 ) -> Dict[str, Any]:
-    """The wrapped method's keyword arguments for one call, with everything that has one row
-    per example expanded like the inputs (see the module docstring for the rule).
+    """The wrapped method's keyword arguments for one call.
+
+    Everything that has one row per example is expanded like the inputs (see the module docstring
+    for the rule).
 
     Args:
         named (dict): The wrapped method's keyword arguments.

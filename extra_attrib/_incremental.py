@@ -30,13 +30,17 @@ import math
 import operator
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from extra_attrib._geometry import TileGeometry, perturbation_boxes
+
+#: Values of the nodes run so far, keyed by ``fx.Node``. The key type is ``Any`` because fx types
+#: a node's ``args`` entries as its broad ``Argument`` union, even where they are nodes.
+_Env = Dict[Any, Any]
 
 #: A patch whose box covers at least this fraction of its map is materialised: from there on the
 #: graph runs densely (gathering a box that is nearly the whole map costs more than it saves).
@@ -81,7 +85,8 @@ _DENSE_MODULES = (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, *_CONSTPAD_MODULES,
 )
 #: Out-of-place functional forms of in-place capable activation modules.
-_OUT_OF_PLACE: Dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
+# The module is ``Any``: torch types every attribute of an nn.Module as ``Tensor | Module``.
+_OUT_OF_PLACE: Dict[type, Callable[[Any, Tensor], Tensor]] = {
     nn.ReLU: lambda m, x: F.relu(x),
     nn.ReLU6: lambda m, x: F.relu6(x),
     nn.LeakyReLU: lambda m, x: F.leaky_relu(x, m.negative_slope),
@@ -261,7 +266,7 @@ def materialise(value: Patch) -> Tensor:
     new = value.values.view(b, *clean.shape[:2], *value.size)
     for w, start in enumerate(value.starts.tolist()):
         region = tuple(slice(s, s + n) for s, n in zip(start, value.size))
-        out[(w, slice(None), slice(None), *region)] = new[w]
+        out[(w, slice(None), slice(None)) + region] = new[w]
     return out.reshape(b * clean.shape[0], *clean.shape[1:])
 
 
@@ -276,7 +281,10 @@ def output_box(
     Args:
         starts (Tensor): Input box starts ``a``, ``(B,)`` int64.
         length (int): Input box length.
-        kernel, stride, dilation, pad (int): The op's geometry (``pad``: left padding).
+        kernel (int): The op's kernel size.
+        stride (int): The op's stride.
+        dilation (int): The op's dilation.
+        pad (int): The op's left padding.
         out (int): Output length.
 
     Returns:
@@ -390,7 +398,7 @@ class IncrementalProgram:
     def _classify(self, node: fx.Node, free: List[fx.Node]) -> _Step:
         gm = self.graph_module
         if node.op == "call_module":
-            m = gm.get_submodule(node.target)
+            m = gm.get_submodule(str(node.target))
             if isinstance(m, _DROPOUT_MODULES) or isinstance(m, _POINTWISE_MODULES):
                 return _Step(node, "pointwise", free, m)
             if isinstance(m, _BATCHNORM_MODULES) and m.track_running_stats and not m.training:
@@ -459,9 +467,9 @@ class IncrementalProgram:
 
     # -- running ----------------------------------------------------------------------------
 
-    def run_clean(self, x: Tensor) -> Dict[fx.Node, Any]:
+    def run_clean(self, x: Tensor) -> _Env:
         """Run the graph on the clean input, keeping every node's value."""
-        env: Dict[fx.Node, Any] = {}
+        env: _Env = {}
         for step in self.steps:
             node = step.node
             if node.op == "placeholder":
@@ -479,12 +487,12 @@ class IncrementalProgram:
         node = step.node
         if node.op == "get_attr":
             value: Any = self.graph_module
-            for part in node.target.split("."):
+            for part in str(node.target).split("."):
                 value = getattr(value, part)
             return value
         if node.op == "call_module":
             m = step.module if step.module is not None else self.graph_module.get_submodule(
-                node.target)
+                str(node.target))
             if getattr(m, "inplace", False):
                 if type(m) in _OUT_OF_PLACE and not kwargs and len(args) == 1:
                     return _OUT_OF_PLACE[type(m)](m, args[0])
@@ -495,20 +503,20 @@ class IncrementalProgram:
         if node.op == "call_function":
             if kwargs.get("inplace"):
                 kwargs = {**kwargs, "inplace": False}
-            return node.target(*args, **kwargs)
+            return cast(Callable[..., Any], node.target)(*args, **kwargs)
         if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         raise RuntimeError(f"unexpected node {node.op}")  # pragma: no cover
 
     def run_patched(
-        self, clean: Dict[fx.Node, Any], patch: Patch, cost: Optional[_Cost] = None
+        self, clean: _Env, patch: Patch, cost: Optional[_Cost] = None
     ) -> Any:
         """Run the graph for a chunk of windows whose input differs from ``clean`` by ``patch``.
 
         Returns:
             The model output for the ``B * N`` rows, window-major.
         """
-        env: Dict[fx.Node, Any] = {}
+        env: _Env = {}
         b = patch.windows
         for step in self.steps:
             node = step.node
@@ -532,7 +540,7 @@ class IncrementalProgram:
                 env.pop(v, None)
         raise RuntimeError("the traced graph has no output")  # pragma: no cover
 
-    def dense_cost(self, clean: Dict[fx.Node, Any], windows: int) -> float:
+    def dense_cost(self, clean: _Env, windows: int) -> float:
         """Cost (in :class:`_Cost` units) of ``windows`` dense forward passes."""
         total = _Cost()
         for step in self.steps:
@@ -572,7 +580,7 @@ def _avg_pool_is_local(m: nn.Module) -> bool:
     return not m.ceil_mode and (include or not padded)
 
 
-def _conv_info(m: nn.Module) -> Tuple[Any, ...]:
+def _conv_info(m: Any) -> Tuple[Any, ...]:
     d = _dims(m)
     kernel = tuple(m.kernel_size)
     dilation = tuple(m.dilation)
@@ -590,17 +598,18 @@ def _conv_info(m: nn.Module) -> Tuple[Any, ...]:
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
-def _functional_conv_args(node: fx.Node, env: Dict[fx.Node, Any]) -> Dict[str, Any]:
+def _functional_conv_args(node: fx.Node, env: _Env) -> Dict[str, Any]:
     values = dict(zip(_CONV_ARGS, node.args))
     values.update(node.kwargs)
     return {k: (env[v] if isinstance(v, fx.Node) else v) for k, v in values.items()}
 
 
-def _macs(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any],
+def _macs(program: IncrementalProgram, step: _Step, env: _Env,
           out: Tensor) -> float:
     """Multiply-adds of a conv or linear node producing ``out`` (0 for other nodes)."""
     node = step.node
     if step.kind == "conv":
+        weight: Any  # a module attribute (typed Tensor | Module by torch) or a node's value
         if step.module is not None:
             weight = step.module.weight
         else:
@@ -618,13 +627,13 @@ def _macs(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any],
 # --------------------------------------------------------------------------------------------
 
 
-def _args(step: _Step, env: Dict[fx.Node, Any]) -> Tuple[Any, Dict[str, Any]]:
+def _args(step: _Step, env: _Env) -> Tuple[Any, Dict[str, Any]]:
     args = fx.node.map_arg(step.node.args, lambda a: env[a])
     kwargs = fx.node.map_arg(step.node.kwargs, lambda a: env[a])
     return args, kwargs
 
 
-def _run_dense(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], clean: Any,
+def _run_dense(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
                b: int, cost: Optional[_Cost]) -> _Dense:
     args, kwargs = _args(step, env)
     args = fx.node.map_aggregate(args, lambda a: _as_dense(a, cost))
@@ -640,7 +649,7 @@ def _patch_like(value: Patch, new: Tensor, clean: Tensor) -> Patch:
     return Patch(new, value.starts, value.size, clean)
 
 
-def _pointwise(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], clean: Any,
+def _pointwise(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
                b: int, cost: Optional[_Cost]) -> Any:
     args, kwargs = _args(step, env)
     first = args[0] if args else None
@@ -658,8 +667,10 @@ def _pointwise(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any]
     return _patch_like(first, out, clean)
 
 
-def _conv(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], clean: Any,
+def _conv(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
           b: int, cost: Optional[_Cost]) -> Any:
+    weight: Any  # module attributes (typed Tensor | Module by torch) or nodes' values
+    bias: Any
     if step.module is not None:
         kernel, stride, pad, dilation, mode, groups = step.info
         x = env[step.node.args[0]]
@@ -730,7 +741,7 @@ def _sliding_boxes(
     return (torch.stack(starts, 1), tuple(sizes), torch.stack(ctx_starts, 1), tuple(ctx_sizes))
 
 
-def _pool(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], clean: Any,
+def _pool(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
           b: int, cost: Optional[_Cost]) -> Any:
     x = env[step.node.args[0]]
     if not isinstance(x, Patch) or len(step.node.args) != 1 or step.node.kwargs:
@@ -738,24 +749,24 @@ def _pool(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], cle
     kernel, stride, pad, dilation, kind = step.info
     starts, size, ctx_starts, ctx_size = _sliding_boxes(x, clean, kernel, stride, pad, dilation)
     d = len(kernel)
-    m = step.module
+    m: Any = step.module  # an AvgPool module when kind == "avg"
     if kind == "max":
         context = gather(x, ctx_starts, ctx_size, "constant", -math.inf)
         out = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1](context, kernel, stride, 0,
                                                                 dilation)
     else:
         context = gather(x, ctx_starts, ctx_size, "constant", 0.0)
-        pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[d - 1]
         if d == 1:
-            out = pool(context, kernel, stride, 0)
+            out = F.avg_pool1d(context, kernel, stride, 0)
         else:
-            out = pool(context, kernel, stride, 0, divisor_override=m.divisor_override)
+            out = (F.avg_pool2d, F.avg_pool3d)[d - 2](context, kernel, stride, 0,
+                                                      divisor_override=m.divisor_override)
     if cost is not None:
         cost.elements(2 * context.numel() + out.numel())
     return Patch(out, starts, size, clean)
 
 
-def _pad(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], clean: Any,
+def _pad(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
          b: int, cost: Optional[_Cost]) -> Any:
     x = env[step.node.args[0]]
     if not isinstance(x, Patch):
@@ -791,7 +802,7 @@ def _local_operand(value: Any, ndim: int) -> bool:
     return shape[0] == 1 and all(s == 1 for s in shape[2:])
 
 
-def _binary(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], clean: Any,
+def _binary(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
             b: int, cost: Optional[_Cost]) -> Any:
     args, _ = _args(step, env)
     if len(args) != 2 or not isinstance(clean, Tensor) or any(
@@ -824,7 +835,7 @@ def _binary(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], c
     return Patch(out, starts, size, clean)
 
 
-def _cat(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], clean: Any,
+def _cat(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
          b: int, cost: Optional[_Cost]) -> Any:
     node = step.node
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
@@ -847,7 +858,7 @@ def _cat(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], clea
     return Patch(out, starts, size, clean)
 
 
-def _size(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], clean: Any,
+def _size(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
           b: int, cost: Optional[_Cost]) -> Any:
     """``x.size()`` / ``x.shape`` of a patch: the clean sizes with ``B`` times the rows."""
     x = env[step.node.args[0]]
@@ -859,7 +870,7 @@ def _size(program: IncrementalProgram, step: _Step, env: Dict[fx.Node, Any], cle
     args = step.node.args[1:] + tuple(step.node.kwargs.values())
     if not args:
         return shape
-    dim = args[0]
+    dim: Any = args[0]  # an int: x.size(dim)
     return shape[dim]
 
 
@@ -900,9 +911,12 @@ def _check_eval_mode(model: Callable[..., Tensor]) -> None:
 
 
 def _trace_without_side_effects(model: Callable[..., Tensor]) -> fx.GraphModule:
-    """``fx.symbolic_trace(model)``, undoing what the traced forward code assigned to the
-    modules' attributes (a cache or a recorded input would otherwise keep an fx Proxy).
-    Parameters and buffers are the model-state guard's business."""
+    """``fx.symbolic_trace(model)``, undoing attribute writes of the traced forward code.
+
+    Whatever the traced forward code assigned to the modules' attributes is put back (a cache or a
+    recorded input would otherwise keep an fx Proxy). Parameters and buffers are the model-state
+    guard's business.
+    """
     modules = list(model.modules()) if isinstance(model, nn.Module) else []
     saved = [(m, dict(m.__dict__)) for m in modules]
     try:
@@ -961,10 +975,10 @@ def input_patch(
     values = torch.empty((len(boxes), *x.shape[:2], *size), dtype=x.dtype, device=x.device)
     for w, (box, start) in enumerate(zip(boxes, starts.tolist())):
         region = tuple(slice(s, s + n) for s, n in zip(start, size))
-        values[w] = x[(slice(None), slice(None), *region)]
+        values[w] = x[(slice(None), slice(None)) + region]
         window = (box[0],) + tuple(slice(sl.start - s, sl.stop - s)
                                    for sl, s in zip(box[1:], start))
-        values[(w, slice(None), *window)] = fill[(slice(None), box[0], *box[1:])]
+        values[(w, slice(None)) + tuple(window)] = fill[(slice(None), box[0]) + tuple(box[1:])]
     return Patch(values.reshape(len(boxes) * x.shape[0], *x.shape[1:2], *size), starts, size, x)
 
 
@@ -993,8 +1007,10 @@ class IncrementalSweep:
             self.clean = program.run_clean(x.clone())
 
     def evaluate(self, j: int, windows: Sequence[int], windows_on_device: Tensor) -> Tensor:
-        """Model outputs ``(len(windows) * N, ...)`` with the input occluded at the flat window
-        indices ``windows`` of :attr:`geometry`."""
+        """Model outputs ``(len(windows) * N, ...)`` with the input occluded at ``windows``.
+
+        ``windows`` are flat window indices of :attr:`geometry`.
+        """
         if self.geometry is None:
             raise RuntimeError("IncrementalSweep.evaluate needs the geometry")
         return self.run(j, perturbation_boxes(self.geometry, windows))
@@ -1045,7 +1061,8 @@ def choose_engine(
     Args:
         engine (str): ``"auto"``, ``"dense"`` or ``"incremental"``.
         forward_func (callable): The model.
-        inputs, baselines (tuple of Tensor): As given to the sweep.
+        inputs (tuple of Tensor): As given to the sweep.
+        baselines (tuple of Tensor): As given to the sweep.
         additional_forward_args (tuple): Extra model arguments (incremental needs none).
         center_box (tuple of slice, optional): A typical window (one slice per non-batch
             dimension) for the cost model. Default: None (no cost check; incremental if possible)

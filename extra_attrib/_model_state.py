@@ -28,7 +28,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parameter import UninitializedTensorMixin
+
+# Exists at runtime (the base of every lazy parameter and buffer) but is missing from torch's stubs.
+from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]
 
 __all__ = ["model_state_kept", "same_bits", "uninitialized_names"]
 
@@ -133,7 +135,8 @@ class _Snapshot:
                             setattr(module, name, original)
                         else:  # the model deleted it
                             module.__dict__.pop(name, None)
-                            current[name] = original
+                            # current is _parameters or _buffers; torch types both as one.
+                            current[name] = original  # type: ignore[assignment]
                     except Exception as err:  # keep restoring the rest, report at the end
                         errors.append((f"{kind} {name!r} of {type(module).__name__}", err))
             module.training = state.training
@@ -150,8 +153,8 @@ class _Snapshot:
                 if grad is not None and grad_value is not None and not same_bits(grad, grad_value):
                     grad.copy_(grad_value)
         if errors:
-            where, err = errors[0]
-            raise RuntimeError(f"could not restore the model's {where}: {err}") from err
+            where, first = errors[0]
+            raise RuntimeError(f"could not restore the model's {where}: {first}") from first
 
 
 _MISSING = object()

@@ -12,7 +12,7 @@ import datetime
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ class ExplainSummary:
         return self.done == self.total
 
     def __str__(self) -> str:
+        """One line: counts, time and store path."""
         return (f"{self.done}/{self.total} done, {self.failed} failed, {self.skipped} already done "
                 f"before this run; {self.seconds:.1f} s; {self.path}")
 
@@ -85,6 +86,7 @@ class AttributionStore:
     metadata: Dict[str, Any] = field(repr=False)
 
     def __len__(self) -> int:
+        """Number of items in the store."""
         return int(self.done.shape[0])
 
     def item(self, index: int) -> Tensor:
@@ -218,9 +220,9 @@ def _probe(dataset: Any, n: int) -> Tuple[torch.Size, bool]:
     last = "no items"
     for index in range(n):
         _, x, label, error = _Items(dataset, [index])[0]
-        if error is None:
+        if x is not None:  # x is None exactly when loading failed (error is then its message)
             return x.shape, label is not None
-        last = error
+        last = str(error)
     raise ValueError(f"dataset: none of its {n} items could be loaded; the last error: {last}")
 
 
@@ -284,8 +286,9 @@ def _targets(target: TargetSpec, outputs: Tensor, labels: Optional[Tensor]) -> T
         chosen = labels
     elif isinstance(target, int):
         chosen = torch.full((rows,), target, dtype=torch.long, device=outputs.device)
-    else:
-        chosen = torch.as_tensor(target(outputs, labels), device=outputs.device)
+    else:  # a callable: explain_dataset refuses every other target before this runs
+        chosen = torch.as_tensor(cast(Callable[..., Any], target)(outputs, labels),
+                                 device=outputs.device)
         if chosen.dim() == 0:
             chosen = chosen.expand(rows)
     if chosen.shape != (rows,) or chosen.is_floating_point() or chosen.is_complex():

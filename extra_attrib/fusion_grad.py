@@ -36,9 +36,12 @@ _PREFIX = "model."
 
 
 class _Runner(nn.Module):
-    """Holds the user's model as its only child, so that ``functional_call`` substitutes the
-    model's parameters and buffers for one whole wrapped ``attribute`` call (every forward
-    pass, hook and ``self.model`` access inside it), not just for one forward pass."""
+    """Holds the user's model as its only child.
+
+    So ``functional_call`` substitutes the model's parameters and buffers for one whole wrapped
+    ``attribute`` call (every forward pass, hook and ``self.model`` access inside it), not just for
+    one forward pass.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -49,8 +52,10 @@ class _Runner(nn.Module):
 
 
 class _UseWatch(TorchFunctionMode):
-    """Notes whether any of ``tensors`` is passed to a torch function while a wrapped call runs:
-    the check that the noisy weights reach the computation at all."""
+    """Notes whether any of ``tensors`` is passed to a torch function while a wrapped call runs.
+
+    This is the check that the noisy weights reach the computation at all.
+    """
 
     def __init__(self, tensors: Iterable[Tensor]) -> None:
         super().__init__()
@@ -87,8 +92,7 @@ def _check_materialised(model: nn.Module) -> None:
 
 
 class FusionGrad(PerturbationAttribution):
-    r"""
-    FusionGrad (NoiseGrad + SmoothGrad) around any Captum attribution method.
+    r"""FusionGrad (NoiseGrad + SmoothGrad) around any Captum attribution method.
 
     For ``i = 1..n`` the model's weights are perturbed, ``W_i = W * eta_i`` with
     ``eta_i ~ N(mean, std^2)`` element-wise (NoiseGrad; ``W + eta_i`` with
@@ -135,30 +139,22 @@ class FusionGrad(PerturbationAttribution):
     arguments (``batch_size`` included) on the same device and software versions, provided the
     wrapped method is itself deterministic.
 
-    Differences from the original tiled-occlusion ``FusionGrad`` code (same argument names):
-    it never modifies the model (the original adds noise in place into a shallow
-    ``state_dict`` "backup", so noise accumulates across samples and the model stays
-    corrupted); defaults follow the paper (multiplicative weight noise ``N(1, 0.2)``, additive
-    zero-mean input noise of 15 % of the input's range) instead of additive ``N(0, 0.02)``
-    weight noise and multiplicative ``x * N(0, 0.1)`` input noise, which destroys the input;
-    and the ``m`` input samples run as one batch.
-
     Reference: Bykov et al., AAAI 2022, https://arxiv.org/abs/2106.10185
+
+    Args:
+        attribution_method (Attribution): an instance of any Captum attribution method,
+            gradient based (Saliency, IntegratedGradients, InputXGradient,
+            GuidedBackprop, DeepLift, layer methods, ...) or perturbation based
+            (Occlusion, :class:`~extra_attrib.TiledOcclusion`, ...), or a
+            :class:`~captum.attr.NoiseTunnel` around one.
+        model (torch.nn.Module, optional): the model whose weights get noise. It must be
+            the module the wrapped method's forward function runs.
+            Default: None (the wrapped method's ``forward_func``, which must then
+            be an ``nn.Module``).
     """
 
     def __init__(self, attribution_method: Attribution, model: Optional[nn.Module] = None) -> None:
-        r"""
-        Args:
-            attribution_method (Attribution): an instance of any Captum attribution method,
-                        gradient based (Saliency, IntegratedGradients, InputXGradient,
-                        GuidedBackprop, DeepLift, layer methods, ...) or perturbation based
-                        (Occlusion, :class:`~extra_attrib.TiledOcclusion`, ...), or a
-                        :class:`~captum.attr.NoiseTunnel` around one.
-            model (torch.nn.Module, optional): the model whose weights get noise. It must be
-                        the module the wrapped method's forward function runs.
-                        Default: None (the wrapped method's ``forward_func``, which must then
-                        be an ``nn.Module``).
-        """
+        """Wrap ``attribution_method`` (see the class's ``Args``)."""
         if not isinstance(attribution_method, Attribution):
             raise TypeError(
                 "attribution_method must be a captum.attr.Attribution instance (e.g. "
@@ -186,9 +182,11 @@ class FusionGrad(PerturbationAttribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """Whether the wrapped method multiplies by the inputs (as Captum's property)."""
         return self.attribution_method.multiplies_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """Always False: the mean over samples has no convergence delta."""
         return False
 
     @log_usage()
@@ -213,57 +211,57 @@ class FusionGrad(PerturbationAttribution):
         show_progress: bool = False,
         **kwargs: Any,
     ) -> TensorOrTuple:
-        r"""
+        r"""Average the wrapped method's attributions over noisy weights and noisy inputs.
+
         Args:
             inputs (Tensor or tuple[Tensor, ...]): input of shape ``(N, ...)`` for which
-                        attributions are computed, or a tuple of such tensors (all with the
-                        same ``N``), exactly as the wrapped method takes it. Inputs that get
-                        noise must be floating point.
+                attributions are computed, or a tuple of such tensors (all with the
+                same ``N``), exactly as the wrapped method takes it. Inputs that get
+                noise must be floating point.
             *args (Any): further positional arguments of the wrapped method's ``attribute``
-                        after ``inputs`` (e.g. ``sliding_window_shapes`` for Occlusion).
-                        They are matched to its parameter names, so ``target``, ``baselines``
-                        etc. given here are expanded like keyword ones.
+                after ``inputs`` (e.g. ``sliding_window_shapes`` for Occlusion).
+                They are matched to its parameter names, so ``target``, ``baselines``
+                etc. given here are expanded like keyword ones.
             target (int, tuple, Tensor or list, optional): output index or indices for which
-                        attributions are computed, in any form the wrapped method accepts.
-                        A tensor or list with one entry per example is repeated for each
-                        input sample. Default: None (the wrapped method's default).
+                attributions are computed, in any form the wrapped method accepts.
+                A tensor or list with one entry per example is repeated for each
+                input sample. Default: None (the wrapped method's default).
             n (int, optional): number of noisy weight samples (NoiseGrad), ``>= 1``.
-                        Default: 10.
+                Default: 10.
             m (int, optional): number of noisy input samples per weight sample (SmoothGrad),
-                        ``>= 1``. Default: 10.
+                ``>= 1``. Default: 10.
             mean (float, optional): mean of the weight noise. Default: None, i.e. ``1.0``
-                        for multiplicative and ``0.0`` for additive weight noise (no bias).
+                for multiplicative and ``0.0`` for additive weight noise (no bias).
             std (float, optional): standard deviation of the weight noise, ``>= 0``.
-                        Default: 0.2 (the paper's multiplicative ``N(1, 0.2)``). Deep
-                        ImageNet models may not survive it (EfficientNet-Lite0 keeps its
-                        predicted class in 0 % of noisy copies at 0.2, 66 % at 0.02): check
-                        that noisy copies still predict the class you explain.
+                Default: 0.2 (the paper's multiplicative ``N(1, 0.2)``). Deep
+                ImageNet models may not survive it (see the README's FusionGrad
+                section): check that noisy copies still predict the class you explain.
             sg_mean (float, optional): mean of the input noise, in input units for additive
-                        noise, the factor's mean for multiplicative noise. Default: None,
-                        i.e. ``0.0`` for additive and ``1.0`` for multiplicative input noise.
+                noise, the factor's mean for multiplicative noise. Default: None,
+                i.e. ``0.0`` for additive and ``1.0`` for multiplicative input noise.
             sg_std (float, optional): standard deviation of the input noise, ``>= 0``: for
-                        additive noise an absolute value in input units, for multiplicative
-                        noise the factor's standard deviation. Default: None, i.e. for
-                        additive noise ``0.15 * (max - min)`` of each example, computed per
-                        input tensor (SmoothGrad's recommended 10-20 % of the range), and
-                        ``0.15`` for multiplicative noise.
+                additive noise an absolute value in input units, for multiplicative
+                noise the factor's standard deviation. Default: None, i.e. for
+                additive noise ``0.15 * (max - min)`` of each example, computed per
+                input tensor (SmoothGrad's recommended 10-20 % of the range), and
+                ``0.15`` for multiplicative noise.
             additive_noise (bool, optional): ``False``: weights ``W * N(mean, std^2)``;
-                        ``True``: ``W + N(mean, std^2)``. Default: False.
+                ``True``: ``W + N(mean, std^2)``. Default: False.
             sg_additive_noise (bool, optional): ``True``: inputs ``x + N(sg_mean, sg_std^2)``;
-                        ``False``: ``x * N(sg_mean, sg_std^2)``. Default: True.
+                ``False``: ``x * N(sg_mean, sg_std^2)``. Default: True.
             batch_size (int, optional): maximum number of input rows per wrapped call. With
-                        ``N * m`` rows or fewer everything runs in one call per weight sample;
-                        otherwise the ``m`` samples (and, if ``batch_size < N``, the examples)
-                        are split across calls. Default: None (one call of ``N * m`` rows).
+                ``N * m`` rows or fewer everything runs in one call per weight sample;
+                otherwise the ``m`` samples (and, if ``batch_size < N``, the examples)
+                are split across calls. Default: None (one call of ``N * m`` rows).
             generator (torch.Generator, optional): source of all noise. Default: None
-                        (torch's default generator of each tensor's device, seeded by
-                        ``torch.manual_seed``).
+                (torch's default generator of each tensor's device, seeded by
+                ``torch.manual_seed``).
             show_progress (bool, optional): show a progress bar over the ``n * calls``
-                        wrapped calls. Default: False.
+                wrapped calls. Default: False.
             **kwargs (Any, optional): further keyword arguments of the wrapped method, e.g.
-                        ``n_steps`` for IntegratedGradients, ``sliding_window_shapes`` for
-                        Occlusion, ``k``/``window`` for TiledOcclusion, ``abs`` for Saliency.
-                        ``return_convergence_delta=True`` is not supported.
+                ``n_steps`` for IntegratedGradients, ``sliding_window_shapes`` for
+                Occlusion, ``k``/``window`` for TiledOcclusion, ``abs`` for Saliency.
+                ``return_convergence_delta=True`` is not supported.
 
         Returns:
             *Tensor* or *tuple[Tensor, ...]* of **attributions**: the mean of the wrapped
@@ -387,13 +385,16 @@ class FusionGrad(PerturbationAttribution):
         additive: bool,
         generator: Optional[torch.Generator],
     ) -> Dict[str, Tensor]:
-        """One weight sample: noisy copies of the floating-point parameters, plain copies of
-        the others and of all buffers, keyed for ``functional_call`` on ``self._runner``.
+        """One weight sample, keyed for ``functional_call`` on ``self._runner``.
+
+        Noisy copies of the floating-point parameters, plain copies of the others and of all
+        buffers, keyed for ``functional_call`` on ``self._runner``.
 
         There is exactly one key per (module object, attribute), so that every slot is swapped
         in and back out exactly once: torch's own tie handling swaps a module registered under
         two names twice and leaves the noisy tensor in the model. A tensor shared by several
-        slots (tied weights) gets one noisy copy, used in all of them."""
+        slots (tied weights) gets one noisy copy, used in all of them.
+        """
         state: Dict[str, Tensor] = {}
         copies: Dict[int, Tensor] = {}
         with torch.no_grad():
@@ -447,9 +448,11 @@ def _check_inputs(inputs: Any) -> Tuple[Tensor, ...]:
 
 
 class _RunningMean:
-    """Per-example sums of the wrapped method's outputs over all calls (in at least float32),
-    turned into means in the right dtype and device at the end. Holds ``N`` rows per output,
-    never a stack of samples."""
+    """Per-example sums of the wrapped method's outputs over all calls (in at least float32).
+
+    They are turned into means in the right dtype and device at the end. Holds ``N`` rows per
+    output, never a stack of samples.
+    """
 
     def __init__(self, num: int) -> None:
         self.num = num
@@ -487,9 +490,12 @@ class _RunningMean:
             total[e0:e1] += block.sum(dim=1)
 
     def result(self, count: int, inputs: Tuple[Tensor, ...]) -> TensorOrTuple:
-        """The means over ``count`` samples per example. Input attributions (one output per
+        """The means over ``count`` samples per example.
+
+        Input attributions (one output per
         input, same shape) get the input's dtype and device; other outputs keep the wrapped
-        method's dtype."""
+        method's dtype.
+        """
         means = []
         for j, (total, dtype) in enumerate(zip(self.sums, self.dtypes)):
             mean = total.div_(count)

@@ -43,6 +43,7 @@ class MissingDemoExtraError(ImportError):
     """An optional package of the ``demo`` extra is not installed."""
 
     def __init__(self, missing: Sequence[str]) -> None:
+        """Name the ``missing`` packages and how to install them."""
         self.missing = list(missing)
         super().__init__(
             f"The demo needs the optional 'demo' extra; missing: {', '.join(self.missing)}.\n"
@@ -92,6 +93,7 @@ def imagenet_categories() -> List[str]:
 
 
 def class_name(index: int, categories: Sequence[str]) -> str:
+    """The name of class ``index``, or ``"class <index>"`` outside ``categories``."""
     return categories[index] if 0 <= index < len(categories) else f"class {index}"
 
 

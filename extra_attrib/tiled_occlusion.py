@@ -47,11 +47,6 @@ class TiledOcclusion(PerturbationAttribution):
     Positive attributions mark regions whose occlusion *lowers* the score (evidence for the
     target); negative ones, regions whose occlusion raises it.
 
-    Differences from the original tiled-occlusion code: that code summed over the covering windows
-    (results are ``prod(k)`` times larger than here) and shifted the image instead of the windows,
-    so its model saw translated, partly cropped images. Here the model only ever sees the original
-    input with one window occluded.
-
     Args:
         forward_func (Callable or torch.nn.Module): The model, or any function of the inputs
             (and ``additional_forward_args``) returning one row per example.
@@ -67,6 +62,7 @@ class TiledOcclusion(PerturbationAttribution):
     """
 
     def __init__(self, forward_func: Callable[..., Tensor]) -> None:
+        """Set up occlusion of ``forward_func`` (see the class's ``Args``)."""
         if not callable(forward_func):
             raise TypeError(
                 f"forward_func must be callable (a model or a function), got "
@@ -86,7 +82,7 @@ class TiledOcclusion(PerturbationAttribution):
 
     @log_usage()
     @torch.no_grad()
-    def attribute(  # type: ignore[override]
+    def attribute(
         self,
         inputs: TensorOrTuple,
         target: Any = None,
@@ -221,12 +217,20 @@ class TiledOcclusion(PerturbationAttribution):
             inputs (Tensor or tuple of Tensor): As in :meth:`attribute`.
             targets (list): Non-empty list; each element any ``target`` form of
                 :meth:`attribute` (e.g. ``[281, 282, 285]``, or per-example tensors).
-            k, window, baselines, additional_forward_args, perturbations_per_eval,
-            show_progress, score, refine, refine_by, engine: As in :meth:`attribute`. With
-                ``refine``, the cells refined for an example are the union over the targets of
-                each target's top cells, and every target's map is refined on that union (the
-                forward passes hold every target's score, so this costs nothing extra); each
-                map is therefore at least as refined as ``attribute`` would give it.
+            k (int or tuple, optional): As in :meth:`attribute`. Default: 1
+            window (int or tuple): As in :meth:`attribute`. Required.
+            baselines (scalar, Tensor or tuple, optional): As in :meth:`attribute`. Default: 0
+            additional_forward_args (Any, optional): As in :meth:`attribute`. Default: None
+            perturbations_per_eval (int, optional): As in :meth:`attribute`. Default: None
+            show_progress (bool, optional): As in :meth:`attribute`. Default: False
+            score (str or callable, optional): As in :meth:`attribute`. Default: ``"raw"``
+            refine (float, optional): As in :meth:`attribute`; the cells refined for an example
+                are the union over the targets of each target's top cells, and every target's
+                map is refined on that union (the forward passes hold every target's score, so
+                this costs nothing extra); each map is therefore at least as refined as
+                ``attribute`` would give it. Default: None (full map)
+            refine_by (str, optional): As in :meth:`attribute`. Default: ``"abs"``
+            engine (str, optional): As in :meth:`attribute`. Default: ``"auto"``
 
         Returns:
             Tensor or tuple of Tensor: For each input, shape ``(len(targets), *input.shape)``;

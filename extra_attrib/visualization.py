@@ -110,8 +110,10 @@ def _check_fraction(value: Any, name: str, low: float, high: float, low_open: bo
 
 @dataclass(frozen=True)
 class _Style:
-    """The checked colour arguments every plot shares: ``sign``, ``clip_percentile``, ``alpha``
-    and the colour map (``cmap=None`` resolved to the default of ``sign``).
+    """The checked colour arguments every plot shares.
+
+    They are ``sign``, ``clip_percentile``, ``alpha`` and the colour map (``cmap=None`` resolved to
+    the default of ``sign``).
 
     Build it with :meth:`from_args`, which raises a ValueError naming the bad argument.
     """
