@@ -84,8 +84,9 @@ def _constant_logits(x: torch.Tensor) -> torch.Tensor:
 def store_only(data: Images, batch: int, store: str) -> float:
     shutil.rmtree(store, ignore_errors=True)
     start = time.perf_counter()
-    summary = explain_dataset(StoreOnly(), data, store, batch_size=batch, show_progress=False,
-                              window=WINDOW, k=K)
+    summary = explain_dataset(
+        StoreOnly(), data, store, batch_size=batch, show_progress=False, window=WINDOW, k=K
+    )
     assert summary.complete
     return time.perf_counter() - start
 
@@ -118,29 +119,53 @@ def attribution_alone(model: nn.Module, data: Images, batch: int) -> float:
         x = torch.stack([data[j] for j in range(i, min(i + batch, len(data)))])
         with torch.no_grad():
             target = model(x).argmax(1)
-        kept.append(method.attribute(x, target=target, window=WINDOW, k=K,
-                                     perturbations_per_eval=PPE).numpy())
+        kept.append(
+            method.attribute(
+                x, target=target, window=WINDOW, k=K, perturbations_per_eval=PPE
+            ).numpy()
+        )
     return time.perf_counter() - start
 
 
 def in_process(model: nn.Module, data: Images, batch: int, store: str) -> float:
     shutil.rmtree(store, ignore_errors=True)
-    summary = explain_dataset(TiledOcclusion(model), data, store, batch_size=batch,
-                              show_progress=False, window=WINDOW, k=K,
-                              perturbations_per_eval=PPE)
+    summary = explain_dataset(
+        TiledOcclusion(model),
+        data,
+        store,
+        batch_size=batch,
+        show_progress=False,
+        window=WINDOW,
+        k=K,
+        perturbations_per_eval=PPE,
+    )
     assert summary.complete
     return summary.seconds
 
 
 def subprocess_run(n: int, batch: int, store: str, procs: int) -> Dict[str, float]:
     shutil.rmtree(store, ignore_errors=True)
-    worker = ["-m", "benchmarks.dataset_speed", "--worker", store, "--items", str(n),
-              "--batch", str(batch)]
+    worker = [
+        "-m",
+        "benchmarks.dataset_speed",
+        "--worker",
+        store,
+        "--items",
+        str(n),
+        "--batch",
+        str(batch),
+    ]
     if procs == 1:
         command = [sys.executable, *worker]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={procs}", *worker]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            *worker,
+        ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     start = time.perf_counter()
     proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -156,12 +181,18 @@ def subprocess_run(n: int, batch: int, store: str, procs: int) -> Dict[str, floa
 
 def worker(store: str, n: int, batch: int) -> None:
     torch.set_num_threads(1)
-    summary = explain_dataset(TiledOcclusion(build_model()), Images(n), store, batch_size=batch,
-                              show_progress=False, window=WINDOW, k=K,
-                              perturbations_per_eval=PPE)
+    summary = explain_dataset(
+        TiledOcclusion(build_model()),
+        Images(n),
+        store,
+        batch_size=batch,
+        show_progress=False,
+        window=WINDOW,
+        k=K,
+        perturbations_per_eval=PPE,
+    )
     assert summary.complete, summary
-    print(json.dumps({"seconds": summary.seconds, "rank": os.environ.get("RANK", "0")}),
-          flush=True)
+    print(json.dumps({"seconds": summary.seconds, "rank": os.environ.get("RANK", "0")}), flush=True)
 
 
 def spread(values: List[float]) -> str:
@@ -186,9 +217,19 @@ def main() -> None:
     batch = args.batch
     model, data = build_model(), Images(n)
     began = time.perf_counter()
-    rows: Dict[str, List[float]] = {k: [] for k in (
-        "floor", "alone", "store_only", "store_1", "sub1_call", "sub1_wall", "sub2_call",
-        "sub2_wall")}
+    rows: Dict[str, List[float]] = {
+        k: []
+        for k in (
+            "floor",
+            "alone",
+            "store_only",
+            "store_1",
+            "sub1_call",
+            "sub1_wall",
+            "sub2_call",
+            "sub2_wall",
+        )
+    }
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "bench.zarr")
         for r in range(repeats):  # interleaved
@@ -202,8 +243,11 @@ def main() -> None:
             rows["sub1_wall"].append(one["wall"])
             rows["sub2_call"].append(two["call"])
             rows["sub2_wall"].append(two["wall"])
-            print(f"repeat {r + 1}/{repeats}: " + ", ".join(
-                f"{k} {v[-1]:.1f}s" for k, v in rows.items()), flush=True)
+            print(
+                f"repeat {r + 1}/{repeats}: "
+                + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in rows.items()),
+                flush=True,
+            )
     total = time.perf_counter() - began
     overhead = [s / a - 1 for s, a in zip(rows["store_1"], rows["alone"])]
     store_share = [o / a for o, a in zip(rows["store_only"], rows["alone"])]

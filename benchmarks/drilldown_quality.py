@@ -65,8 +65,9 @@ class Settings:
     batch_window: int = 8
 
 
-QUICK = Settings(n_train=1500, epochs=2, n_loc=16, photos=("chelsea",), real_window=112,
-                 batch_repeats=1)
+QUICK = Settings(
+    n_train=1500, epochs=2, n_loc=16, photos=("chelsea",), real_window=112, batch_repeats=1
+)
 
 
 def log(msg: str) -> None:
@@ -93,8 +94,9 @@ def run_maps(
     """Maps ``(N, C, H, W)``, rows per image and seconds per image of every variant."""
     variants: List[Tuple[str, Dict[str, Any]]] = [("full", dict(k=K)), ("coarse", dict(k=1))]
     variants += [(f"refine={r}", dict(k=K, refine=r)) for r in REFINES]
-    out: Dict[str, Dict[str, Any]] = {name: {"maps": [], "rows": 0, "sec": 0.0}
-                                      for name, _ in variants}
+    out: Dict[str, Dict[str, Any]] = {
+        name: {"maps": [], "rows": 0, "sec": 0.0} for name, _ in variants
+    }
     counted = q.Counted(model).eval()
     tiled = TiledOcclusion(counted)
     for start in range(0, len(x), chunk):
@@ -142,13 +144,14 @@ def run_synthetic(s: Settings) -> Dict[str, Any]:
     for name, r in res.items():
         # Channels summed, as quality.py's explainer (and Quantus's own) does.
         pos = break_ties(np.maximum(r["maps"].sum(1, keepdims=True), 0.0), seed=s.seed)
-        common = dict(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=pos,
-                      s_batch=masks)
+        common = dict(model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=pos, s_batch=masks)
         r["pointing"] = np.asarray(quantus.PointingGame(**kw)(**common), dtype=float)
         r["rma"] = np.asarray(quantus.RelevanceMassAccuracy(**kw)(**common), dtype=float)
-        log(f"  {name}: {r['rows']:.0f} rows/img ({r['ratio']:.2f} of full), "
+        log(
+            f"  {name}: {r['rows']:.0f} rows/img ({r['ratio']:.2f} of full), "
             f"SSIM {r['ssim'].mean():.3f}, pointing {r['pointing'].mean():.3f}, "
-            f"mass {r['rma'].mean():.3f}")
+            f"mass {r['rma'].mean():.3f}"
+        )
     return dict(results=res, accuracy=acc, n=len(x), window=s.syn_window)
 
 
@@ -166,15 +169,24 @@ def run_real(s: Settings) -> Dict[str, Any]:
     for name, r in res.items():
         a = torch.from_numpy(r["maps"])
         for mode, base in (("deletion", black), ("insertion", "blur")):
-            curve = perturbation_curve(model, x, a, target=pred, mode=mode,
-                                       n_steps=s.curve_steps, baseline=base,
-                                       batch_size=s.real_rows,
-                                       generator=torch.Generator().manual_seed(s.seed))
+            curve = perturbation_curve(
+                model,
+                x,
+                a,
+                target=pred,
+                mode=mode,
+                n_steps=s.curve_steps,
+                baseline=base,
+                batch_size=s.real_rows,
+                generator=torch.Generator().manual_seed(s.seed),
+            )
             r[mode] = area_under_curve(curve).numpy()
-        log(f"  {name}: {r['rows']:.0f} rows/img ({r['ratio']:.2f} of full), "
+        log(
+            f"  {name}: {r['rows']:.0f} rows/img ({r['ratio']:.2f} of full), "
             f"{r['sec']:.1f} s/img, SSIM {r['ssim'].mean():.3f}, "
             f"Spearman {r['spearman'].mean():.3f}, deletion {r['deletion'].mean():.3f}, "
-            f"insertion {r['insertion'].mean():.3f}")
+            f"insertion {r['insertion'].mean():.3f}"
+        )
     return dict(results=res, n=len(x), names=names, window=s.real_window)
 
 
@@ -191,8 +203,10 @@ def run_batch(s: Settings) -> List[Dict[str, Any]]:
     model = torchvision.models.resnet18(num_classes=data.N_CLASSES).eval()
     one = x_syn[:1]
     noisy = one.repeat(8, 1, 1, 1) + 0.1 * torch.randn(8, *one.shape[1:])
-    cases = [("8 different images", x_syn, y_syn), ("8 noisy copies of one image (NoiseTunnel)",
-                                                    noisy, y_syn[:1].repeat(8))]
+    cases = [
+        ("8 different images", x_syn, y_syn),
+        ("8 noisy copies of one image (NoiseTunnel)", noisy, y_syn[:1].repeat(8)),
+    ]
     rows = []
     for label, xb, yb in cases:
         (geometry,) = resolve_tiling([tuple(xb.shape[1:])], s.batch_window, K)
@@ -204,8 +218,17 @@ def run_batch(s: Settings) -> List[Dict[str, Any]]:
             for mode in order:
                 counted.rows = 0
                 t0 = time.perf_counter()
-                drilldown_sweep(counted, (xb,), (torch.tensor(0.0),), [geometry], [yb],
-                                lambda o: o, (), 0.25, batch_mode=mode)
+                drilldown_sweep(
+                    counted,
+                    (xb,),
+                    (torch.tensor(0.0),),
+                    [geometry],
+                    [yb],
+                    lambda o: o,
+                    (),
+                    0.25,
+                    batch_mode=mode,
+                )
                 times[mode].append(time.perf_counter() - t0)
                 counts[mode] = counted.rows
             # Floor: the same number of rows as plain forward passes in batches of 16.
@@ -215,13 +238,16 @@ def run_batch(s: Settings) -> List[Dict[str, Any]]:
                     model(xb[:1].expand(16, *xb.shape[1:]).contiguous())
             times["floor"].append(time.perf_counter() - t0)
         rows.append(dict(label=label, counts=counts, times=times))
-        log(f"  {label}: rows per_example {counts['per_example']}, union {counts['union']}; "
+        log(
+            f"  {label}: rows per_example {counts['per_example']}, union {counts['union']}; "
             f"median s per_example {statistics.median(times['per_example']):.2f}, "
             f"union {statistics.median(times['union']):.2f}, "
-            f"floor {statistics.median(times['floor']):.2f}")
+            f"floor {statistics.median(times['floor']):.2f}"
+        )
     # NoiseTunnel composes: a smoke check that it runs on the same batch.
-    NoiseTunnel(TiledOcclusion(model)).attribute(one, nt_samples=2, stdevs=0.1, target=0,
-                                                 window=s.batch_window, k=K, refine=0.25)
+    NoiseTunnel(TiledOcclusion(model)).attribute(
+        one, nt_samples=2, stdevs=0.1, target=0, window=s.batch_window, k=K, refine=0.25
+    )
     return rows
 
 
@@ -231,29 +257,45 @@ def run_batch(s: Settings) -> List[Dict[str, Any]]:
 
 
 def _table(res: Dict[str, Dict[str, Any]], metrics: Sequence[Tuple[str, str, str]]) -> List[str]:
-    head = ["Map", "Model rows / image", "vs full", "Time / image", "SSIM vs full",
-            "Spearman vs full"] + [f"{label} {arrow}" for _, label, arrow in metrics]
+    head = [
+        "Map",
+        "Model rows / image",
+        "vs full",
+        "Time / image",
+        "SSIM vs full",
+        "Spearman vs full",
+    ] + [f"{label} {arrow}" for _, label, arrow in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in res.items():
-        cells = [name, f"{r['rows']:.0f}", f"{r['ratio']:.3f}", q.fmt_time(r["sec"]),
-                 q.fmt(r["ssim"]), q.fmt(r["spearman"])]
+        cells = [
+            name,
+            f"{r['rows']:.0f}",
+            f"{r['ratio']:.3f}",
+            q.fmt_time(r["sec"]),
+            q.fmt(r["ssim"]),
+            q.fmt(r["spearman"]),
+        ]
         cells += [q.fmt(r[key]) for key, _, _ in metrics]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Paired differences (map − full tiling), mean ± 95% CI over images; **bold**: "
-              "the CI excludes 0 (✓ better, ✗ worse).", ""]
+    lines += [
+        "",
+        "Paired differences (map − full tiling), mean ± 95% CI over images; **bold**: "
+        "the CI excludes 0 (✓ better, ✗ worse).",
+        "",
+    ]
     head = ["Map − full"] + [f"{label} {arrow}" for _, label, arrow in metrics]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in res.items():
         if name == "full":
             continue
-        cells = [name] + [q.fmt_diff(r[key] - res["full"][key], arrow)
-                          for key, _, arrow in metrics]
+        cells = [name] + [q.fmt_diff(r[key] - res["full"][key], arrow) for key, _, arrow in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def write_report(s: Settings, quick: bool, syn, real, batch, out: str, total: float,
-                 command: str) -> None:
+def write_report(
+    s: Settings, quick: bool, syn, real, batch, out: str, total: float, command: str
+) -> None:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "# Adaptive drill-down (`refine=`): evaluations saved, map kept",
@@ -273,8 +315,9 @@ def write_report(s: Settings, quick: bool, syn, real, batch, out: str, total: fl
         "game and relevance mass (Quantus) on the positive part, ties broken at random.",
         "",
     ]
-    lines += _table(syn["results"], [("pointing", "Pointing game", "↑"),
-                                     ("rma", "Relevance mass", "↑")])
+    lines += _table(
+        syn["results"], [("pointing", "Pointing game", "↑"), ("rma", "Relevance mass", "↑")]
+    )
     lines += [
         "",
         f"## Photos ({real['n']}: {', '.join(real['names'])}; 224², window {real['window']}, "
@@ -284,8 +327,9 @@ def write_report(s: Settings, quick: bool, syn, real, batch, out: str, total: fl
         f"insertion (from blur) AUC of the softmax probability, {s.curve_steps} steps.",
         "",
     ]
-    lines += _table(real["results"], [("deletion", "Deletion AUC", "↓"),
-                                      ("insertion", "Insertion AUC", "↑")])
+    lines += _table(
+        real["results"], [("deletion", "Deletion AUC", "↓"), ("insertion", "Insertion AUC", "↑")]
+    )
     lines += [
         "",
         "## Batches: per-example window sets or their union",
@@ -306,11 +350,13 @@ def write_report(s: Settings, quick: bool, syn, real, batch, out: str, total: fl
         t = b["times"]
 
         def med(key: str, t=t) -> str:
-            return (f"{statistics.median(t[key]):.2f} ({min(t[key]):.2f}–{max(t[key]):.2f})")
+            return f"{statistics.median(t[key]):.2f} ({min(t[key]):.2f}–{max(t[key]):.2f})"
 
         ratio = statistics.median(t["union"]) / statistics.median(t["per_example"])
-        lines.append(f"| {b['label']} | {b['counts']['per_example']} | {b['counts']['union']} | "
-                     f"{med('per_example')} | {med('union')} | {med('floor')} | {ratio:.2f} |")
+        lines.append(
+            f"| {b['label']} | {b['counts']['per_example']} | {b['counts']['union']} | "
+            f"{med('per_example')} | {med('union')} | {med('floor')} | {ratio:.2f} |"
+        )
     if quick:
         lines += ["", "*Quick smoke run: small numbers, a window of 112 on the photo.*"]
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -330,9 +376,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.photos is not None:
         s = dataclasses.replace(s, photos=data.PHOTOS[: args.photos])
     command = "PYTHONPATH=$PWD python -m benchmarks.drilldown_quality" + " ".join(
-        [""] + list(argv if argv is not None else __import__("sys").argv[1:]))
-    out = os.path.join(q.REPO, "benchmarks", "results",
-                       f"drilldown_quality{'_quick' if args.quick else ''}.md")
+        [""] + list(argv if argv is not None else __import__("sys").argv[1:])
+    )
+    out = os.path.join(
+        q.REPO, "benchmarks", "results", f"drilldown_quality{'_quick' if args.quick else ''}.md"
+    )
     t0 = time.perf_counter()
     torch.manual_seed(s.seed)
     syn = run_synthetic(s)

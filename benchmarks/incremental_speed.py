@@ -105,8 +105,9 @@ def timed(fn: Callable[[], object]) -> Tuple[float, float]:
     return seconds, _rss_mib("VmHWM") - start_rss
 
 
-def floor_per_example(model: nn.Module, x: torch.Tensor, sizes: Sequence[int],
-                      repeats: int) -> Dict[int, float]:
+def floor_per_example(
+    model: nn.Module, x: torch.Tensor, sizes: Sequence[int], repeats: int
+) -> Dict[int, float]:
     """Median per-example forward time per batch size, batch sizes interleaved."""
     samples: Dict[int, List[float]] = {b: [] for b in sizes}
     batches = {b: x.repeat(b, *([1] * (x.dim() - 1))) for b in sizes}
@@ -124,8 +125,9 @@ def setup(name: str, size: int, window: int, k: int):
     spatial = 3 if name == "cnn3d" else 2
     channels = 1 if name == "cnn3d" else 3
     x = torch.randn(1, channels, *([size] * spatial))
-    geometry = TileGeometry(tuple(x.shape[1:]), (channels,) + (window,) * spatial,
-                            (1,) + (k,) * spatial)
+    geometry = TileGeometry(
+        tuple(x.shape[1:]), (channels,) + (window,) * spatial, (1,) + (k,) * spatial
+    )
     return model, x, geometry
 
 
@@ -147,8 +149,15 @@ def memory_probe(name: str, size: int, window: int, k: int, engine: str, chunk: 
 
 
 def measure_memory(case: Tuple[str, int, int, int], engine: str, chunk: int) -> float:
-    cmd = [sys.executable, "-m", "benchmarks.incremental_speed", "--memory-probe",
-           ",".join(map(str, case)), engine, str(chunk)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.incremental_speed",
+        "--memory-probe",
+        ",".join(map(str, case)),
+        engine,
+        str(chunk),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -164,8 +173,12 @@ def run_case(name: str, size: int, window: int, k: int, args: argparse.Namespace
 
     choice = choose_engine("auto", model, (x,), (base,), (), central_box(geometry))
     incr = IncrementalSweep(program_for(model, x), (x,), (base,))
-    stored = sum(v.numel() * v.element_size() for v in incr.clean.values()
-                 if isinstance(v, torch.Tensor)) / 2**20
+    stored = (
+        sum(
+            v.numel() * v.element_size() for v in incr.clean.values() if isinstance(v, torch.Tensor)
+        )
+        / 2**20
+    )
     chunk_sizes = {"dense": best_batch}
     for b in args.incr_chunks:
         chunk_sizes[f"incremental B={b}"] = b
@@ -204,14 +217,26 @@ def run_case(name: str, size: int, window: int, k: int, args: argparse.Namespace
     best_incr = min((c for c in med if c != "dense"), key=med.get)
     auto = best_incr if choice.engine == "incremental" else "dense"
     case = (name, size, window, k)
-    peaks = {"dense": measure_memory(case, "dense", best_batch),
-             best_incr: measure_memory(case, "incremental", chunk_sizes[best_incr])}
+    peaks = {
+        "dense": measure_memory(case, "dense", best_batch),
+        best_incr: measure_memory(case, "incremental", chunk_sizes[best_incr]),
+    }
     return {
-        "case": name, "input": "x".join(map(str, x.shape)), "window": window, "k": k,
-        "P": geometry.num_perturbations, "best_batch": best_batch, "floor": t_floor,
-        "samples": samples, "median": med, "peaks": peaks, "best_incr": best_incr,
-        "auto": choice.engine, "auto_reason": choice.reason,
-        "auto_over_dense": med[auto] / med["dense"], "stored": stored,
+        "case": name,
+        "input": "x".join(map(str, x.shape)),
+        "window": window,
+        "k": k,
+        "P": geometry.num_perturbations,
+        "best_batch": best_batch,
+        "floor": t_floor,
+        "samples": samples,
+        "median": med,
+        "peaks": peaks,
+        "best_incr": best_incr,
+        "auto": choice.engine,
+        "auto_reason": choice.reason,
+        "auto_over_dense": med[auto] / med["dense"],
+        "stored": stored,
     }
 
 
@@ -256,9 +281,14 @@ def render(rows: List[dict], args: argparse.Namespace, started: str) -> str:
 
 
 CASES_FULL = [
-    ("vgg16", 224, 32, 2), ("resnet18", 224, 32, 2), ("mobilenet_v2", 224, 32, 2),
-    ("efficientnet_lite0", 224, 32, 2), ("cnn3d", 64, 16, 2), ("cnn3d", 96, 16, 2),
-    ("resnet18", 224, 16, 4), ("vgg16", 224, 16, 4),
+    ("vgg16", 224, 32, 2),
+    ("resnet18", 224, 32, 2),
+    ("mobilenet_v2", 224, 32, 2),
+    ("efficientnet_lite0", 224, 32, 2),
+    ("cnn3d", 64, 16, 2),
+    ("cnn3d", 96, 16, 2),
+    ("resnet18", 224, 16, 4),
+    ("vgg16", 224, 16, 4),
 ]
 CASES_QUICK = [("resnet18", 112, 32, 2), ("cnn3d", 48, 16, 2)]
 
@@ -269,8 +299,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--chunks", type=int, default=None)
-    parser.add_argument("--cases", nargs="*", default=None,
-                        help="subset of case names (e.g. vgg16 cnn3d)")
+    parser.add_argument(
+        "--cases", nargs="*", default=None, help="subset of case names (e.g. vgg16 cnn3d)"
+    )
     parser.add_argument("--memory-probe", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -101,8 +101,9 @@ def run_case(name: str, repeats: int) -> List[str]:
             pass
 
     def tiled() -> object:
-        return TiledOcclusion(model).attribute(x, target=0, window=(3, 112, 112),
-                                               perturbations_per_eval=2)
+        return TiledOcclusion(model).attribute(
+            x, target=0, window=(3, 112, 112), perturbations_per_eval=2
+        )
 
     def tiled_unguarded() -> object:
         with patched(tiled_module, "model_state_kept", _no_guard):
@@ -117,8 +118,14 @@ def run_case(name: str, repeats: int) -> List[str]:
             return fusion()
 
     times = interleaved(
-        {"forward": forward, "guard": guard, "tiled": tiled, "tiled_unguarded": tiled_unguarded,
-         "fusion": fusion, "fusion_unwatched": fusion_unwatched},
+        {
+            "forward": forward,
+            "guard": guard,
+            "tiled": tiled,
+            "tiled_unguarded": tiled_unguarded,
+            "fusion": fusion,
+            "fusion_unwatched": fusion_unwatched,
+        },
         repeats,
     )
     med = {k: summary(v) for k, v in times.items()}
@@ -128,18 +135,21 @@ def run_case(name: str, repeats: int) -> List[str]:
     def row(label: str, key: str, base: str, base_label: str) -> None:
         m, lo, hi = med[key]
         b = med[base][0]
-        rows.append(f"| {name} | {label} | {m * 1e3:.1f} ({lo * 1e3:.1f}-{hi * 1e3:.1f}) | "
-                    f"{m / b:.3f} x {base_label} | {m / fwd:.2f} |")
+        rows.append(
+            f"| {name} | {label} | {m * 1e3:.1f} ({lo * 1e3:.1f}-{hi * 1e3:.1f}) | "
+            f"{m / b:.3f} x {base_label} | {m / fwd:.2f} |"
+        )
 
     row("forward pass, batch 1", "forward", "forward", "forward")
     row("guard enter + exit", "guard", "forward", "forward")
     row("TiledOcclusion, 4 windows, no guard", "tiled_unguarded", "tiled_unguarded", "itself")
     row("TiledOcclusion, 4 windows, guarded", "tiled", "tiled_unguarded", "no guard")
-    row("FusionGrad(Saliency) n=2, m=1, no check", "fusion_unwatched", "fusion_unwatched",
-        "itself")
+    row("FusionGrad(Saliency) n=2, m=1, no check", "fusion_unwatched", "fusion_unwatched", "itself")
     row("FusionGrad(Saliency) n=2, m=1, checked", "fusion", "fusion_unwatched", "no check")
-    rows.append(f"| {name} | guard memory: parameters + buffers copied | "
-                f"{model_bytes(model) / 2**20:.1f} MiB | | |")
+    rows.append(
+        f"| {name} | guard memory: parameters + buffers copied | "
+        f"{model_bytes(model) / 2**20:.1f} MiB | | |"
+    )
     return rows
 
 

@@ -49,18 +49,28 @@ def volume_model() -> nn.Module:
 def small_cnn() -> nn.Module:
     """A light CNN for 32x32 images."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
 
 
 def series_model() -> nn.Module:
     """A light 1D CNN for time series."""
     return nn.Sequential(
-        nn.Conv1d(1, 16, 7, padding=3), nn.ReLU(), nn.MaxPool1d(4),
-        nn.Conv1d(16, 16, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
-        nn.Flatten(), nn.Linear(16, 5),
+        nn.Conv1d(1, 16, 7, padding=3),
+        nn.ReLU(),
+        nn.MaxPool1d(4),
+        nn.Conv1d(16, 16, 5, padding=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(16, 5),
     )
 
 
@@ -163,9 +173,7 @@ def run_case(name: str, quick: bool, rounds: int) -> dict:
     captum_settings = [1, 16] if quick else [1, 8, 16, 32]
     if name == "volume96":  # ppe=1 would take minutes here
         captum_settings = [16] if quick else [16, 64]
-    p_captum = math.prod(
-        (s - w) // t + 1 for s, w, t in zip(x.shape[1:], window, stride)
-    )
+    p_captum = math.prod((s - w) // t + 1 for s, w, t in zip(x.shape[1:], window, stride))
     # Warm up every path once; then each round times every candidate once, interleaved.
     per_example_forward(model, x, sizes[:1])
     tiled.attribute(x, target=0, window=window, k=k)
@@ -176,31 +184,34 @@ def run_case(name: str, quick: bool, rounds: int) -> dict:
         best_batch = min(per_ex, key=per_ex.get)
         t_floor = per_ex[best_batch]
         t_tiled = best_of(lambda: tiled.attribute(x, target=0, window=window, k=k), 1, False)
-        t_multi = best_of(
-            lambda: tiled.attribute_multi(x, [0, 1, 2], window=window, k=k), 1, False
-        )
+        t_multi = best_of(lambda: tiled.attribute_multi(x, [0, 1, 2], window=window, k=k), 1, False)
         t_captum = {}
         for ppe in captum_settings:
             t_captum[ppe] = best_of(
                 lambda ppe=ppe: occ.attribute(
-                    x, target=0, sliding_window_shapes=window, strides=stride,
+                    x,
+                    target=0,
+                    sliding_window_shapes=window,
+                    strides=stride,
                     perturbations_per_eval=ppe,
                 ),
                 1,
                 False,
             )
         best_ppe = min(t_captum, key=t_captum.get)
-        records.append({
-            "best_batch": best_batch,
-            "tiled_over_floor": t_tiled / (p_tiled * t_floor),
-            "captum_over_floor": t_captum[best_ppe] / (p_captum * t_floor),
-            "captum_best_ppe": best_ppe,
-            "captum_ppe1_over_floor": (
-                t_captum[1] / (p_captum * t_floor) if 1 in t_captum else None
-            ),
-            "speedup_per_perturbation": (t_captum[best_ppe] / p_captum) / (t_tiled / p_tiled),
-            "multi3_over_single": t_multi / t_tiled,
-        })
+        records.append(
+            {
+                "best_batch": best_batch,
+                "tiled_over_floor": t_tiled / (p_tiled * t_floor),
+                "captum_over_floor": t_captum[best_ppe] / (p_captum * t_floor),
+                "captum_best_ppe": best_ppe,
+                "captum_ppe1_over_floor": (
+                    t_captum[1] / (p_captum * t_floor) if 1 in t_captum else None
+                ),
+                "speedup_per_perturbation": (t_captum[best_ppe] / p_captum) / (t_tiled / p_tiled),
+                "multi3_over_single": t_multi / t_tiled,
+            }
+        )
     ops, chunk = ops_outside_model(model, x, window, k)
     row = {
         "case": name,
@@ -215,8 +226,13 @@ def run_case(name: str, quick: bool, rounds: int) -> dict:
         "best_batch": statistics.mode(r["best_batch"] for r in records),
         "captum_best_ppe": statistics.mode(r["captum_best_ppe"] for r in records),
     }
-    for key in ("tiled_over_floor", "captum_over_floor", "captum_ppe1_over_floor",
-                "speedup_per_perturbation", "multi3_over_single"):
+    for key in (
+        "tiled_over_floor",
+        "captum_over_floor",
+        "captum_ppe1_over_floor",
+        "speedup_per_perturbation",
+        "multi3_over_single",
+    ):
         values = [r[key] for r in records if r[key] is not None]
         row[key] = statistics.median(values) if values else None
         row[key + "_range"] = (min(values), max(values)) if values else None
@@ -292,8 +308,11 @@ def render(rows: List[dict], memory: List[dict], quick: bool) -> str:
             f"{r['ops_per_perturbation']:.2f} ({r['chunk']}) |"
         )
     if memory:
-        lines += ["", "| volume96 peak RSS | start (MiB) | peak (MiB) | extra (MiB) |",
-                  "|---|---|---|---|"]
+        lines += [
+            "",
+            "| volume96 peak RSS | start (MiB) | peak (MiB) | extra (MiB) |",
+            "|---|---|---|---|",
+        ]
         for m in memory:
             lines.append(
                 f"| {m['method']} | {m['start_mib']:.0f} | {m['peak_mib']:.0f} | "
@@ -306,18 +325,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller windows, fewer settings")
     parser.add_argument("--cases", nargs="+", choices=ALL_CASES, default=ALL_CASES)
-    parser.add_argument("--out", default="benchmarks/results/occlusion_speed.md",
-                        help="where the table goes (default: %(default)s); '-' for none")
+    parser.add_argument(
+        "--out",
+        default="benchmarks/results/occlusion_speed.md",
+        help="where the table goes (default: %(default)s); '-' for none",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on shared 2-core VMs, 2-thread "
-                             "timings swing by +-30%% between runs, 1-thread ones are stable)")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                        help="cpu: CPU time of this process (default; with 1 thread it is what "
-                             "the work costs, and it barely moves when other jobs load a shared "
-                             "machine); wall: elapsed time")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds per case (default: 3, 1 with --quick)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on shared 2-core VMs, 2-thread "
+        "timings swing by +-30%% between runs, 1-thread ones are stable)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: CPU time of this process (default; with 1 thread it is what "
+        "the work costs, and it barely moves when other jobs load a shared "
+        "machine); wall: elapsed time",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds per case (default: 3, 1 with --quick)",
+    )
     parser.add_argument("--memory-probe", choices=["tiled", "captum"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -340,9 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out != "-":
         raw = "\n".join(json.dumps(r) for r in rows + memory)
         with open(args.out, "w") as out:
-            out.write(f"# Occlusion speed\n\nCommand: `PYTHONPATH=$PWD python -m "
-                      f"benchmarks.occlusion_speed {' '.join(argv or sys.argv[1:])}`\n\n"
-                      f"{table}\n\nRaw rows:\n\n```\n{raw}\n```\n")
+            out.write(
+                f"# Occlusion speed\n\nCommand: `PYTHONPATH=$PWD python -m "
+                f"benchmarks.occlusion_speed {' '.join(argv or sys.argv[1:])}`\n\n"
+                f"{table}\n\nRaw rows:\n\n```\n{raw}\n```\n"
+            )
     return 0
 
 

@@ -327,6 +327,7 @@ def log(msg: str) -> None:
 # Part 1 + 3: synthetic localisation and robustness
 # ------------------------------------------------------------------------------------------------
 
+
 def run_synthetic(s: Settings) -> Dict[str, Any]:
     import quantus
 

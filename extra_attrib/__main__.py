@@ -30,53 +30,100 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = DemoSettings()
     parser = argparse.ArgumentParser(
-        prog="extra-attrib", description="Attribution methods for Captum: command line tools.")
+        prog="extra-attrib", description="Attribution methods for Captum: command line tools."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
-        "demo", help="explain EfficientNet-Lite0 on photos and save a comparison figure",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "demo",
+        help="explain EfficientNet-Lite0 on photos and save a comparison figure",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     demo.add_argument(
-        "--image", nargs="+", metavar="IMAGE", default=None,
+        "--image",
+        nargs="+",
+        metavar="IMAGE",
+        default=None,
         help=f"image file(s), or names of scikit-image's bundled photos (astronaut, camera, "
-             f"chelsea, coffee, rocket, ...); default: {' '.join(DEFAULT_PHOTOS)}")
+        f"chelsea, coffee, rocket, ...); default: {' '.join(DEFAULT_PHOTOS)}",
+    )
     demo.add_argument(
-        "--out", default=DEFAULT_OUT, metavar="PATH",
+        "--out",
+        default=DEFAULT_OUT,
+        metavar="PATH",
         help=f"where to write the figure (format from the extension: png, pdf, svg, jpg, ...; "
-             f"checked before any work); default: {DEFAULT_OUT}")
+        f"checked before any work); default: {DEFAULT_OUT}",
+    )
     demo.add_argument(
-        "--target", default=None, metavar="CLASS",
+        "--target",
+        default=None,
+        metavar="CLASS",
         help="ImageNet class to explain for every image, as an index (e.g. 281) or a name "
-             "(e.g. 'tabby'); default: each image's top class")
+        "(e.g. 'tabby'); default: each image's top class",
+    )
     demo.add_argument(
-        "--window", type=positive_int, default=defaults.window, metavar="W",
-        help=f"occlusion window side in pixels of the 224x224 input; default: {defaults.window}")
+        "--window",
+        type=positive_int,
+        default=defaults.window,
+        metavar="W",
+        help=f"occlusion window side in pixels of the 224x224 input; default: {defaults.window}",
+    )
     demo.add_argument(
-        "--k", type=positive_int, default=defaults.k,
+        "--k",
+        type=positive_int,
+        default=defaults.k,
         help=f"TiledOcclusion windows per pixel along each side (stride = W/k); must divide W; "
-             f"default: {defaults.k}")
+        f"default: {defaults.k}",
+    )
     demo.add_argument(
-        "--nt-samples", type=positive_int, default=defaults.nt_samples, metavar="N",
-        help=f"noisy copies for NoiseTunnel(TiledOcclusion); default: {defaults.nt_samples}")
+        "--nt-samples",
+        type=positive_int,
+        default=defaults.nt_samples,
+        metavar="N",
+        help=f"noisy copies for NoiseTunnel(TiledOcclusion); default: {defaults.nt_samples}",
+    )
     demo.add_argument(
-        "--fg-n", type=positive_int, default=defaults.fg_n, metavar="N",
-        help=f"FusionGrad weight samples; default: {defaults.fg_n}")
+        "--fg-n",
+        type=positive_int,
+        default=defaults.fg_n,
+        metavar="N",
+        help=f"FusionGrad weight samples; default: {defaults.fg_n}",
+    )
     demo.add_argument(
-        "--fg-m", type=positive_int, default=defaults.fg_m, metavar="M",
-        help=f"FusionGrad input samples per weight sample; default: {defaults.fg_m}")
+        "--fg-m",
+        type=positive_int,
+        default=defaults.fg_m,
+        metavar="M",
+        help=f"FusionGrad input samples per weight sample; default: {defaults.fg_m}",
+    )
     demo.add_argument(
-        "--fg-std", type=float, default=defaults.fg_std, metavar="S",
+        "--fg-std",
+        type=float,
+        default=defaults.fg_std,
+        metavar="S",
         help=f"FusionGrad multiplicative weight-noise std (the paper's 0.2 destroys "
-             f"EfficientNet-Lite0's predictions); default: {defaults.fg_std:g}")
+        f"EfficientNet-Lite0's predictions); default: {defaults.fg_std:g}",
+    )
     demo.add_argument(
-        "--score", choices=SCORES, default=defaults.score,
+        "--score",
+        choices=SCORES,
+        default=defaults.score,
         help=f"what is explained: the class's log-probability, probability or raw logit; "
-             f"default: {defaults.score}")
-    demo.add_argument("--seed", type=nonnegative_int, default=defaults.seed,
-                      help=f"seed of the noise; default: {defaults.seed}")
-    demo.add_argument("--dpi", type=bounded_float(MIN_DPI, MAX_DPI), default=defaults.dpi,
-                      help=f"resolution of the figure, {MIN_DPI:g} to {MAX_DPI:g}; default: "
-                           f"{defaults.dpi:g}")
+        f"default: {defaults.score}",
+    )
+    demo.add_argument(
+        "--seed",
+        type=nonnegative_int,
+        default=defaults.seed,
+        help=f"seed of the noise; default: {defaults.seed}",
+    )
+    demo.add_argument(
+        "--dpi",
+        type=bounded_float(MIN_DPI, MAX_DPI),
+        default=defaults.dpi,
+        help=f"resolution of the figure, {MIN_DPI:g} to {MAX_DPI:g}; default: {defaults.dpi:g}",
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     from extra_attrib._explain_cli import add_commands
 
@@ -103,8 +150,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command in ("explain", "show"):
         from extra_attrib import _explain_cli
 
-        return _explain_cli.run_explain(args) if args.command == "explain" \
+        return (
+            _explain_cli.run_explain(args)
+            if args.command == "explain"
             else _explain_cli.run_show(args)
+        )
     if args.command != "demo":
         parser.print_help()
         return 2
@@ -116,9 +166,17 @@ def _demo_command(args: argparse.Namespace) -> int:
     from extra_attrib.imagenet import MissingDemoExtraError
 
     settings = _demo.DemoSettings(
-        window=args.window, k=args.k, nt_samples=args.nt_samples, fg_n=args.fg_n,
-        fg_m=args.fg_m, fg_std=args.fg_std, score=args.score, seed=args.seed,
-        progress=not args.no_progress, dpi=args.dpi)
+        window=args.window,
+        k=args.k,
+        nt_samples=args.nt_samples,
+        fg_n=args.fg_n,
+        fg_m=args.fg_m,
+        fg_std=args.fg_std,
+        score=args.score,
+        seed=args.seed,
+        progress=not args.no_progress,
+        dpi=args.dpi,
+    )
     try:
         _demo.run(images=args.image, out=args.out, target=args.target, settings=settings)
     except MissingDemoExtraError as err:

@@ -48,8 +48,12 @@ def is_int(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, torch.Tensor):
-        return value.dim() == 0 and not value.dtype.is_floating_point and not value.is_complex() \
+        return (
+            value.dim() == 0
+            and not value.dtype.is_floating_point
+            and not value.is_complex()
             and value.dtype != torch.bool
+        )
     if type(value).__name__ == "bool_":  # numpy.bool_ is not an Integral, but be explicit
         return False
     return isinstance(value, numbers.Integral)
@@ -92,8 +96,9 @@ def check_int(value: Any, name: str, minimum: Optional[int] = None) -> int:
     """
     if not is_int(value):
         rule = "an int" if minimum is None else f"an int >= {minimum}"
-        raise TypeError(f"{name}={value!r} must be {rule} (bools are refused), got "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"{name}={value!r} must be {rule} (bools are refused), got {type(value).__name__}"
+        )
     result = int(value)
     if minimum is not None and result < minimum:
         raise ValueError(f"{name}={result!r} must be >= {minimum}")
@@ -126,8 +131,10 @@ def check_real(value: Any, name: str, finite: bool = True) -> float:
         float: ``float(value)``.
     """
     if not is_real(value):
-        raise TypeError(f"{name}={value!r} must be a real number (bools are refused), got "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"{name}={value!r} must be a real number (bools are refused), got "
+            f"{type(value).__name__}"
+        )
     result = float(value)
     if finite and not math.isfinite(result):
         raise ValueError(f"{name}={result!r} must be finite")
@@ -162,8 +169,9 @@ def check_bool(value: Any, name: str) -> bool:
         bool: ``value``.
     """
     if not isinstance(value, bool):
-        raise TypeError(f"{name}={value!r} must be a bool (True or False), got "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"{name}={value!r} must be a bool (True or False), got {type(value).__name__}"
+        )
     return value
 
 

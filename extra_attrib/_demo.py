@@ -57,9 +57,13 @@ class DemoSettings:
 
     def check(self, size: int) -> None:
         """Raise ValueError for settings the methods would reject, with the CLI's option names."""
-        for name, value in (("--window", self.window), ("--k", self.k),
-                            ("--nt-samples", self.nt_samples), ("--fg-n", self.fg_n),
-                            ("--fg-m", self.fg_m)):
+        for name, value in (
+            ("--window", self.window),
+            ("--k", self.k),
+            ("--nt-samples", self.nt_samples),
+            ("--fg-n", self.fg_n),
+            ("--fg-m", self.fg_m),
+        ):
             if value < 1:
                 raise ValueError(f"{name} {value} must be a positive integer")
         if self.window > size:
@@ -164,34 +168,58 @@ def explain(
 
     def occlusion(size: int) -> Callable[[], Tensor]:
         return lambda: Occlusion(f).attribute(
-            x, target=target, sliding_window_shapes=(3, size, size), strides=(3, size, size),
-            baselines=0.0, perturbations_per_eval=per_pass, show_progress=progress)
+            x,
+            target=target,
+            sliding_window_shapes=(3, size, size),
+            strides=(3, size, size),
+            baselines=0.0,
+            perturbations_per_eval=per_pass,
+            show_progress=progress,
+        )
 
     def tiled() -> Tensor:
         return TiledOcclusion(f).attribute(
-            x, target=target, window=w, k=k, baselines=0.0, perturbations_per_eval=per_pass,
-            show_progress=progress)
+            x,
+            target=target,
+            window=w,
+            k=k,
+            baselines=0.0,
+            perturbations_per_eval=per_pass,
+            show_progress=progress,
+        )
 
     def tunnel() -> Tensor:
         return NoiseTunnel(TiledOcclusion(f)).attribute(
-            x, nt_type="smoothgrad", nt_samples=settings.nt_samples, nt_samples_batch_size=1,
-            stdevs=settings.nt_stdev, target=target, window=w, k=k, baselines=0.0,
-            perturbations_per_eval=per_pass, show_progress=progress)
+            x,
+            nt_type="smoothgrad",
+            nt_samples=settings.nt_samples,
+            nt_samples_batch_size=1,
+            stdevs=settings.nt_stdev,
+            target=target,
+            window=w,
+            k=k,
+            baselines=0.0,
+            perturbations_per_eval=per_pass,
+            show_progress=progress,
+        )
 
     def fusion() -> Tensor:
         return FusionGrad(Saliency(f), f).attribute(
-            x, target=target, n=settings.fg_n, m=settings.fg_m, std=settings.fg_std,
-            show_progress=progress)
+            x,
+            target=target,
+            n=settings.fg_n,
+            m=settings.fg_m,
+            std=settings.fg_std,
+            show_progress=progress,
+        )
 
     plan = [("Occlusion", f"window {w}, stride {w}", occlusion(w))]
     if k > 1:
         plan.append(("Occlusion", f"window {t}, stride {t}", occlusion(t)))
     plan += [
         ("TiledOcclusion", f"window {w}, k={k} (stride {t})", tiled),
-        ("NoiseTunnel(TiledOcclusion)", f"{settings.nt_samples} noisy copies, same tiling",
-         tunnel),
-        ("FusionGrad(Saliency)", f"{settings.fg_n} noisy models x {settings.fg_m} inputs",
-         fusion),
+        ("NoiseTunnel(TiledOcclusion)", f"{settings.nt_samples} noisy copies, same tiling", tunnel),
+        ("FusionGrad(Saliency)", f"{settings.fg_n} noisy models x {settings.fg_m} inputs", fusion),
     ]
     results = []
     for name, detail, run_method in plan:
@@ -243,6 +271,7 @@ def run(
         MissingDemoExtraError: the optional packages are missing (before any slow work).
         DemoUsageError: bad images, target or settings.
     """
+
     def report(line: str) -> None:
         print(line, file=stream, flush=True)
 
@@ -262,8 +291,10 @@ def run(
     except ValueError as err:
         raise DemoUsageError(str(err)) from None
     model_name = "EfficientNet-Lite0 (ImageNet weights)" if load_model is None else "the model"
-    report(f"Loaded {model_name} in {time.perf_counter() - start:.1f} s; "
-           f"{torch.get_num_threads()} CPU threads")
+    report(
+        f"Loaded {model_name} in {time.perf_counter() - start:.1f} s; "
+        f"{torch.get_num_threads()} CPU threads"
+    )
 
     x = torch.cat([p.model_input for p in photos])
     with torch.no_grad():
@@ -272,14 +303,18 @@ def run(
     labels = []
     for photo, p in zip(photos, probs):
         values, indices = p.topk(min(3, p.numel()))
-        ranked = ", ".join(f"{imagenet.class_name(int(i), categories)} {float(v):.1%}"
-                           for v, i in zip(values, indices))
+        ranked = ", ".join(
+            f"{imagenet.class_name(int(i), categories)} {float(v):.1%}"
+            for v, i in zip(values, indices)
+        )
         report(f"  {photo.name:<12} {ranked}")
         chosen = int(indices[0]) if target_index is None else target_index
         labels.append((chosen, float(p[chosen])))
     targets = torch.tensor([c for c, _ in labels])
-    explained = ", ".join(f"{p.name} -> {imagenet.class_name(c, categories)} ({c})"
-                          for p, (c, _) in zip(photos, labels))
+    explained = ", ".join(
+        f"{p.name} -> {imagenet.class_name(c, categories)} ({c})"
+        for p, (c, _) in zip(photos, labels)
+    )
     report(f"Explaining the {_SCORE_NAMES[settings.score]} of {explained}:")
 
     results = explain(model, x, targets, settings, report)
@@ -305,14 +340,19 @@ def save_figure(
         f"{r.name}\n{r.detail}\n{count} evaluations per image": r.attributions
         for r, count in zip(results, per_image)
     }
-    rows = [f"{p.name}: {imagenet.class_name(c, categories)} ({prob:.0%})"
-            for p, (c, prob) in zip(photos, labels)]
-    fig = plot_attribution_grid([p.display for p in photos], columns, row_titles=rows,
-                                panel_size=2.3)
+    rows = [
+        f"{p.name}: {imagenet.class_name(c, categories)} ({prob:.0%})"
+        for p, (c, prob) in zip(photos, labels)
+    ]
+    fig = plot_attribution_grid(
+        [p.display for p in photos], columns, row_titles=rows, panel_size=2.3
+    )
     fig.supxlabel(
         f"Occlusion maps: red where occluding lowers the class's {_SCORE_NAMES[score]} (evidence "
         f"for the class), blue where it raises it. Saliency: gradient magnitude. Each panel is "
-        f"scaled to its own 99th percentile.", fontsize=8)
+        f"scaled to its own 99th percentile.",
+        fontsize=8,
+    )
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     fig.savefig(out, dpi=dpi, bbox_inches="tight")

@@ -143,8 +143,14 @@ def cell_incidence(geometry: TileGeometry) -> List[Tensor]:
         (``[m * w, (m + 1) * w)`` clipped to ``s``).
     """
     out = []
-    for s, w, k, t, n, c in zip(geometry.shape, geometry.window, geometry.k, geometry.stride,
-                                geometry.grid, cell_grid(geometry)):
+    for s, w, k, t, n, c in zip(
+        geometry.shape,
+        geometry.window,
+        geometry.k,
+        geometry.stride,
+        geometry.grid,
+        cell_grid(geometry),
+    ):
         starts = torch.arange(n) * t - (k - 1) * t
         lo, hi = starts.clamp(min=0), (starts + w).clamp(max=s)
         cell_lo = torch.arange(c) * w
@@ -263,10 +269,18 @@ def drilldown_sweep(  # noqa: D417 (the shared arguments are documented at occlu
         raise ValueError(f"batch_mode={batch_mode!r} is not supported: use one of {BATCH_MODES}")
     n = inputs[0].shape[0]
     coarse = occlusion_sweep(
-        forward_func, inputs, baselines, geometries, targets, score_fn, additional_forward_args,
-        chunk_size=chunk_size, show_progress=show_progress,
+        forward_func,
+        inputs,
+        baselines,
+        geometries,
+        targets,
+        score_fn,
+        additional_forward_args,
+        chunk_size=chunk_size,
+        show_progress=show_progress,
         description="TiledOcclusion coarse pass",
-        windows=[coarse_windows(g) for g in geometries], return_differences=True,
+        windows=[coarse_windows(g) for g in geometries],
+        return_differences=True,
         **sweep_kwargs,
     )
     evaluations, skipped = coarse.evaluations, coarse.skipped
@@ -285,9 +299,18 @@ def drilldown_sweep(  # noqa: D417 (the shared arguments are documented at occlu
         union = [todo.any(dim=0).nonzero().squeeze(1).tolist() for todo in needed]
         if any(union):
             fine = occlusion_sweep(
-                forward_func, inputs, baselines, geometries, targets, score_fn,
-                additional_forward_args, chunk_size=chunk_size, show_progress=show_progress,
-                description="TiledOcclusion refinement", windows=union, return_differences=True,
+                forward_func,
+                inputs,
+                baselines,
+                geometries,
+                targets,
+                score_fn,
+                additional_forward_args,
+                chunk_size=chunk_size,
+                show_progress=show_progress,
+                description="TiledOcclusion refinement",
+                windows=union,
+                return_differences=True,
                 **sweep_kwargs,
             )
             for dif, new, idx in zip(differences, fine.differences or [], union):
@@ -302,13 +325,19 @@ def drilldown_sweep(  # noqa: D417 (the shared arguments are documented at occlu
             if not any(mine):
                 continue
             fine = occlusion_sweep(
-                forward_func, tuple(x[e : e + 1] for x in inputs),
-                tuple(_example_baseline(b, x, e) for b, x in zip(baselines, inputs)), geometries,
-                [int(t) for t in resolved[e].tolist()], flat_score,
+                forward_func,
+                tuple(x[e : e + 1] for x in inputs),
+                tuple(_example_baseline(b, x, e) for b, x in zip(baselines, inputs)),
+                geometries,
+                [int(t) for t in resolved[e].tolist()],
+                flat_score,
                 tuple(_example_rows(a, e, n) for a in additional_forward_args),
-                chunk_size=chunk_size, show_progress=show_progress,
-                description=f"TiledOcclusion refinement {e + 1}/{n}", windows=mine,
-                return_differences=True, **sweep_kwargs,
+                chunk_size=chunk_size,
+                show_progress=show_progress,
+                description=f"TiledOcclusion refinement {e + 1}/{n}",
+                windows=mine,
+                return_differences=True,
+                **sweep_kwargs,
             )
             for dif, new, idx in zip(differences, fine.differences or [], mine):
                 _copy_windows(dif, new, idx, slice(e, e + 1))
@@ -316,10 +345,16 @@ def drilldown_sweep(  # noqa: D417 (the shared arguments are documented at occlu
             skipped += fine.skipped
             rows += fine.perturbations
 
-    attributions = [merge(dif, chosen, g) for dif, chosen, g in zip(differences, selected,
-                                                                    geometries)]
-    return DrillResult(attributions, evaluations, coarse.perturbations + math.ceil(rows / n),
-                       skipped, selected=selected)
+    attributions = [
+        merge(dif, chosen, g) for dif, chosen, g in zip(differences, selected, geometries)
+    ]
+    return DrillResult(
+        attributions,
+        evaluations,
+        coarse.perturbations + math.ceil(rows / n),
+        skipped,
+        selected=selected,
+    )
 
 
 def _copy_windows(into: Tensor, new: Tensor, indices: List[int], rows: slice) -> None:

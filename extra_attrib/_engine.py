@@ -265,9 +265,7 @@ def occlusion_sweep(
     """
     n = inputs[0].shape[0]
     with torch.no_grad():
-        raw = check_output(
-            forward_func(*(x.clone() for x in inputs), *additional_forward_args), n
-        )
+        raw = check_output(forward_func(*(x.clone() for x in inputs), *additional_forward_args), n)
         scored = score_fn(raw)
         check_output(scored, n)
     index = resolve_targets(targets, scored, raw)
@@ -289,17 +287,22 @@ def occlusion_sweep(
     busiest = max(len(a) for a in active)
     planner = ChunkPlanner(inputs, max(busiest, 1), chunk_size)
     total = sum(len(a) for a in active)
-    requested = (sum(g.num_perturbations for g in geometries) if windows is None
-                 else sum(len(set(w)) for w in windows))
+    requested = (
+        sum(g.num_perturbations for g in geometries)
+        if windows is None
+        else sum(len(set(w)) for w in windows)
+    )
     skipped = requested - total
 
-    bar = tqdm(total=1 + planner.expected_chunks(total), desc=description,
-               disable=not show_progress)
+    bar = tqdm(
+        total=1 + planner.expected_chunks(total), desc=description, disable=not show_progress
+    )
     bar.update(1)
     evaluations, done = 1, 0
     try:
-        runner = (evaluator or DenseEvaluator)(forward_func, inputs, baselines, geometries,
-                                                 additional_forward_args, planner.capacity)
+        runner = (evaluator or DenseEvaluator)(
+            forward_func, inputs, baselines, geometries, additional_forward_args, planner.capacity
+        )
         attributions, differences = [], []
         for j, (geometry, indices) in enumerate(zip(geometries, active)):
             on_device = torch.tensor(indices, dtype=torch.long, device=inputs[j].device)
@@ -337,8 +340,9 @@ def occlusion_sweep(
                 differences.append(per_window.transpose(0, 1))
     finally:
         bar.close()
-    return SweepResult(attributions, evaluations, done, skipped,
-                       differences if return_differences else None, index)
+    return SweepResult(
+        attributions, evaluations, done, skipped, differences if return_differences else None, index
+    )
 
 
 class DenseEvaluator:
@@ -431,8 +435,11 @@ class DenseEvaluator:
         reps = len(windows)
         self.used = max(self.used, reps)
         views = self._chunk_views(reps)
-        positions = [] if self.modes[j] == "slices" else window_positions(
-            self.geometries[j], windows_on_device)
+        positions = (
+            []
+            if self.modes[j] == "slices"
+            else window_positions(self.geometries[j], windows_on_device)
+        )
         if self.rebuild_all:
             for k, (slots, x) in enumerate(zip(views.slots, views.inputs)):
                 if k != j:

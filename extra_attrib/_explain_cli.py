@@ -48,8 +48,7 @@ def _target(text: str) -> Any:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} must be 'predicted' or a class index") from None
+        raise argparse.ArgumentTypeError(f"{text!r} must be 'predicted' or a class index") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be a non-negative class index")
     return value
@@ -58,53 +57,101 @@ def _target(text: str) -> Any:
 def add_commands(commands: Any) -> None:
     """Register ``explain`` and ``show`` on the ``extra-attrib`` subparsers."""
     explain = commands.add_parser(
-        "explain", help="explain every image of files/folders into a resumable zarr store",
+        "explain",
+        help="explain every image of files/folders into a resumable zarr store",
         description="Explain every image under PATH... (files, and folders searched recursively "
-                    "in sorted order) into a zarr store. Running the same command again "
-                    "continues an interrupted run. Under torchrun every process takes a share "
-                    "of the images. Needs zarr (pip install \"extra_attrib[scale]\"); the default "
-                    "model needs the 'demo' extra.")
+        "in sorted order) into a zarr store. Running the same command again "
+        "continues an interrupted run. Under torchrun every process takes a share "
+        'of the images. Needs zarr (pip install "extra_attrib[scale]"); the default '
+        "model needs the 'demo' extra.",
+    )
     explain.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    explain.add_argument("--out", required=True, metavar="STORE.zarr",
-                         help="the zarr store (local path or fsspec URL)")
     explain.add_argument(
-        "--model", default=None, metavar="MODULE:FACTORY",
+        "--out",
+        required=True,
+        metavar="STORE.zarr",
+        help="the zarr store (local path or fsspec URL)",
+    )
+    explain.add_argument(
+        "--model",
+        default=None,
+        metavar="MODULE:FACTORY",
         help="a function returning a model in eval mode, or (model, transform) where transform "
-             "maps a PIL image to the model's input tensor; default: EfficientNet-Lite0 with "
-             "its preprocessing (also used when the factory gives no transform)")
-    explain.add_argument("--method", choices=METHODS, default="tiled",
-                         help="tiled: TiledOcclusion; occlusion: Captum Occlusion with stride "
-                              "window/k; fusiongrad-saliency: FusionGrad(Saliency); default: "
-                              "tiled")
-    explain.add_argument("--window", type=_positive_int, default=DEFAULT_WINDOW, metavar="W",
-                         help=f"occlusion window side in pixels; default: {DEFAULT_WINDOW}")
-    explain.add_argument("--k", type=_positive_int, default=DEFAULT_K,
-                         help=f"windows per pixel along each side (stride W/k); must divide W; "
-                              f"default: {DEFAULT_K}")
-    explain.add_argument("--score", choices=SCORES, default="log_softmax",
-                         help="what is explained: log-probability, probability or raw logit; "
-                              "default: log_softmax")
-    explain.add_argument("--target", type=_target, default="predicted", metavar="predicted|N",
-                         help="the predicted class of each image, or one class index; default: "
-                              "predicted")
-    explain.add_argument("--batch-size", type=_positive_int, default=4, metavar="B",
-                         help="images per attribution call; default: 4")
-    explain.add_argument("--perturbations-per-eval", type=_positive_int, default=None,
-                         metavar="P", help="occluded copies per forward pass; default: chosen "
-                                           "automatically (Occlusion: 1)")
-    explain.add_argument("--num-workers", type=int, default=0, metavar="N",
-                         help="image-loading worker processes; default: 0")
-    explain.add_argument("--device", default=None,
-                         help="e.g. cpu, cuda, cuda:1; default: cuda:LOCAL_RANK under torchrun "
-                              "with GPUs, else cuda if available, else cpu")
-    explain.add_argument("--no-resume", action="store_true",
-                         help="overwrite STORE instead of continuing it")
+        "maps a PIL image to the model's input tensor; default: EfficientNet-Lite0 with "
+        "its preprocessing (also used when the factory gives no transform)",
+    )
+    explain.add_argument(
+        "--method",
+        choices=METHODS,
+        default="tiled",
+        help="tiled: TiledOcclusion; occlusion: Captum Occlusion with stride "
+        "window/k; fusiongrad-saliency: FusionGrad(Saliency); default: "
+        "tiled",
+    )
+    explain.add_argument(
+        "--window",
+        type=_positive_int,
+        default=DEFAULT_WINDOW,
+        metavar="W",
+        help=f"occlusion window side in pixels; default: {DEFAULT_WINDOW}",
+    )
+    explain.add_argument(
+        "--k",
+        type=_positive_int,
+        default=DEFAULT_K,
+        help=f"windows per pixel along each side (stride W/k); must divide W; default: {DEFAULT_K}",
+    )
+    explain.add_argument(
+        "--score",
+        choices=SCORES,
+        default="log_softmax",
+        help="what is explained: log-probability, probability or raw logit; default: log_softmax",
+    )
+    explain.add_argument(
+        "--target",
+        type=_target,
+        default="predicted",
+        metavar="predicted|N",
+        help="the predicted class of each image, or one class index; default: predicted",
+    )
+    explain.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=4,
+        metavar="B",
+        help="images per attribution call; default: 4",
+    )
+    explain.add_argument(
+        "--perturbations-per-eval",
+        type=_positive_int,
+        default=None,
+        metavar="P",
+        help="occluded copies per forward pass; default: chosen automatically (Occlusion: 1)",
+    )
+    explain.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="image-loading worker processes; default: 0",
+    )
+    explain.add_argument(
+        "--device",
+        default=None,
+        help="e.g. cpu, cuda, cuda:1; default: cuda:LOCAL_RANK under torchrun "
+        "with GPUs, else cuda if available, else cpu",
+    )
+    explain.add_argument(
+        "--no-resume", action="store_true", help="overwrite STORE instead of continuing it"
+    )
     explain.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     show = commands.add_parser(
-        "show", help="draw one item of a store: image, attribution, overlay",
+        "show",
+        help="draw one item of a store: image, attribution, overlay",
         description="Save the three-panel figure (image, attribution, overlay) of one item of a "
-                    "store written by 'explain' or extra_attrib.explain_dataset.")
+        "store written by 'explain' or extra_attrib.explain_dataset.",
+    )
     show.add_argument("store", metavar="STORE.zarr")
     show.add_argument("--index", type=int, required=True, metavar="I", help="item index")
     show.add_argument("--out", required=True, metavar="FIG.png", help="where to save the figure")
@@ -126,8 +173,11 @@ def image_files(paths: Sequence[str]) -> List[str]:
             found = []
             for root, dirs, names in os.walk(path):
                 dirs.sort()
-                found += [os.path.join(root, name) for name in names
-                          if os.path.splitext(name)[1].lower() in extensions]
+                found += [
+                    os.path.join(root, name)
+                    for name in names
+                    if os.path.splitext(name)[1].lower() in extensions
+                ]
             files += sorted(found)
         elif os.path.isfile(path):
             files.append(path)
@@ -197,16 +247,24 @@ def build_method(args: argparse.Namespace, model: nn.Module, channels: int) -> T
 
     f = scored_model(model, args.score)
     if args.method != "fusiongrad-saliency" and args.window % args.k:
-        raise UsageError(f"--window {args.window} must be divisible by --k {args.k} (the "
-                         f"stride is window / k)")
-    per_eval = {} if args.perturbations_per_eval is None else {
-        "perturbations_per_eval": args.perturbations_per_eval}
+        raise UsageError(
+            f"--window {args.window} must be divisible by --k {args.k} (the stride is window / k)"
+        )
+    per_eval = (
+        {}
+        if args.perturbations_per_eval is None
+        else {"perturbations_per_eval": args.perturbations_per_eval}
+    )
     if args.method == "tiled":
         return TiledOcclusion(f), dict(window=args.window, k=args.k, baselines=0.0, **per_eval)
     if args.method == "occlusion":
         stride = args.window // args.k
-        return Occlusion(f), dict(sliding_window_shapes=(channels, args.window, args.window),
-                                  strides=(channels, stride, stride), baselines=0.0, **per_eval)
+        return Occlusion(f), dict(
+            sliding_window_shapes=(channels, args.window, args.window),
+            strides=(channels, stride, stride),
+            baselines=0.0,
+            **per_eval,
+        )
     demo = DemoSettings()
     return FusionGrad(Saliency(f), f), dict(n=demo.fg_n, m=demo.fg_m, std=demo.fg_std)
 
@@ -225,19 +283,33 @@ def run_explain(args: argparse.Namespace) -> int:
         images = ImageFiles(files, transform)
         shape, _ = ds._probe(images, len(images))
         if len(shape) != 3:
-            raise UsageError(f"the transform gives inputs of shape {tuple(shape)}; expected "
-                             f"(channels, height, width)")
+            raise UsageError(
+                f"the transform gives inputs of shape {tuple(shape)}; expected "
+                f"(channels, height, width)"
+            )
         method, kwargs = build_method(args, model, int(shape[0]))
         device = args.device
         if device is None and "WORLD_SIZE" not in os.environ and torch.cuda.is_available():
             device = "cuda"
         summary = ds.explain_dataset(
-            method, images, args.out, target=args.target, batch_size=args.batch_size,
-            num_workers=args.num_workers, resume=not args.no_resume, device=device,
+            method,
+            images,
+            args.out,
+            target=args.target,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            resume=not args.no_resume,
+            device=device,
             show_progress=not args.no_progress,
-            metadata={"command": "explain", "model": args.model or "efficientnet-lite0",
-                      "preprocess": preprocess, "method": args.method, "score": args.score},
-            **kwargs)
+            metadata={
+                "command": "explain",
+                "model": args.model or "efficientnet-lite0",
+                "preprocess": preprocess,
+                "method": args.method,
+                "score": args.score,
+            },
+            **kwargs,
+        )
     except MissingDemoExtraError as err:
         print(f"extra-attrib explain: {err}", file=sys.stderr)
         return 1
@@ -259,11 +331,13 @@ def run_explain(args: argparse.Namespace) -> int:
             where = store.paths[index] if store.paths else f"item {index}"
             print(f"  failed: {where}: {message}", flush=True)
         if summary.failed > MAX_LISTED_FAILURES:
-            print("  ... all failures: extra_attrib.open_attributions(STORE).errors",
-                  flush=True)
-    print(f"extra-attrib explain: {summary.done} done, {summary.failed} failed of "
-          f"{summary.total} ({summary.skipped} already done) in {summary.seconds:.1f} s "
-          f"-> {summary.path}", flush=True)
+            print("  ... all failures: extra_attrib.open_attributions(STORE).errors", flush=True)
+    print(
+        f"extra-attrib explain: {summary.done} done, {summary.failed} failed of "
+        f"{summary.total} ({summary.skipped} already done) in {summary.seconds:.1f} s "
+        f"-> {summary.path}",
+        flush=True,
+    )
     return 0 if summary.complete else 1
 
 
@@ -303,8 +377,9 @@ def run_show(args: argparse.Namespace) -> int:
         return 2
     i = args.index
     if not 0 <= i < len(store):
-        print(f"extra-attrib show: error: --index {i} must be in [0, {len(store)})",
-              file=sys.stderr)
+        print(
+            f"extra-attrib show: error: --index {i} must be in [0, {len(store)})", file=sys.stderr
+        )
         return 2
     if not store.done[i]:
         why = f": {store.errors[i]}" if i in store.errors else " yet"
@@ -316,15 +391,17 @@ def run_show(args: argparse.Namespace) -> int:
     info = store.metadata.get("info", {})
     image = None
     if attr.dim() == 3 and attr.shape[0] in (1, 3, 4) and store.paths:
-        image = _display_image(store.paths[i], info.get("preprocess", "custom"),
-                               int(attr.shape[1]), int(attr.shape[2]))
+        image = _display_image(
+            store.paths[i], info.get("preprocess", "custom"), int(attr.shape[1]), int(attr.shape[2])
+        )
     if image is not None:
         fig = plot_image_attribution(image, attr, title=title)
     elif attr.dim() == 4:
         fig = plot_volume_slices(None, attr, title=title)
     else:  # no image to show: the map alone, channels summed
-        fig = plot_attribution(attr if attr.dim() <= 2 else attr.sum(0), method="heat_map",
-                               title=title)
+        fig = plot_attribution(
+            attr if attr.dim() <= 2 else attr.sum(0), method="heat_map", title=title
+        )
     directory = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(directory, exist_ok=True)
     fig.savefig(args.out, dpi=100, bbox_inches="tight")

@@ -245,5 +245,3 @@ def expand_kwargs(
         if key in out:  # a first dim of 1 broadcasts, so it stays
             out[key] = _expand_batched(out[key], num, e0, e1, reps, min_num=2)
     return out
-
-

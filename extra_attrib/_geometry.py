@@ -43,9 +43,7 @@ class TileGeometry:
     @property
     def grid(self) -> Tuple[int, ...]:
         """Number of window positions ``J_i = ceil(s_i / t_i) + k_i - 1`` per dimension."""
-        return tuple(
-            math.ceil(s / t) + k - 1 for s, t, k in zip(self.shape, self.stride, self.k)
-        )
+        return tuple(math.ceil(s / t) + k - 1 for s, t, k in zip(self.shape, self.stride, self.k))
 
     @property
     def num_perturbations(self) -> int:
@@ -77,9 +75,7 @@ def window_bounds(geometry: TileGeometry) -> List[Tuple[List[int], List[int]]]:
     return bounds
 
 
-def perturbation_boxes(
-    geometry: TileGeometry, indices: Sequence[int]
-) -> List[Tuple[slice, ...]]:
+def perturbation_boxes(geometry: TileGeometry, indices: Sequence[int]) -> List[Tuple[slice, ...]]:
     """Boxes (tuples of slices over the non-batch dimensions) of the given perturbations.
 
     Args:

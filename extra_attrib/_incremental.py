@@ -61,28 +61,83 @@ class UnsupportedModel(ValueError):
 # --------------------------------------------------------------------------------------------
 
 _POINTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.PReLU, nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.PReLU,
+    nn.Identity,
 )
 _DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MAXPOOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AVGPOOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-_CONSTPAD_MODULES = (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d,
-                     nn.ConstantPad2d, nn.ConstantPad3d)
+_CONSTPAD_MODULES = (
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+)
 _BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: Modules that mix the whole map (or that this module does not compute locally): run densely.
 _DENSE_MODULES = (
-    nn.Linear, nn.Flatten, nn.Unflatten, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-    nn.LocalResponseNorm, nn.Softmax, nn.LogSoftmax, nn.Softmax2d, nn.Upsample,
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
-    nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d,
-    nn.CircularPad3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, *_CONSTPAD_MODULES,
+    nn.Linear,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LocalResponseNorm,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.Softmax2d,
+    nn.Upsample,
+    nn.ReflectionPad1d,
+    nn.ReflectionPad2d,
+    nn.ReflectionPad3d,
+    nn.ReplicationPad1d,
+    nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
+    nn.CircularPad1d,
+    nn.CircularPad2d,
+    nn.CircularPad3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    *_CONSTPAD_MODULES,
 )
 #: Out-of-place functional forms of in-place capable activation modules.
 # The module is ``Any``: torch types every attribute of an nn.Module as ``Tensor | Module``.
@@ -101,36 +156,123 @@ _OUT_OF_PLACE: Dict[type, Callable[[Any, Tensor], Tensor]] = {
 }
 
 _POINTWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
-    F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh,
-    F.softplus, torch.clamp, torch.clip, torch.abs, torch.exp, torch.neg, torch.square,
-    torch.sqrt, torch.rsqrt,
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+    F.softplus,
+    torch.clamp,
+    torch.clip,
+    torch.abs,
+    torch.exp,
+    torch.neg,
+    torch.square,
+    torch.sqrt,
+    torch.rsqrt,
 }
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
 _POINTWISE_METHODS = {
-    "relu", "sigmoid", "tanh", "clamp", "clip", "abs", "exp", "neg", "square", "sqrt", "rsqrt",
-    "contiguous", "float", "double", "half", "to",
+    "relu",
+    "sigmoid",
+    "tanh",
+    "clamp",
+    "clip",
+    "abs",
+    "exp",
+    "neg",
+    "square",
+    "sqrt",
+    "rsqrt",
+    "contiguous",
+    "float",
+    "double",
+    "half",
+    "to",
 }
 _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _BINARY_FUNCTIONS = {
-    operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
-    operator.truediv: operator.truediv, torch.add: operator.add, torch.sub: operator.sub,
-    torch.mul: operator.mul, torch.div: operator.truediv,
+    operator.add: operator.add,
+    operator.sub: operator.sub,
+    operator.mul: operator.mul,
+    operator.truediv: operator.truediv,
+    torch.add: operator.add,
+    torch.sub: operator.sub,
+    torch.mul: operator.mul,
+    torch.div: operator.truediv,
 }
-_BINARY_METHODS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
-                   "div": operator.truediv}
+_BINARY_METHODS = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "div": operator.truediv,
+}
 _DENSE_FUNCTIONS = {
-    torch.flatten, torch.mean, torch.sum, torch.amax, torch.amin, torch.softmax, F.softmax,
-    F.log_softmax, torch.log_softmax, F.linear, F.interpolate, operator.getitem, torch.squeeze,
-    torch.unsqueeze, torch.stack, F.layer_norm, F.group_norm, F.batch_norm, F.pad,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.cat, getattr, operator.floordiv,
-    torch.max, torch.min,
+    torch.flatten,
+    torch.mean,
+    torch.sum,
+    torch.amax,
+    torch.amin,
+    torch.softmax,
+    F.softmax,
+    F.log_softmax,
+    torch.log_softmax,
+    F.linear,
+    F.interpolate,
+    operator.getitem,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.stack,
+    F.layer_norm,
+    F.group_norm,
+    F.batch_norm,
+    F.pad,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    torch.cat,
+    getattr,
+    operator.floordiv,
+    torch.max,
+    torch.min,
 }
 _DENSE_METHODS = {
-    "view", "reshape", "flatten", "mean", "sum", "amax", "amin", "max", "min", "softmax",
-    "log_softmax", "squeeze", "unsqueeze", "dim", "size",
+    "view",
+    "reshape",
+    "flatten",
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "max",
+    "min",
+    "softmax",
+    "log_softmax",
+    "squeeze",
+    "unsqueeze",
+    "dim",
+    "size",
 }
 
 
@@ -174,9 +316,7 @@ class _Dense:
         self.value = value
 
 
-def source_index(
-    coords: Tensor, size: int, mode: str
-) -> Tuple[Tensor, Optional[Tensor]]:
+def source_index(coords: Tensor, size: int, mode: str) -> Tuple[Tensor, Optional[Tensor]]:
     """Map absolute coordinates (possibly outside ``[0, size)``) to source indices.
 
     Args:
@@ -407,13 +547,23 @@ class IncrementalProgram:
                 return _Step(node, "conv", free, m, _conv_info(m))
             if isinstance(m, _MAXPOOL_MODULES) and not m.return_indices:
                 d = _dims(m)
-                info = (_tup(m.kernel_size, d), _tup(m.stride or m.kernel_size, d),
-                        _tup(m.padding, d), _tup(m.dilation, d), "max")
+                info = (
+                    _tup(m.kernel_size, d),
+                    _tup(m.stride or m.kernel_size, d),
+                    _tup(m.padding, d),
+                    _tup(m.dilation, d),
+                    "max",
+                )
                 return _Step(node, "pool", free, m, info)
             if isinstance(m, _AVGPOOL_MODULES) and _avg_pool_is_local(m):
                 d = _dims(m)
-                info = (_tup(m.kernel_size, d), _tup(m.stride or m.kernel_size, d),
-                        _tup(m.padding, d), (1,) * d, "avg")
+                info = (
+                    _tup(m.kernel_size, d),
+                    _tup(m.stride or m.kernel_size, d),
+                    _tup(m.padding, d),
+                    (1,) * d,
+                    "avg",
+                )
                 return _Step(node, "pool", free, m, info)
             if isinstance(m, _CONSTPAD_MODULES) and min(m.padding) >= 0:
                 return _Step(node, "pad", free, m, tuple(m.padding))
@@ -428,12 +578,14 @@ class IncrementalProgram:
                 return _Step(node, "conv", free, None, _CONV_FUNCTIONS[target])
             if target in _DROPOUT_FUNCTIONS:
                 default = target is not F.alpha_dropout  # torch's defaults for `training`
-                training = node.args[2] if len(node.args) > 2 else node.kwargs.get(
-                    "training", default)
+                training = (
+                    node.args[2] if len(node.args) > 2 else node.kwargs.get("training", default)
+                )
                 if training is not False:
                     raise UnsupportedModel(
                         f"dropout in training mode (or with a traced training flag) at "
-                        f"{self._where(node)}")
+                        f"{self._where(node)}"
+                    )
                 return _Step(node, "pointwise", free)
             if target in _POINTWISE_FUNCTIONS:
                 return _Step(node, "pointwise", free)
@@ -462,8 +614,9 @@ class IncrementalProgram:
                 f"incremental occlusion does not know the method .{node.target}() at "
                 f"{self._where(node)}"
             )
-        raise UnsupportedModel(f"incremental occlusion does not know {node.op} at "
-                               f"{self._where(node)}")
+        raise UnsupportedModel(
+            f"incremental occlusion does not know {node.op} at {self._where(node)}"
+        )
 
     # -- running ----------------------------------------------------------------------------
 
@@ -491,8 +644,11 @@ class IncrementalProgram:
                 value = getattr(value, part)
             return value
         if node.op == "call_module":
-            m = step.module if step.module is not None else self.graph_module.get_submodule(
-                str(node.target))
+            m = (
+                step.module
+                if step.module is not None
+                else self.graph_module.get_submodule(str(node.target))
+            )
             if getattr(m, "inplace", False):
                 if type(m) in _OUT_OF_PLACE and not kwargs and len(args) == 1:
                     return _OUT_OF_PLACE[type(m)](m, args[0])
@@ -508,9 +664,7 @@ class IncrementalProgram:
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         raise RuntimeError(f"unexpected node {node.op}")  # pragma: no cover
 
-    def run_patched(
-        self, clean: _Env, patch: Patch, cost: Optional[_Cost] = None
-    ) -> Any:
+    def run_patched(self, clean: _Env, patch: Patch, cost: Optional[_Cost] = None) -> Any:
         """Run the graph for a chunk of windows whose input differs from ``clean`` by ``patch``.
 
         Returns:
@@ -604,8 +758,7 @@ def _functional_conv_args(node: fx.Node, env: _Env) -> Dict[str, Any]:
     return {k: (env[v] if isinstance(v, fx.Node) else v) for k, v in values.items()}
 
 
-def _macs(program: IncrementalProgram, step: _Step, env: _Env,
-          out: Tensor) -> float:
+def _macs(program: IncrementalProgram, step: _Step, env: _Env, out: Tensor) -> float:
     """Multiply-adds of a conv or linear node producing ``out`` (0 for other nodes)."""
     node = step.node
     if step.kind == "conv":
@@ -633,8 +786,9 @@ def _args(step: _Step, env: _Env) -> Tuple[Any, Dict[str, Any]]:
     return args, kwargs
 
 
-def _run_dense(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
-               b: int, cost: Optional[_Cost]) -> _Dense:
+def _run_dense(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> _Dense:
     args, kwargs = _args(step, env)
     args = fx.node.map_aggregate(args, lambda a: _as_dense(a, cost))
     kwargs = fx.node.map_aggregate(kwargs, lambda a: _as_dense(a, cost))
@@ -649,14 +803,16 @@ def _patch_like(value: Patch, new: Tensor, clean: Tensor) -> Patch:
     return Patch(new, value.starts, value.size, clean)
 
 
-def _pointwise(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
-               b: int, cost: Optional[_Cost]) -> Any:
+def _pointwise(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
     args, kwargs = _args(step, env)
     first = args[0] if args else None
     rest = list(args[1:]) + list(kwargs.values())
     if not isinstance(first, Patch) or any(
-        isinstance(a, (Patch, _Dense)) or (isinstance(a, Tensor) and not _local_operand(
-            a, first.clean.dim())) for a in rest
+        isinstance(a, (Patch, _Dense))
+        or (isinstance(a, Tensor) and not _local_operand(a, first.clean.dim()))
+        for a in rest
     ):
         return _run_dense(program, step, env, clean, b, cost)
     if not isinstance(clean, Tensor) or clean.shape != first.clean.shape:
@@ -667,8 +823,9 @@ def _pointwise(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
     return _patch_like(first, out, clean)
 
 
-def _conv(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
-          b: int, cost: Optional[_Cost]) -> Any:
+def _conv(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
     weight: Any  # module attributes (typed Tensor | Module by torch) or nodes' values
     bias: Any
     if step.module is not None:
@@ -703,8 +860,9 @@ def _conv(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
     return Patch(out, starts, size, clean)
 
 
-def _padding_is_local(x: Patch, mode: str, kernel: Sequence[int], pad: Sequence[int],
-                      dilation: Sequence[int]) -> bool:
+def _padding_is_local(
+    x: Patch, mode: str, kernel: Sequence[int], pad: Sequence[int], dilation: Sequence[int]
+) -> bool:
     """Whether a changed box changes only outputs near it despite the padding mode.
 
     Reflect and replicate padding copy values from within ``pad`` of a border into the padding:
@@ -726,14 +884,19 @@ def _padding_is_local(x: Patch, mode: str, kernel: Sequence[int], pad: Sequence[
 
 
 def _sliding_boxes(
-    x: Patch, clean: Tensor, kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int],
+    x: Patch,
+    clean: Tensor,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    pad: Sequence[int],
     dilation: Sequence[int],
 ) -> Tuple[Tensor, Tuple[int, ...], Tensor, Tuple[int, ...]]:
     """Output box and input context box of a sliding-window op."""
     starts, sizes, ctx_starts, ctx_sizes = [], [], [], []
     for i, out_len in enumerate(clean.shape[2:]):
-        s, n = output_box(x.starts[:, i], x.size[i], kernel[i], stride[i], dilation[i], pad[i],
-                          out_len)
+        s, n = output_box(
+            x.starts[:, i], x.size[i], kernel[i], stride[i], dilation[i], pad[i], out_len
+        )
         starts.append(s)
         sizes.append(n)
         ctx_starts.append(s * stride[i] - pad[i])
@@ -741,8 +904,9 @@ def _sliding_boxes(
     return (torch.stack(starts, 1), tuple(sizes), torch.stack(ctx_starts, 1), tuple(ctx_sizes))
 
 
-def _pool(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
-          b: int, cost: Optional[_Cost]) -> Any:
+def _pool(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
     x = env[step.node.args[0]]
     if not isinstance(x, Patch) or len(step.node.args) != 1 or step.node.kwargs:
         return _run_dense(program, step, env, clean, b, cost)
@@ -752,22 +916,25 @@ def _pool(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
     m: Any = step.module  # an AvgPool module when kind == "avg"
     if kind == "max":
         context = gather(x, ctx_starts, ctx_size, "constant", -math.inf)
-        out = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1](context, kernel, stride, 0,
-                                                                dilation)
+        out = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1](
+            context, kernel, stride, 0, dilation
+        )
     else:
         context = gather(x, ctx_starts, ctx_size, "constant", 0.0)
         if d == 1:
             out = F.avg_pool1d(context, kernel, stride, 0)
         else:
-            out = (F.avg_pool2d, F.avg_pool3d)[d - 2](context, kernel, stride, 0,
-                                                      divisor_override=m.divisor_override)
+            out = (F.avg_pool2d, F.avg_pool3d)[d - 2](
+                context, kernel, stride, 0, divisor_override=m.divisor_override
+            )
     if cost is not None:
         cost.elements(2 * context.numel() + out.numel())
     return Patch(out, starts, size, clean)
 
 
-def _pad(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
-         b: int, cost: Optional[_Cost]) -> Any:
+def _pad(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
     x = env[step.node.args[0]]
     if not isinstance(x, Patch):
         return _run_dense(program, step, env, clean, b, cost)
@@ -802,12 +969,11 @@ def _local_operand(value: Any, ndim: int) -> bool:
     return shape[0] == 1 and all(s == 1 for s in shape[2:])
 
 
-def _binary(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
-            b: int, cost: Optional[_Cost]) -> Any:
+def _binary(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
     args, _ = _args(step, env)
-    if len(args) != 2 or not isinstance(clean, Tensor) or any(
-        isinstance(a, _Dense) for a in args
-    ):
+    if len(args) != 2 or not isinstance(clean, Tensor) or any(isinstance(a, _Dense) for a in args):
         return _run_dense(program, step, env, clean, b, cost)
     fn = step.info
     patches = [a for a in args if isinstance(a, Patch)]
@@ -835,8 +1001,9 @@ def _binary(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
     return Patch(out, starts, size, clean)
 
 
-def _cat(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
-         b: int, cost: Optional[_Cost]) -> Any:
+def _cat(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
     node = step.node
     tensors = node.args[0] if node.args else node.kwargs.get("tensors")
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
@@ -845,8 +1012,7 @@ def _cat(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
     values = [env[t] if isinstance(t, fx.Node) else t for t in tensors]
     if dim not in (1, 1 - clean.dim()) or not all(isinstance(v, Patch) for v in values):
         return _run_dense(program, step, env, clean, b, cost)
-    if all(v.size == values[0].size and torch.equal(v.starts, values[0].starts)
-           for v in values):
+    if all(v.size == values[0].size and torch.equal(v.starts, values[0].starts) for v in values):
         starts, size = values[0].starts, values[0].size
         parts = [v.values for v in values]
     else:
@@ -858,8 +1024,9 @@ def _cat(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
     return Patch(out, starts, size, clean)
 
 
-def _size(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
-          b: int, cost: Optional[_Cost]) -> Any:
+def _size(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
     """``x.size()`` / ``x.shape`` of a patch: the clean sizes with ``B`` times the rows."""
     x = env[step.node.args[0]]
     if not isinstance(x, Patch):
@@ -875,8 +1042,14 @@ def _size(program: IncrementalProgram, step: _Step, env: _Env, clean: Any,
 
 
 _HANDLERS: Dict[str, Callable[..., Any]] = {
-    "pointwise": _pointwise, "conv": _conv, "pool": _pool, "pad": _pad, "binary": _binary,
-    "cat": _cat, "size": _size, "dense": _run_dense,
+    "pointwise": _pointwise,
+    "conv": _conv,
+    "pool": _pool,
+    "pad": _pad,
+    "binary": _binary,
+    "cat": _cat,
+    "size": _size,
+    "dense": _run_dense,
 }
 
 
@@ -896,14 +1069,17 @@ def _check_eval_mode(model: Callable[..., Tensor]) -> None:
 
     if module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
         raise UnsupportedModel(
-            "a global forward hook is registered: a traced graph would bypass it")
+            "a global forward hook is registered: a traced graph would bypass it"
+        )
     for name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks:
             raise UnsupportedModel(
                 f"module {name or type(m).__name__!r} has a forward hook: a traced graph "
-                "would bypass it")
-        if m.training and isinstance(m, (nn.modules.batchnorm._NormBase,
-                                         nn.modules.dropout._DropoutNd)):
+                "would bypass it"
+            )
+        if m.training and isinstance(
+            m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+        ):
             raise UnsupportedModel(
                 f"module {name!r} ({type(m).__name__}) is in training mode: its output "
                 "depends on the whole batch or on chance; call model.eval()"
@@ -949,9 +1125,7 @@ def program_for(model: Callable[..., Tensor], x: Tensor) -> IncrementalProgram:
     return cache[key]
 
 
-def input_patch(
-    x: Tensor, fill: Tensor, boxes: Sequence[Tuple[slice, ...]]
-) -> Patch:
+def input_patch(x: Tensor, fill: Tensor, boxes: Sequence[Tuple[slice, ...]]) -> Patch:
     """The input's patch for a chunk of occlusion windows.
 
     Every window gets a box of the chunk's largest window size over the spatial dimensions (all
@@ -966,18 +1140,21 @@ def input_patch(
         Patch: ``B = len(boxes)`` windows.
     """
     full = x.shape[2:]
-    size = tuple(max(box[1 + i].stop - box[1 + i].start for box in boxes)
-                 for i in range(len(full)))
+    size = tuple(max(box[1 + i].stop - box[1 + i].start for box in boxes) for i in range(len(full)))
     starts = torch.tensor(
-        [[min(box[1 + i].start, f - n) for i, (f, n) in enumerate(zip(full, size))]
-         for box in boxes], dtype=torch.long,
+        [
+            [min(box[1 + i].start, f - n) for i, (f, n) in enumerate(zip(full, size))]
+            for box in boxes
+        ],
+        dtype=torch.long,
     ).reshape(len(boxes), len(full))
     values = torch.empty((len(boxes), *x.shape[:2], *size), dtype=x.dtype, device=x.device)
     for w, (box, start) in enumerate(zip(boxes, starts.tolist())):
         region = tuple(slice(s, s + n) for s, n in zip(start, size))
         values[w] = x[(slice(None), slice(None)) + region]
-        window = (box[0],) + tuple(slice(sl.start - s, sl.stop - s)
-                                   for sl, s in zip(box[1:], start))
+        window = (box[0],) + tuple(
+            slice(sl.start - s, sl.stop - s) for sl, s in zip(box[1:], start)
+        )
         values[(w, slice(None)) + tuple(window)] = fill[(slice(None), box[0]) + tuple(box[1:])]
     return Patch(values.reshape(len(boxes) * x.shape[0], *x.shape[1:2], *size), starts, size, x)
 
@@ -996,8 +1173,13 @@ class IncrementalSweep:
             Default: None
     """
 
-    def __init__(self, program: IncrementalProgram, inputs: Tuple[Tensor, ...],
-                 baselines: Tuple[Tensor, ...], geometry: Optional[TileGeometry] = None) -> None:
+    def __init__(
+        self,
+        program: IncrementalProgram,
+        inputs: Tuple[Tensor, ...],
+        baselines: Tuple[Tensor, ...],
+        geometry: Optional[TileGeometry] = None,
+    ) -> None:
         (x,), (b,) = inputs, baselines
         self.program = program
         self.x = x
@@ -1052,8 +1234,11 @@ class EngineChoice:
 
 
 def choose_engine(
-    engine: str, forward_func: Callable[..., Tensor], inputs: Tuple[Tensor, ...],
-    baselines: Tuple[Tensor, ...], additional_forward_args: Tuple[Any, ...],
+    engine: str,
+    forward_func: Callable[..., Tensor],
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
     center_box: Optional[Tuple[slice, ...]] = None,
 ) -> EngineChoice:
     """Decide between the dense and the incremental engine.
@@ -1078,14 +1263,18 @@ def choose_engine(
     try:
         if len(inputs) != 1:
             raise UnsupportedModel(
-                f"incremental occlusion handles one input tensor, got {len(inputs)}")
+                f"incremental occlusion handles one input tensor, got {len(inputs)}"
+            )
         if additional_forward_args:
             raise UnsupportedModel(
                 "incremental occlusion does not take additional_forward_args (the traced model "
-                "has one input)")
+                "has one input)"
+            )
         if not inputs[0].dtype.is_floating_point:
-            raise UnsupportedModel(f"the input has dtype {inputs[0].dtype}; incremental "
-                                   "occlusion needs a floating-point input")
+            raise UnsupportedModel(
+                f"the input has dtype {inputs[0].dtype}; incremental "
+                "occlusion needs a floating-point input"
+            )
         program = program_for(forward_func, inputs[0])
         sweep = IncrementalSweep(program, inputs, baselines)
     except UnsupportedModel as error:
@@ -1094,26 +1283,33 @@ def choose_engine(
         return EngineChoice("dense", f"incremental is not possible: {error}")
 
     def factory(
-        _forward_func: Any, sweep_inputs: Tuple[Tensor, ...], sweep_baselines: Tuple[Tensor, ...],
-        geometries: Sequence[TileGeometry], *_: Any,
+        _forward_func: Any,
+        sweep_inputs: Tuple[Tensor, ...],
+        sweep_baselines: Tuple[Tensor, ...],
+        geometries: Sequence[TileGeometry],
+        *_: Any,
     ) -> IncrementalSweep:
         # The probe's evaluator when the sweep is over the same batch; a new one (and a clean
         # pass) for another batch, e.g. one example of a drill-down refinement.
         if sweep_inputs[0] is inputs[0] and sweep_baselines[0] is baselines[0]:
             sweep.geometry = geometries[0]
             return sweep
-        return IncrementalSweep(program_for(forward_func, sweep_inputs[0]), sweep_inputs,
-                                sweep_baselines, geometries[0])
+        return IncrementalSweep(
+            program_for(forward_func, sweep_inputs[0]), sweep_inputs, sweep_baselines, geometries[0]
+        )
 
     if engine == "incremental":
         return EngineChoice("incremental", "engine='incremental' was requested", factory)
     gain = sweep.predicted_gain(center_box) if center_box is not None else math.inf
     if gain < MIN_PREDICTED_GAIN:
         return EngineChoice(
-            "dense", f"the cost model predicts incremental at {gain:.2f}x dense, below the "
-            f"{MIN_PREDICTED_GAIN}x threshold")
-    return EngineChoice("incremental", f"the cost model predicts a {gain:.2f}x speed-up over "
-                        "dense", factory)
+            "dense",
+            f"the cost model predicts incremental at {gain:.2f}x dense, below the "
+            f"{MIN_PREDICTED_GAIN}x threshold",
+        )
+    return EngineChoice(
+        "incremental", f"the cost model predicts a {gain:.2f}x speed-up over dense", factory
+    )
 
 
 def central_box(geometry: TileGeometry) -> Tuple[slice, ...]:

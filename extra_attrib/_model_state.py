@@ -105,8 +105,9 @@ class _Snapshot:
         self.tensors: Dict[int, _TensorState] = {}
         with torch.no_grad():
             for module in model.modules():
-                state = _ModuleState(module, module.training,
-                                     dict(module._parameters), dict(module._buffers))
+                state = _ModuleState(
+                    module, module.training, dict(module._parameters), dict(module._buffers)
+                )
                 self.modules.append(state)
                 for t in list(state.parameters.values()) + list(state.buffers.values()):
                     if t is not None and id(t) not in self.tensors:
@@ -123,8 +124,10 @@ class _Snapshot:
         errors: List[Tuple[str, BaseException]] = []
         for state in self.modules:
             module = state.module
-            for kind, saved, current in (("parameter", state.parameters, module._parameters),
-                                         ("buffer", state.buffers, module._buffers)):
+            for kind, saved, current in (
+                ("parameter", state.parameters, module._parameters),
+                ("buffer", state.buffers, module._buffers),
+            ):
                 for name, original in saved.items():
                     if current.get(name, _MISSING) is original:
                         continue

@@ -28,8 +28,20 @@ MIN_DPI, MAX_DPI = 10.0, 600.0
 
 #: Extensions matplotlib's ``savefig`` writes without extra packages.
 FIGURE_EXTENSIONS = (
-    ".eps", ".jpeg", ".jpg", ".pdf", ".pgf", ".png", ".ps", ".raw", ".rgba", ".svg", ".svgz",
-    ".tif", ".tiff", ".webp",
+    ".eps",
+    ".jpeg",
+    ".jpg",
+    ".pdf",
+    ".pgf",
+    ".png",
+    ".ps",
+    ".raw",
+    ".rgba",
+    ".svg",
+    ".svgz",
+    ".tif",
+    ".tiff",
+    ".webp",
 )
 
 

@@ -41,9 +41,14 @@ PER_ITEM_ARRAYS = ("targets", "scores", "done", "failed", "errors")
 # Arguments of Captum methods (and ours) that only change how the work is batched or shown, not
 # what is computed: a resumed run may change them (another GPU, another batch size). They are
 # recorded under "info", not compared.
-BATCHING_ARGUMENTS = frozenset({
-    "show_progress", "perturbations_per_eval", "internal_batch_size", "nt_samples_batch_size",
-})
+BATCHING_ARGUMENTS = frozenset(
+    {
+        "show_progress",
+        "perturbations_per_eval",
+        "internal_batch_size",
+        "nt_samples_batch_size",
+    }
+)
 
 
 class StoreMismatchError(ValueError):
@@ -82,8 +87,11 @@ def describe_value(value: Any) -> Any:
     if isinstance(value, torch.dtype):
         return str(value)
     if isinstance(value, torch.Tensor):
-        return {"tensor": list(value.shape), "dtype": str(value.dtype),
-                "sha256": _tensor_digest(value)}
+        return {
+            "tensor": list(value.shape),
+            "dtype": str(value.dtype),
+            "sha256": _tensor_digest(value),
+        }
     if isinstance(value, np.ndarray):
         return describe_value(torch.from_numpy(np.ascontiguousarray(value)))
     if isinstance(value, (list, tuple)):
@@ -146,8 +154,9 @@ def fingerprint(
         target_desc = {"callable": _qualname(target)}
     return {
         "method": describe_method(method),
-        "arguments": describe_value({key: value for key, value in attribute_kwargs.items()
-                                     if key not in BATCHING_ARGUMENTS}),
+        "arguments": describe_value(
+            {key: value for key, value in attribute_kwargs.items() if key not in BATCHING_ARGUMENTS}
+        ),
         "model": model_digest(find_model(method)),
         "target": target_desc,
         "N": int(n_items),
@@ -176,9 +185,14 @@ def versions() -> Dict[str, str]:
 
     from extra_attrib import __version__
 
-    return {"extra_attrib": __version__, "torch": torch.__version__,
-            "captum": captum.__version__, "zarr": zarr.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
+    return {
+        "extra_attrib": __version__,
+        "torch": torch.__version__,
+        "captum": captum.__version__,
+        "zarr": zarr.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,8 +230,9 @@ def _zarr() -> Any:
         import zarr
     except ImportError as err:
         raise ImportError(
-            "explain_dataset needs zarr >= 3: pip install \"extra_attrib[scale]\" (or pip install "
-            "zarr)") from err
+            'explain_dataset needs zarr >= 3: pip install "extra_attrib[scale]" (or pip install '
+            "zarr)"
+        ) from err
     if int(zarr.__version__.split(".")[0]) < 3:
         raise ImportError(f"explain_dataset needs zarr >= 3, found {zarr.__version__}")
     return zarr
@@ -238,7 +253,8 @@ def read_meta(
     if meta is None:
         raise ValueError(
             f"out={out!r} is a zarr group that explain_dataset did not make (no {ATTR_KEY!r} "
-            f"attribute); refusing to write into it")
+            f"attribute); refusing to write into it"
+        )
     return dict(meta)
 
 
@@ -255,8 +271,9 @@ def create(
     dtype = np.dtype(str(fp["dtype"]).replace("torch.", ""))
     group = zarr.open_group(out, mode="w", storage_options=storage_options)
     chunks, shards = attribution_chunks(shape, dtype.itemsize)
-    group.create_array("attributions", shape=(n, *shape), chunks=chunks, shards=shards,
-                       dtype=dtype, fill_value=0)
+    group.create_array(
+        "attributions", shape=(n, *shape), chunks=chunks, shards=shards, dtype=dtype, fill_value=0
+    )
     one = (1,)
     group.create_array("targets", shape=(n,), chunks=one, dtype="int64", fill_value=-1)
     group.create_array("scores", shape=(n,), chunks=one, dtype="float64", fill_value=np.nan)
@@ -264,8 +281,9 @@ def create(
     group.create_array("failed", shape=(n,), chunks=one, dtype=bool, fill_value=False)
     group.create_array("errors", shape=(n,), chunks=one, dtype=str, fill_value="")
     if paths is not None:
-        array = group.create_array("paths", shape=(n,), chunks=(max(1, min(n, 65536)),),
-                                   dtype=str, fill_value="")
+        array = group.create_array(
+            "paths", shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=str, fill_value=""
+        )
         array[:] = np.asarray([str(p) for p in paths], dtype=object)
     # metadata last: a store without it is recognised as unfinished and made again
     group.attrs[ATTR_KEY] = {
@@ -281,12 +299,14 @@ def check_compatible(out: Any, meta: Dict[str, Any], fp: Dict[str, Any]) -> None
     """Raise :class:`StoreMismatchError` unless the stored fingerprint equals ``fp``."""
     if meta.get("format") != FORMAT:
         raise StoreMismatchError(
-            f"out={out!r} has store format {meta.get('format')!r}, this version writes {FORMAT}")
+            f"out={out!r} has store format {meta.get('format')!r}, this version writes {FORMAT}"
+        )
     diff = differences(meta.get("fingerprint", {}), fp)
     if diff:
         raise StoreMismatchError(
             f"out={out!r} was made with other settings, refusing to mix results (pass "
-            f"resume=False to overwrite it, or another out):\n  " + "\n  ".join(diff))
+            f"resume=False to overwrite it, or another out):\n  " + "\n  ".join(diff)
+        )
 
 
 def open_group(out: Any, mode: str = "r+", storage_options: Optional[Dict[str, Any]] = None) -> Any:
@@ -304,16 +324,21 @@ class ItemWriter:
         self.failed = group["failed"]
         self.errors = group["errors"]
 
-    def success(self, indices: Sequence[int], attributions: np.ndarray, targets: Sequence[int],
-                scores: Sequence[float], was_failed: Sequence[bool]) -> None:
+    def success(
+        self,
+        indices: Sequence[int],
+        attributions: np.ndarray,
+        targets: Sequence[int],
+        scores: Sequence[float],
+        was_failed: Sequence[bool],
+    ) -> None:
         """Write items ``indices`` (``attributions[j]`` is item ``indices[j]``'s), ``done`` last.
 
         Each array is written in one call for all the items (zarr writes their chunks
         concurrently): a call per item cost several milliseconds each.
         """
         rows = np.asarray(indices, dtype=np.int64)
-        self.attributions.oindex[(rows,) + (slice(None),) * (attributions.ndim - 1)] = \
-            attributions
+        self.attributions.oindex[(rows,) + (slice(None),) * (attributions.ndim - 1)] = attributions
         self.targets.oindex[rows] = np.asarray(targets, dtype=np.int64)
         self.scores.oindex[rows] = np.asarray(scores, dtype=np.float64)
         repaired = rows[np.asarray(was_failed, dtype=bool)]
@@ -344,8 +369,7 @@ class BackgroundWriter:
         self._writer = writer
         self._queue: Any = queue.Queue(maxsize=depth)
         self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._work, name="extra_attrib-writer",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._work, name="extra_attrib-writer", daemon=True)
         self._thread.start()
 
     def _work(self) -> None:

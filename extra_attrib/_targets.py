@@ -45,11 +45,16 @@ def _checked_score(score: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tens
 
     def checked(outputs: Tensor) -> Tensor:
         scored = score(outputs)
-        if not isinstance(scored, Tensor) or scored.dim() == 0 or (
-            scored.shape[0] != outputs.shape[0]
+        if (
+            not isinstance(scored, Tensor)
+            or scored.dim() == 0
+            or (scored.shape[0] != outputs.shape[0])
         ):
-            got = (f"shape {tuple(scored.shape)}" if isinstance(scored, Tensor)
-                   else f"{type(scored).__name__} {scored!r:.40}")
+            got = (
+                f"shape {tuple(scored.shape)}"
+                if isinstance(scored, Tensor)
+                else f"{type(scored).__name__} {scored!r:.40}"
+            )
             raise ValueError(
                 f"score={_name(score)} returned {got} for model outputs of shape "
                 f"{tuple(outputs.shape)}: a score callable must return a tensor with one row "

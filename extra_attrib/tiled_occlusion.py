@@ -186,9 +186,20 @@ class TiledOcclusion(PerturbationAttribution):
             ...     target=labels, window=16, k=4)
         """
         is_tuple = isinstance(inputs, tuple)
-        result = self._run(inputs, [target], k, window, baselines, additional_forward_args,
-                           perturbations_per_eval, show_progress, score, refine, refine_by,
-                           engine)
+        result = self._run(
+            inputs,
+            [target],
+            k,
+            window,
+            baselines,
+            additional_forward_args,
+            perturbations_per_eval,
+            show_progress,
+            score,
+            refine,
+            refine_by,
+            engine,
+        )
         attributions = tuple(a[0] for a in result)
         return attributions if is_tuple else attributions[0]
 
@@ -243,9 +254,20 @@ class TiledOcclusion(PerturbationAttribution):
             >>> maps.shape                                        # (3, N, C, H, W)
         """
         is_tuple = isinstance(inputs, tuple)
-        result = self._run(inputs, as_target_list(targets), k, window, baselines,
-                           additional_forward_args, perturbations_per_eval, show_progress, score,
-                           refine, refine_by, engine)
+        result = self._run(
+            inputs,
+            as_target_list(targets),
+            k,
+            window,
+            baselines,
+            additional_forward_args,
+            perturbations_per_eval,
+            show_progress,
+            score,
+            refine,
+            refine_by,
+            engine,
+        )
         return tuple(result) if is_tuple else result[0]
 
     def _run(
@@ -277,21 +299,33 @@ class TiledOcclusion(PerturbationAttribution):
         scalar = [j for j, x in enumerate(xs) if x.dim() == 1]
         forward_func = _scalar_inputs_flattened(self.forward_func, scalar, len(xs))
         xs = tuple(x.unsqueeze(1) if j in scalar else x for j, x in enumerate(xs))
-        fills = tuple(b.unsqueeze(-1) if j in scalar and b.dim() else b
-                      for j, b in enumerate(fills))
+        fills = tuple(
+            b.unsqueeze(-1) if j in scalar and b.dim() else b for j, b in enumerate(fills)
+        )
         if engine not in ("auto", "dense", "incremental"):
             raise ValueError(f"engine={engine!r} must be 'auto', 'dense' or 'incremental'")
         fraction = check_refine(refine, refine_by)
-        run_sweep: Callable[..., SweepResult] = occlusion_sweep if fraction is None else (
-            functools.partial(drilldown_sweep, refine=fraction, refine_by=refine_by))
+        run_sweep: Callable[..., SweepResult] = (
+            occlusion_sweep
+            if fraction is None
+            else (functools.partial(drilldown_sweep, refine=fraction, refine_by=refine_by))
+        )
         _warn_if_training(self.forward_func)
         with model_state_kept(self.forward_func):
-            choice = choose_engine(engine, forward_func, xs, fills, extra,
-                                   central_box(geometries[0]))
+            choice = choose_engine(
+                engine, forward_func, xs, fills, extra, central_box(geometries[0])
+            )
             self.last_engine, self.last_engine_reason = choice.engine, choice.reason
             sweep: SweepResult = run_sweep(
-                forward_func, xs, fills, geometries, targets, score_fn, extra,
-                chunk_size=perturbations_per_eval, show_progress=show_progress,
+                forward_func,
+                xs,
+                fills,
+                geometries,
+                targets,
+                score_fn,
+                extra,
+                chunk_size=perturbations_per_eval,
+                show_progress=show_progress,
                 evaluator=choice.factory,
             )
         self.last_evaluations = sweep.evaluations
@@ -322,8 +356,9 @@ def _scalar_inputs_flattened(
         return forward_func
 
     def forward(*args: Any) -> Tensor:
-        return forward_func(*(a.squeeze(1) if j in scalar and j < count else a
-                              for j, a in enumerate(args)))
+        return forward_func(
+            *(a.squeeze(1) if j in scalar and j < count else a for j, a in enumerate(args))
+        )
 
     return forward
 

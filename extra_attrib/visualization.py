@@ -214,9 +214,7 @@ def _gray(img: np.ndarray) -> np.ndarray:
     return img.mean(axis=-1) if img.ndim == 3 else img
 
 
-def _attr_map_2d(
-    attr: Any, spatial: Optional[Tuple[int, int]], name: str = "attr"
-) -> np.ndarray:
+def _attr_map_2d(attr: Any, spatial: Optional[Tuple[int, int]], name: str = "attr") -> np.ndarray:
     """Attribution of one 2D image -> (H, W) map with channels summed."""
     channels_first = isinstance(attr, torch.Tensor)
     arr = _drawable(_drop_batch(_to_array(attr, name), 3, name), name)
@@ -659,8 +657,10 @@ def plot_attribution_grid(
         )
     if not attributions and not show_image:
         raise ValueError("attributions is empty and show_image=False: nothing to draw")
-    image_list = [_image_for_display(img, f"images[{i}]") for i, img in
-                  enumerate(_per_image(images, None, "images"))]
+    image_list = [
+        _image_for_display(img, f"images[{i}]")
+        for i, img in enumerate(_per_image(images, None, "images"))
+    ]
     count = len(image_list)
     columns: Dict[str, List[_Scale]] = {}
     for name, maps in attributions.items():
@@ -675,8 +675,9 @@ def plot_attribution_grid(
             raise ValueError(f"row_titles holds {len(row_titles)} labels, expected {count}")
     n_cols = len(columns) + int(show_image)
     width = panel_size * n_cols * (1.25 if colorbar else 1.0)
-    fig = Figure(figsize=(width, panel_size * count + (0.4 if title else 0.0)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(width, panel_size * count + (0.4 if title else 0.0)), layout="constrained"
+    )
     axes = np.asarray(fig.subplots(count, n_cols, squeeze=False))
     for row, img in enumerate(image_list):
         col = 0
@@ -840,18 +841,37 @@ def plot_1d_attribution(
         axis.set_ylim(low - pad, high + pad)
         axis.set_xlim(edges[0], edges[-1])
         if style == "band":
-            mesh = axis.pcolormesh(edges, [low - pad, high + pad], np.zeros((1, length)),
-                                   shading="flat", zorder=1)
+            mesh = axis.pcolormesh(
+                edges, [low - pad, high + pad], np.zeros((1, length)), shading="flat", zorder=1
+            )
             mesh.set_array(None)
             mesh.set_facecolor(scale.rgba(scale.values[c]).reshape(-1, 4))
             mesh.set_edgecolor("none")
         else:
             twin = axis.twinx()
             vals = np.clip(scale.values[c], -scale.limit, scale.limit)
-            twin.fill_between(xs, 0, vals, where=vals >= 0, step="mid", color="tab:red",
-                              alpha=colours.alpha * 0.6, linewidth=0, interpolate=True)
-            twin.fill_between(xs, 0, vals, where=vals <= 0, step="mid", color="tab:blue",
-                              alpha=colours.alpha * 0.6, linewidth=0, interpolate=True)
+            twin.fill_between(
+                xs,
+                0,
+                vals,
+                where=vals >= 0,
+                step="mid",
+                color="tab:red",
+                alpha=colours.alpha * 0.6,
+                linewidth=0,
+                interpolate=True,
+            )
+            twin.fill_between(
+                xs,
+                0,
+                vals,
+                where=vals <= 0,
+                step="mid",
+                color="tab:blue",
+                alpha=colours.alpha * 0.6,
+                linewidth=0,
+                interpolate=True,
+            )
             twin.axhline(0.0, color="grey", linewidth=0.5)
             twin.set_ylim(scale.low * 1.05, scale.high * 1.05)
             twin.set_ylabel("attribution", fontsize=8)
@@ -955,14 +975,15 @@ def plot_volume_slices(
         vol = _volume(volume, channels_last, "volume", "mean")
         if vol.shape != att.shape:
             raise ValueError(
-                f"attr's volume shape {tuple(att.shape)} does not match volume's "
-                f"{tuple(vol.shape)}"
+                f"attr's volume shape {tuple(att.shape)} does not match volume's {tuple(vol.shape)}"
             )
         vol = _min_max(vol)
     depth = att.shape[axis]
     if slices is None:
-        if isinstance(n_slices, bool) or not isinstance(n_slices, (int, np.integer)) or (
-            n_slices < 1
+        if (
+            isinstance(n_slices, bool)
+            or not isinstance(n_slices, (int, np.integer))
+            or (n_slices < 1)
         ):
             raise ValueError(f"n_slices={n_slices!r} must be a positive int")
         count = min(int(n_slices), depth)
@@ -979,8 +1000,10 @@ def plot_volume_slices(
         slice_ids = [s % depth for s in slice_ids]
     scale = colours.scale(att)
     n_rows = 1 if vol is None else 2
-    fig = Figure(figsize=(panel_size * len(slice_ids) + 0.8, panel_size * n_rows +
-                          (0.4 if title else 0.0)), layout="constrained")
+    fig = Figure(
+        figsize=(panel_size * len(slice_ids) + 0.8, panel_size * n_rows + (0.4 if title else 0.0)),
+        layout="constrained",
+    )
     axes = np.asarray(fig.subplots(n_rows, len(slice_ids), squeeze=False))
     dim_name = "DHW"[axis]
     for col, index in enumerate(slice_ids):

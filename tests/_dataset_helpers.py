@@ -114,11 +114,18 @@ def main(argv=None):
 
     model = helpers.TinyNet(kill_after=args.kill_after).eval()
     method = helpers.CountingMethod(helpers.make_method(model))
-    summary = explain_dataset(method, helpers.ItemsDataset(), args.store,
-                              batch_size=args.batch_size, dtype=torch.float64,
-                              show_progress=False, **ATTRIBUTE_KWARGS)
-    print(f"rank {os.environ.get('RANK', '0')} computed {method.items} items: {summary}",
-          flush=True)
+    summary = explain_dataset(
+        method,
+        helpers.ItemsDataset(),
+        args.store,
+        batch_size=args.batch_size,
+        dtype=torch.float64,
+        show_progress=False,
+        **ATTRIBUTE_KWARGS,
+    )
+    print(
+        f"rank {os.environ.get('RANK', '0')} computed {method.items} items: {summary}", flush=True
+    )
 
 
 if __name__ == "__main__":

@@ -23,10 +23,18 @@ from extra_attrib._checks import (
 @pytest.mark.parametrize(
     "value, expected",
     [
-        (3, True), (-2, True), (np.int64(3), True), (torch.tensor(3), True),
+        (3, True),
+        (-2, True),
+        (np.int64(3), True),
+        (torch.tensor(3), True),
         (torch.tensor(3, dtype=torch.uint8), True),
-        (True, False), (np.bool_(True), False), (torch.tensor(True), False),
-        (3.0, False), (torch.tensor(3.0), False), (torch.tensor([3]), False), ("3", False),
+        (True, False),
+        (np.bool_(True), False),
+        (torch.tensor(True), False),
+        (3.0, False),
+        (torch.tensor(3.0), False),
+        (torch.tensor([3]), False),
+        ("3", False),
         (None, False),
     ],
 )
@@ -36,14 +44,22 @@ def test_is_int(value, expected):
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(0.5, True), (2, True), (np.float32(1), True), (torch.tensor(0.5), True), (True, False),
-     ("1", False), (1j, False), (torch.tensor([0.5]), False)],
+    [
+        (0.5, True),
+        (2, True),
+        (np.float32(1), True),
+        (torch.tensor(0.5), True),
+        (True, False),
+        ("1", False),
+        (1j, False),
+        (torch.tensor([0.5]), False),
+    ],
 )
 def test_is_real(value, expected):
     assert is_real(value) is expected
 
 
-@given(st.integers(-10**30, 10**30))
+@given(st.integers(-(10**30), 10**30))
 def test_check_int_accepts_every_python_int(value):
     assert check_int(value, "v") == value
 

@@ -30,8 +30,9 @@ def run(out, dataset=None, model=None, **kwargs):
     method = CountingMethod(TiledOcclusion(model))
     options = dict(ATTRIBUTE_KWARGS, batch_size=3, dtype=torch.float64, show_progress=False)
     options.update(kwargs)
-    summary = explain_dataset(method, ItemsDataset() if dataset is None else dataset, str(out),
-                              **options)
+    summary = explain_dataset(
+        method, ItemsDataset() if dataset is None else dataset, str(out), **options
+    )
     return summary, method
 
 
@@ -62,8 +63,12 @@ def assert_store_equals(path, rows, done=None):
 
 def test_uninterrupted_run_equals_each_item_attributed_alone(tmp_path):
     summary, method = run(tmp_path / "s.zarr")
-    assert (summary.done, summary.failed, summary.skipped, summary.total) == (N_ITEMS, 0, 0,
-                                                                              N_ITEMS)
+    assert (summary.done, summary.failed, summary.skipped, summary.total) == (
+        N_ITEMS,
+        0,
+        0,
+        N_ITEMS,
+    )
     assert summary.complete and method.items == N_ITEMS
     rows = reference(ItemsDataset(), lambda out, label: int(out.argmax()))
     assert_store_equals(tmp_path / "s.zarr", rows)
@@ -111,10 +116,14 @@ def test_callable_target_without_labels_gets_none(tmp_path):
     assert (open_attributions(tmp_path / "s.zarr").targets == 0).all()
 
 
-@pytest.mark.parametrize("target, match", [
-    ("label", "needs a dataset yielding"), (CLASSES, "outside the model's 3 outputs"),
-    (lambda out, labels: out.argmax(1).float(), "integer class indices"),
-])
+@pytest.mark.parametrize(
+    "target, match",
+    [
+        ("label", "needs a dataset yielding"),
+        (CLASSES, "outside the model's 3 outputs"),
+        (lambda out, labels: out.argmax(1).float(), "integer class indices"),
+    ],
+)
 def test_bad_targets_are_errors_not_item_failures(tmp_path, target, match):
     dataset = ItemsDataset(with_labels=False) if target == "label" else ItemsDataset()
     with pytest.raises(ValueError, match=match):
@@ -127,8 +136,10 @@ def test_corrupt_and_failing_items_are_recorded_and_the_rest_completes(tmp_path)
     summary, method = run(tmp_path / "s.zarr", dataset=dataset)
     assert (summary.done, summary.failed) == (N_ITEMS - 2, 2) and not summary.complete
     store = open_attributions(tmp_path / "s.zarr")
-    assert store.errors == {3: "OSError: item 3 is corrupt",
-                            7: "ValueError: the model refuses NaN inputs"}
+    assert store.errors == {
+        3: "OSError: item 3 is corrupt",
+        7: "ValueError: the model refuses NaN inputs",
+    }
     assert store.failed.tolist() == [i in (3, 7) for i in range(N_ITEMS)]
     assert store.targets[3] == -1 and np.isnan(store.scores[3])
     with pytest.raises(ValueError, match="item 3 is not done.*corrupt"):
@@ -183,10 +194,13 @@ def test_crash_then_resume_equals_uninterrupted_without_recomputing(tmp_path, cr
     assert summary.complete and summary.skipped == before.sum()
     assert method.items == N_ITEMS - before.sum()  # done items are not recomputed
     _, plain = run(tmp_path / "plain.zarr")
-    fresh, resumed = open_attributions(tmp_path / "plain.zarr"), open_attributions(
-        tmp_path / "s.zarr")
-    np.testing.assert_allclose(resumed.attributions[:], fresh.attributions[:], rtol=1e-10,
-                               atol=1e-12)
+    fresh, resumed = (
+        open_attributions(tmp_path / "plain.zarr"),
+        open_attributions(tmp_path / "s.zarr"),
+    )
+    np.testing.assert_allclose(
+        resumed.attributions[:], fresh.attributions[:], rtol=1e-10, atol=1e-12
+    )
     np.testing.assert_array_equal(resumed.targets, fresh.targets)
     np.testing.assert_allclose(resumed.scores, fresh.scores, rtol=1e-12)
 
@@ -194,9 +208,14 @@ def test_crash_then_resume_equals_uninterrupted_without_recomputing(tmp_path, cr
 def test_sigkill_half_way_then_resume(tmp_path):
     out = str(tmp_path / "s.zarr")
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run([sys.executable, "-m", "tests._dataset_helpers", out,
-                           "--kill-after", "16"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests._dataset_helpers", out, "--kill-after", "16"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr
     before = open_attributions(out).done
     assert 0 < before.sum() < N_ITEMS
@@ -208,13 +227,32 @@ def test_sigkill_half_way_then_resume(tmp_path):
 def test_torchrun_two_processes_equal_one(tmp_path):
     one, two = str(tmp_path / "one.zarr"), str(tmp_path / "two.zarr")
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, "-m", "tests._dataset_helpers", one], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "tests._dataset_helpers", one],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "tests._dataset_helpers", two], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tests._dataset_helpers",
+            two,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "rank 0 computed 5 items" in proc.stdout and "rank 1 computed 5 items" in proc.stdout
     assert proc.stdout.count(f"{N_ITEMS}/{N_ITEMS} done") == 2
@@ -225,13 +263,16 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     np.testing.assert_allclose(b.scores, a.scores, rtol=1e-12)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"k": 1}, "arguments"),
-    ({"model": "other weights"}, "model"),
-    ({"target": "label"}, "target"),
-    ({"dataset": ItemsDataset(n=N_ITEMS + 1)}, "N"),
-    ({"dtype": torch.float32}, "dtype"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"k": 1}, "arguments"),
+        ({"model": "other weights"}, "model"),
+        ({"target": "label"}, "target"),
+        ({"dataset": ItemsDataset(n=N_ITEMS + 1)}, "N"),
+        ({"dtype": torch.float32}, "dtype"),
+    ],
+)
 def test_mismatched_settings_are_refused(tmp_path, change, message):
     out = tmp_path / "s.zarr"
     run(out, dataset=ItemsDataset(corrupt={4}))
@@ -253,7 +294,8 @@ def test_store_of_something_else_is_refused(tmp_path):
     import zarr
 
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").create_array(
-        "x", shape=(2,), dtype="int8")
+        "x", shape=(2,), dtype="int8"
+    )
     with pytest.raises(ValueError, match="did not make"):
         run(tmp_path / "other.zarr")
 
@@ -263,17 +305,25 @@ def test_dataset_of_volumes(tmp_path):
     dataset = ItemsDataset(n=4, shape=shape)
     model = TinyNet(shape=shape).eval()
     method = TiledOcclusion(model)
-    summary = explain_dataset(method, dataset, str(tmp_path / "v.zarr"), batch_size=2,
-                              dtype=torch.float64, show_progress=False, window=(1, 2, 4, 2),
-                              k=(1, 2, 2, 1))
+    summary = explain_dataset(
+        method,
+        dataset,
+        str(tmp_path / "v.zarr"),
+        batch_size=2,
+        dtype=torch.float64,
+        show_progress=False,
+        window=(1, 2, 4, 2),
+        k=(1, 2, 2, 1),
+    )
     assert summary.complete
     store = open_attributions(tmp_path / "v.zarr")
     assert store.attributions.shape == (4, *shape) and store.attributions.chunks == (1, *shape)
     for i in range(4):
         x = dataset[i][0][None]
         t = int(model(x).argmax())
-        expected = TiledOcclusion(model).attribute(x, target=t, window=(1, 2, 4, 2),
-                                                   k=(1, 2, 2, 1))[0]
+        expected = TiledOcclusion(model).attribute(
+            x, target=t, window=(1, 2, 4, 2), k=(1, 2, 2, 1)
+        )[0]
         torch.testing.assert_close(store.item(i), expected, rtol=1e-10, atol=1e-12)
 
 
@@ -284,17 +334,20 @@ def test_paths_attribute_is_stored(tmp_path):
     assert open_attributions(tmp_path / "s.zarr").paths == ["img_0.png", "img_1.png", "img_2.png"]
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"batch_size": 0}, ValueError, "batch_size=0 must be at least 1"),
-    ({"batch_size": 2.0}, TypeError, "batch_size=2.0 must be an int"),
-    ({"num_workers": -1}, ValueError, "num_workers=-1"),
-    ({"target": "best"}, ValueError, "target='best' must be"),
-    ({"target": -1}, ValueError, "target=-1 must be a non-negative"),
-    ({"target": 1.5}, TypeError, "target=1.5"),
-    ({"dtype": torch.int32}, TypeError, "dtype=torch.int32 must be a floating"),
-    ({"dataset": ItemsDataset(n=0)}, ValueError, "dataset is empty"),
-    ({"dataset": ItemsDataset(n=2, corrupt={0, 1})}, ValueError, "none of its 2 items"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"batch_size": 0}, ValueError, "batch_size=0 must be at least 1"),
+        ({"batch_size": 2.0}, TypeError, "batch_size=2.0 must be an int"),
+        ({"num_workers": -1}, ValueError, "num_workers=-1"),
+        ({"target": "best"}, ValueError, "target='best' must be"),
+        ({"target": -1}, ValueError, "target=-1 must be a non-negative"),
+        ({"target": 1.5}, TypeError, "target=1.5"),
+        ({"dtype": torch.int32}, TypeError, "dtype=torch.int32 must be a floating"),
+        ({"dataset": ItemsDataset(n=0)}, ValueError, "dataset is empty"),
+        ({"dataset": ItemsDataset(n=2, corrupt={0, 1})}, ValueError, "none of its 2 items"),
+    ],
+)
 def test_bad_arguments(tmp_path, kwargs, error, match):
     with pytest.raises(error, match=match):
         run(tmp_path / "s.zarr", **kwargs)
@@ -307,16 +360,31 @@ def test_open_attributions_of_nothing(tmp_path):
 
 def test_fingerprint_is_stable_and_address_free():
     model = TinyNet().eval()
-    a = _store.fingerprint(TiledOcclusion(model), {"window": 4, "baselines": torch.ones(2),
-                                                   "f": len, "o": object()}, "predicted", 5,
-                           (2, 8, 8), torch.float32)
-    b = _store.fingerprint(TiledOcclusion(TinyNet().eval()), {"window": 4,
-                           "baselines": torch.ones(2), "f": len, "o": object()}, "predicted",
-                           5, (2, 8, 8), torch.float32)
+    a = _store.fingerprint(
+        TiledOcclusion(model),
+        {"window": 4, "baselines": torch.ones(2), "f": len, "o": object()},
+        "predicted",
+        5,
+        (2, 8, 8),
+        torch.float32,
+    )
+    b = _store.fingerprint(
+        TiledOcclusion(TinyNet().eval()),
+        {"window": 4, "baselines": torch.ones(2), "f": len, "o": object()},
+        "predicted",
+        5,
+        (2, 8, 8),
+        torch.float32,
+    )
     assert _store.differences(a, b) == []
-    c = _store.fingerprint(TiledOcclusion(model), {"window": 4, "baselines": torch.zeros(2),
-                                                   "f": len, "o": object()}, "predicted", 5,
-                           (2, 8, 8), torch.float32)
+    c = _store.fingerprint(
+        TiledOcclusion(model),
+        {"window": 4, "baselines": torch.zeros(2), "f": len, "o": object()},
+        "predicted",
+        5,
+        (2, 8, 8),
+        torch.float32,
+    )
     assert [line.split(":")[0] for line in _store.differences(a, c)] == ["arguments"]
 
 

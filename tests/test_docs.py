@@ -20,8 +20,11 @@ KNOWN_WARNINGS: set = set()
 
 def _parse(line):
     """``path:docstring of owner:line: WARNING: message`` -> (file name, owner, message)."""
-    match = re.match(r"(?P<path>[^:]*):docstring of (?P<owner>[^:]+):\d+: WARNING: (?P<msg>.*?)"
-                     r"( \[[\w.]+\])?$", line)
+    match = re.match(
+        r"(?P<path>[^:]*):docstring of (?P<owner>[^:]+):\d+: WARNING: (?P<msg>.*?)"
+        r"( \[[\w.]+\])?$",
+        line,
+    )
     if match is None:
         return None, None, line
     return os.path.basename(match["path"]), match["owner"], match["msg"]
@@ -33,8 +36,20 @@ def test_api_reference_builds_without_new_warnings(tmp_path):
     from sphinx.cmd.build import build_main
 
     log = tmp_path / "warnings.txt"
-    status = build_main(["-b", "html", "-q", "--keep-going", "-w", str(log), "-d",
-                         str(tmp_path / "doctrees"), DOCS, str(tmp_path / "html")])
+    status = build_main(
+        [
+            "-b",
+            "html",
+            "-q",
+            "--keep-going",
+            "-w",
+            str(log),
+            "-d",
+            str(tmp_path / "doctrees"),
+            DOCS,
+            str(tmp_path / "html"),
+        ]
+    )
     lines = [line for line in log.read_text().splitlines() if "WARNING" in line]
     found = {_parse(line) for line in lines}
     assert found - KNOWN_WARNINGS == set(), "new Sphinx warnings:\n" + "\n".join(lines)
@@ -42,6 +57,12 @@ def test_api_reference_builds_without_new_warnings(tmp_path):
     assert status == 0
     assert (tmp_path / "html" / "api.html").exists()
     api = (tmp_path / "html" / "api.html").read_text(encoding="utf-8")
-    for name in ("TiledOcclusion", "attribute_multi", "FusionGrad", "plot_1d_attribution",
-                 "quantus_explain_func", "load_efficientnet_lite0"):
+    for name in (
+        "TiledOcclusion",
+        "attribute_multi",
+        "FusionGrad",
+        "plot_1d_attribution",
+        "quantus_explain_func",
+        "load_efficientnet_lite0",
+    ):
         assert name in api

@@ -105,12 +105,30 @@ def test_covering_windows_equal_brute_force(s, w, k, data):
 def test_select_cells_ties_and_nan():
     values = torch.tensor([[[1.0, -3.0, 3.0, float("nan"), 0.0, 2.0]]])  # (T=1, N=1, 6 cells)
     assert select_cells(values, 0.5, "abs", 1)[0].tolist() == [
-        False, True, True, True, False, False]
+        False,
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]
     # Positive part: -3 ranks as 0 and ties with the 0 cell; the lower index wins.
     assert select_cells(values, 0.5, "positive", 1)[0].tolist() == [
-        False, False, True, True, False, True]
+        False,
+        False,
+        True,
+        True,
+        False,
+        True,
+    ]
     assert select_cells(values, 5 / 6, "positive", 1)[0].tolist() == [
-        True, True, True, True, False, True]
+        True,
+        True,
+        True,
+        True,
+        False,
+        True,
+    ]
     # 0.1 * 30 is 3 cells, not 4 (float representation).
     assert int(select_cells(torch.randn(1, 1, 30), 0.1, "abs", 1).sum()) == 3
 
@@ -144,8 +162,7 @@ def test_refine_one_is_the_full_map(shape, window, k):
     tiled = TiledOcclusion(model)
     full = tiled.attribute(x, target=2, window=window, k=k, perturbations_per_eval=1)
     full_count = tiled.last_perturbations
-    refined = tiled.attribute(x, target=2, window=window, k=k, perturbations_per_eval=1,
-                              refine=1.0)
+    refined = tiled.attribute(x, target=2, window=window, k=k, perturbations_per_eval=1, refine=1.0)
     torch.testing.assert_close(refined, full, rtol=0, atol=1e-12)
     assert tiled.last_perturbations == full_count
 
@@ -175,13 +192,26 @@ def test_batch_modes_agree_with_reference_and_single_examples(batch_mode):
     base = torch.randn(4, *shape, dtype=torch.float64) * 0.1
     targets = [torch.tensor([0, 1, 2, 3]), 1]
     res = drilldown_sweep(
-        model, (x,), (base,), [TileGeometry(shape, window, k)], targets,
-        score_function("raw"), (), 0.25, batch_mode=batch_mode,
+        model,
+        (x,),
+        (base,),
+        [TileGeometry(shape, window, k)],
+        targets,
+        score_function("raw"),
+        (),
+        0.25,
+        batch_mode=batch_mode,
     )
     tiled = TiledOcclusion(model)
     for e in range(4):
-        single = tiled.attribute_multi(x[e : e + 1], [int(targets[0][e]), 1], window=window, k=k,
-                                       baselines=base[e : e + 1], refine=0.25)
+        single = tiled.attribute_multi(
+            x[e : e + 1],
+            [int(targets[0][e]), 1],
+            window=window,
+            k=k,
+            baselines=base[e : e + 1],
+            refine=0.25,
+        )
         torch.testing.assert_close(res.attributions[0][:, e : e + 1], single)
     assert res.selected[0].shape == (4, 2, 3, 3)
 
@@ -200,8 +230,15 @@ def test_per_example_runs_fewer_rows_than_the_union_for_the_same_maps():
     shape, window, k = (1, 12, 12), (1, 4, 4), (1, 2, 2)
     counting = Counting(FlatLinear(shape))
     x = torch.randn(4, *shape, dtype=torch.float64)
-    args = ((x,), (torch.tensor(0.0, dtype=torch.float64),), [TileGeometry(shape, window, k)],
-            [0], score_function("raw"), (), 0.2)
+    args = (
+        (x,),
+        (torch.tensor(0.0, dtype=torch.float64),),
+        [TileGeometry(shape, window, k)],
+        [0],
+        score_function("raw"),
+        (),
+        0.2,
+    )
     rows, maps = {}, {}
     for mode in ("per_example", "union"):
         counting.rows = 0
@@ -236,8 +273,14 @@ def test_tuple_inputs_and_additional_args():
     xb = torch.randn(3, *shape_b, dtype=torch.float64)
     scale = torch.tensor([[1.0], [2.0], [0.5]], dtype=torch.float64)
     tiled = TiledOcclusion(model)
-    ga, gb = tiled.attribute((xa, xb), target=1, window=((1, 2, 2), 4), k=((1, 2, 2), 2),
-                             additional_forward_args=(scale,), refine=0.4)
+    ga, gb = tiled.attribute(
+        (xa, xb),
+        target=1,
+        window=((1, 2, 2), 4),
+        k=((1, 2, 2), 2),
+        additional_forward_args=(scale,),
+        refine=0.4,
+    )
     wrapped_a = lambda a: model(a, xb, scale)  # noqa: E731
     wrapped_b = lambda b: model(xa, b, scale)  # noqa: E731
     torch.testing.assert_close(ga, reference(wrapped_a, xa, (1, 2, 2), (1, 2, 2), [1], 0.4)[0])
@@ -308,8 +351,8 @@ def test_noise_tunnel_is_the_mean_of_refined_maps():
     x = torch.randn(2, *shape, dtype=torch.float64)
     recording = Recording(model)
     got = NoiseTunnel(TiledOcclusion(recording)).attribute(
-        x, nt_type="smoothgrad", nt_samples=3, stdevs=0.2, target=1, window=window, k=k,
-        refine=0.3)
+        x, nt_type="smoothgrad", nt_samples=3, stdevs=0.2, target=1, window=window, k=k, refine=0.3
+    )
     noisy = recording.first
     assert noisy.shape == (6, *shape) and not torch.equal(noisy[0], noisy[1])
     maps = reference(model, noisy, window, k, [1], 0.3)[0]

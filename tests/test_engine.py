@@ -26,6 +26,7 @@ def mode(request, monkeypatch):
     monkeypatch.setattr(_engine, "build_mode", lambda *args: request.param)
     return request.param
 
+
 GEOMETRIES = [
     TileGeometry((11,), (4,), (2,)),
     TileGeometry((3, 7, 5), (3, 3, 2), (1, 3, 2)),
@@ -36,8 +37,14 @@ GEOMETRIES = [
 def _sweep(model, x, geometry, chunk, skip=True, targets=(1,), baseline=0.0):
     base = torch.tensor(baseline, dtype=x.dtype)
     return occlusion_sweep(
-        model, (x,), (base,), [geometry], list(targets), score_function("raw"),
-        chunk_size=chunk, skip_unchanged=skip,
+        model,
+        (x,),
+        (base,),
+        [geometry],
+        list(targets),
+        score_function("raw"),
+        chunk_size=chunk,
+        skip_unchanged=skip,
     )
 
 
@@ -129,8 +136,9 @@ def test_tuned_sweep_equals_brute_force_and_counts_passes(mode):
     model = FlatLinear(geometry.shape)
     x = torch.randn(1, *geometry.shape, dtype=torch.float64)
     result = _sweep(model, x, geometry, None)
-    torch.testing.assert_close(result.attributions[0][0], brute_force(model, x, (1, 2, 2),
-                                                                      (1, 2, 2), 1))
+    torch.testing.assert_close(
+        result.attributions[0][0], brute_force(model, x, (1, 2, 2), (1, 2, 2), 1)
+    )
     assert result.perturbations == geometry.num_perturbations
     assert 1 + geometry.num_perturbations // 32 <= result.evaluations <= geometry.num_perturbations
 
@@ -151,7 +159,11 @@ def test_two_inputs_tuned_chunks_equal_brute_force(mode):
     ga, gb = TileGeometry(shape_a, (1, 2, 4), (1, 2, 2)), TileGeometry(shape_b, (3,), (3,))
     base = torch.tensor(0.5, dtype=torch.float64)
     result = occlusion_sweep(
-        lambda a, b: model(a, b, 2.0), (xa, xb), (base, base.reshape(1, 1)), [ga, gb], [2],
+        lambda a, b: model(a, b, 2.0),
+        (xa, xb),
+        (base, base.reshape(1, 1)),
+        [ga, gb],
+        [2],
         score_function("raw"),
     )
     expected_a = brute_force(lambda a: model(a, xb, 2.0), xa, ga.window, ga.k, 2, 0.5)
@@ -221,8 +233,9 @@ def test_huge_perturbations_per_eval_allocates_only_what_is_needed():
         result = _sweep(model, x, geometry, 10**9)
     assert result.evaluations == 2
     assert largest.bytes <= 25 * x.numel() * x.element_size() * 2
-    torch.testing.assert_close(result.attributions[0][0], brute_force(model, x, (1, 1, 1),
-                                                                      (1, 1, 1), 1))
+    torch.testing.assert_close(
+        result.attributions[0][0], brute_force(model, x, (1, 1, 1), (1, 1, 1), 1)
+    )
 
 
 class _LargestAllocation(TorchDispatchMode):
@@ -245,11 +258,21 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 _VIEWS = {
-    torch.ops.aten.view, torch.ops.aten.expand, torch.ops.aten.slice, torch.ops.aten.select,
-    torch.ops.aten.unsqueeze, torch.ops.aten.squeeze, torch.ops.aten.permute,
-    torch.ops.aten.transpose, torch.ops.aten.t, torch.ops.aten._unsafe_view,
-    torch.ops.aten.alias, torch.ops.aten.as_strided, torch.ops.aten.detach,
-    torch.ops.aten.reshape, torch.ops.aten.lift_fresh,
+    torch.ops.aten.view,
+    torch.ops.aten.expand,
+    torch.ops.aten.slice,
+    torch.ops.aten.select,
+    torch.ops.aten.unsqueeze,
+    torch.ops.aten.squeeze,
+    torch.ops.aten.permute,
+    torch.ops.aten.transpose,
+    torch.ops.aten.t,
+    torch.ops.aten._unsafe_view,
+    torch.ops.aten.alias,
+    torch.ops.aten.as_strided,
+    torch.ops.aten.detach,
+    torch.ops.aten.reshape,
+    torch.ops.aten.lift_fresh,
 }
 
 
@@ -306,9 +329,12 @@ def test_changed_windows_peak_stays_about_one_example(n, monkeypatch):
     # int16 prefix sums of the "differs" map and a few bool maps, about one float32 example; the
     # int64 cast, prefix sums and padding took about 6x the whole input.
     assert memory.peak <= 1.25 * one_example, (memory.peak, one_example)
-    expected = torch.tensor([bool((x[(slice(None), *box)] != 0).any())
-                             for box in perturbation_boxes(geometry,
-                                                           range(geometry.num_perturbations))])
+    expected = torch.tensor(
+        [
+            bool((x[(slice(None), *box)] != 0).any())
+            for box in perturbation_boxes(geometry, range(geometry.num_perturbations))
+        ]
+    )
     assert torch.equal(flags.flatten(), expected)
 
 
@@ -354,9 +380,11 @@ def _ops_per_chunk(chunk, geometry):
     return steps[1:-1]  # the first chunk creates the tables; the last one may be short
 
 
-@pytest.mark.parametrize("geometry", [TileGeometry((3, 16, 16), (3, 2, 2), (1, 2, 2)),
-                                      TileGeometry((512,), (8,), (2,))],
-                         ids=["image", "tabular"])
+@pytest.mark.parametrize(
+    "geometry",
+    [TileGeometry((3, 16, 16), (3, 2, 2), (1, 2, 2)), TileGeometry((512,), (8,), (2,))],
+    ids=["image", "tabular"],
+)
 def test_operations_per_chunk_do_not_grow_with_chunk_size(geometry, mode):
     if mode == "slices":
         pytest.skip("the CPU slice loop for large windows costs host work per window")

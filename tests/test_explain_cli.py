@@ -44,8 +44,22 @@ def test_folders_are_searched_recursively_in_sorted_order(images):
 
 def test_explain_end_to_end_with_a_corrupt_image(images, tmp_path, capsys):
     out = tmp_path / "s.zarr"
-    code, stdout, err = explain(capsys, images, "--out", out, "--model", MODEL, "--window", 8,
-                                "--k", 2, "--score", "raw", "--batch-size", 2)
+    code, stdout, err = explain(
+        capsys,
+        images,
+        "--out",
+        out,
+        "--model",
+        MODEL,
+        "--window",
+        8,
+        "--k",
+        2,
+        "--score",
+        "raw",
+        "--batch-size",
+        2,
+    )
     assert code == 1, err
     assert "Traceback" not in stdout + err
     lines = stdout.strip().splitlines()
@@ -53,7 +67,12 @@ def test_explain_end_to_end_with_a_corrupt_image(images, tmp_path, capsys):
     assert any("broken.png: UnidentifiedImageError" in line for line in lines)
     store = open_attributions(out)
     assert [os.path.relpath(p, images) for p in store.paths] == [
-        "a.png", "b.png", "grey.jpg", "sub/broken.png", "sub/c.png"]
+        "a.png",
+        "b.png",
+        "grey.jpg",
+        "sub/broken.png",
+        "sub/c.png",
+    ]
     assert store.done.tolist() == [True, True, True, False, True]
     assert store.metadata["info"]["preprocess"] == "custom"
     # the stored maps are TiledOcclusion's of the transformed images, for the predicted class
@@ -62,19 +81,35 @@ def test_explain_end_to_end_with_a_corrupt_image(images, tmp_path, capsys):
         with Image.open(store.paths[i]) as image:
             x = transform(image)[None]
         target = int(model(x).argmax())
-        expected = TiledOcclusion(model).attribute(x, target=target, window=8, k=2,
-                                                   baselines=0.0)[0]
+        expected = TiledOcclusion(model).attribute(x, target=target, window=8, k=2, baselines=0.0)[
+            0
+        ]
         assert store.targets[i] == target
         torch.testing.assert_close(store.item(i), expected, rtol=1e-5, atol=1e-5)
 
     # same command again: nothing recomputed, same exit status
-    code, stdout, _ = explain(capsys, images, "--out", out, "--model", MODEL, "--window", 8,
-                              "--k", 2, "--score", "raw", "--batch-size", 2)
+    code, stdout, _ = explain(
+        capsys,
+        images,
+        "--out",
+        out,
+        "--model",
+        MODEL,
+        "--window",
+        8,
+        "--k",
+        2,
+        "--score",
+        "raw",
+        "--batch-size",
+        2,
+    )
     assert code == 1 and "4 done, 1 failed of 5 (4 already done)" in stdout
 
     # other settings on the same store: refused, exit 2, store untouched
-    code, _, err = explain(capsys, images, "--out", out, "--model", MODEL, "--window", 8,
-                           "--k", 4, "--score", "raw")
+    code, _, err = explain(
+        capsys, images, "--out", out, "--model", MODEL, "--window", 8, "--k", 4, "--score", "raw"
+    )
     assert code == 2 and "other settings" in err and "Traceback" not in err
     assert open_attributions(out).done.sum() == 4
 
@@ -91,13 +126,27 @@ def test_explain_end_to_end_with_a_corrupt_image(images, tmp_path, capsys):
 
 @pytest.mark.parametrize("method", ["tiled", "occlusion", "fusiongrad-saliency"])
 def test_every_method_completes_with_exit_status_0(images, tmp_path, capsys, method):
-    code, stdout, err = explain(capsys, images / "sub" / "c.png", images / "b.png", "--out",
-                                tmp_path / "s.zarr", "--model", MODEL, "--method", method,
-                                "--window", 8, "--k", 2, "--target", 1,
-                                "--perturbations-per-eval", 4)
+    code, stdout, err = explain(
+        capsys,
+        images / "sub" / "c.png",
+        images / "b.png",
+        "--out",
+        tmp_path / "s.zarr",
+        "--model",
+        MODEL,
+        "--method",
+        method,
+        "--window",
+        8,
+        "--k",
+        2,
+        "--target",
+        1,
+        "--perturbations-per-eval",
+        4,
+    )
     assert code == 0, err
-    assert stdout.strip().splitlines()[-1].startswith(
-        "extra-attrib explain: 2 done, 0 failed of 2")
+    assert stdout.strip().splitlines()[-1].startswith("extra-attrib explain: 2 done, 0 failed of 2")
     store = open_attributions(tmp_path / "s.zarr")
     assert store.targets.tolist() == [1, 1]
     assert store.metadata["info"]["method"] == method
@@ -114,15 +163,24 @@ def test_show_without_the_image_draws_the_map(images, tmp_path, capsys):
     assert main(["show", str(out), "--index", "0", "--out", str(fig)]) == 0 and fig.exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--window", "8", "--k", "3"], "--window 8 must be divisible by --k 3"),
-    (["--model", "tests._dataset_helpers"], "must be MODULE:FACTORY"),
-    (["--model", "tests._dataset_helpers:nothing"], "has no attribute 'nothing'"),
-    (["--model", "no_such_module_xyz:f"], "No module named"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--window", "8", "--k", "3"], "--window 8 must be divisible by --k 3"),
+        (["--model", "tests._dataset_helpers"], "must be MODULE:FACTORY"),
+        (["--model", "tests._dataset_helpers:nothing"], "has no attribute 'nothing'"),
+        (["--model", "no_such_module_xyz:f"], "No module named"),
+    ],
+)
 def test_bad_options_exit_2_without_traceback(images, tmp_path, capsys, args, message):
-    code, stdout, err = explain(capsys, images, "--out", tmp_path / "s.zarr",
-                                *(["--model", MODEL] if "--model" not in args else []), *args)
+    code, stdout, err = explain(
+        capsys,
+        images,
+        "--out",
+        tmp_path / "s.zarr",
+        *(["--model", MODEL] if "--model" not in args else []),
+        *args,
+    )
     assert code == 2 and message in err and "Traceback" not in err
 
 

@@ -37,19 +37,24 @@ def _one_thread():
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.integers(1, 5), st.integers(1, 3), st.integers(1, 3), st.integers(0, 3),
-    st.integers(1, 6), st.integers(5, 20), st.data(),
+    st.integers(1, 5),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(0, 3),
+    st.integers(1, 6),
+    st.integers(5, 20),
+    st.data(),
 )
-def test_output_box_holds_every_changed_output(kernel, stride, dilation, pad, length, size,
-                                               data):
+def test_output_box_holds_every_changed_output(kernel, stride, dilation, pad, length, size, data):
     length = min(length, size)
     pad = min(pad, (kernel - 1) * dilation)  # as torch requires: padding at most the reach
     out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
     if out < 1:
         return
     start = data.draw(st.integers(0, size - length))
-    got_start, got_size = output_box(torch.tensor([start]), length, kernel, stride, dilation,
-                                     pad, out)
+    got_start, got_size = output_box(
+        torch.tensor([start]), length, kernel, stride, dilation, pad, out
+    )
     lo = int(got_start[0])
     assert 0 <= lo and lo + got_size <= out
     for o in range(out):
@@ -91,14 +96,16 @@ def test_gather_equals_padding_the_materialised_map(mode, full):
     else:
         padded = F.pad(dense, pads, mode=mode)
     size = tuple(f + q for f, q in zip(full, pad))
-    starts = torch.stack([torch.randint(-q, f + q - s + 1, (5,))
-                          for f, q, s in zip(full, pad, size)], 1)
+    starts = torch.stack(
+        [torch.randint(-q, f + q - s + 1, (5,)) for f, q, s in zip(full, pad, size)], 1
+    )
     got = gather(p, starts, size, mode, -7.0).view(5, 2, 3, *size)
     padded = padded.view(5, 2, 3, *padded.shape[2:])
     for w in range(5):
         region = tuple(slice(s + q, s + q + n) for s, q, n in zip(starts[w].tolist(), pad, size))
-        torch.testing.assert_close(got[w], padded[(w, slice(None), slice(None), *region)],
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            got[w], padded[(w, slice(None), slice(None), *region)], rtol=0, atol=0
+        )
     assert d == starts.shape[1]
 
 
@@ -112,8 +119,9 @@ def _both(model, x, window, k, targets=(1,), rtol=1e-4, **kwargs):
     tiled = TiledOcclusion(model)
     dense = tiled.attribute_multi(x, list(targets), window=window, k=k, engine="dense", **kwargs)
     assert tiled.last_engine == "dense"
-    incr = tiled.attribute_multi(x, list(targets), window=window, k=k, engine="incremental",
-                                 **kwargs)
+    incr = tiled.attribute_multi(
+        x, list(targets), window=window, k=k, engine="incremental", **kwargs
+    )
     assert tiled.last_engine == "incremental", tiled.last_engine_reason
     # Attributions are differences of scores: their rounding error scales with the scores.
     with torch.no_grad():
@@ -139,8 +147,16 @@ class Zoo2d(nn.Module):
         self.avg = nn.AvgPool2d(3, stride=1, padding=1)
         self.branch = nn.Conv2d(6, 4, 1)
         self.head = nn.Linear(10, classes)
-        self.acts = nn.ModuleList([nn.ReLU(inplace=True), nn.SiLU(), nn.Hardswish(),
-                                   nn.LeakyReLU(0.2), nn.GELU(), nn.ReLU6(inplace=True)])
+        self.acts = nn.ModuleList(
+            [
+                nn.ReLU(inplace=True),
+                nn.SiLU(),
+                nn.Hardswish(),
+                nn.LeakyReLU(0.2),
+                nn.GELU(),
+                nn.ReLU6(inplace=True),
+            ]
+        )
 
     def forward(self, x):
         x = self.acts[0](self.bn(self.a(x)))
@@ -159,16 +175,30 @@ class Zoo2d(nn.Module):
 def test_layer_zoo_2d_float64_every_k(k):
     model = Zoo2d().double()
     x = torch.randn(2, 3, 40, 36, dtype=torch.float64)
-    _both(model, x, window=(3, 4 * k, 4 * k) if k < 4 else (3, 8, 8), k=(1, k, k) if k < 4
-          else (1, 4, 4), targets=(0, 2), rtol=1e-10, perturbations_per_eval=3)
+    _both(
+        model,
+        x,
+        window=(3, 4 * k, 4 * k) if k < 4 else (3, 8, 8),
+        k=(1, k, k) if k < 4 else (1, 4, 4),
+        targets=(0, 2),
+        rtol=1e-10,
+        perturbations_per_eval=3,
+    )
 
 
 def test_layer_zoo_2d_float32_channel_windows_and_tensor_baseline():
     model = Zoo2d()
     x = torch.randn(3, 3, 33, 27)
     baseline = torch.randn(3, 1, 1)
-    _both(model, x, window=(3, 6, 6), k=(3, 2, 2), baselines=baseline, targets=(1, 3),
-          perturbations_per_eval=5)
+    _both(
+        model,
+        x,
+        window=(3, 6, 6),
+        k=(3, 2, 2),
+        baselines=baseline,
+        targets=(1, 3),
+        perturbations_per_eval=5,
+    )
 
 
 class Net1d(nn.Module):
@@ -177,9 +207,14 @@ class Net1d(nn.Module):
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv1d(2, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU(),
-            nn.MaxPool1d(2), nn.Conv1d(8, 8, 3, dilation=2, padding=2, padding_mode="reflect"),
-            nn.Tanh(), nn.AvgPool1d(3, stride=2), nn.Conv1d(8, 4, 3, stride=2),
+            nn.Conv1d(2, 8, 5, padding=2),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(8, 8, 3, dilation=2, padding=2, padding_mode="reflect"),
+            nn.Tanh(),
+            nn.AvgPool1d(3, stride=2),
+            nn.Conv1d(8, 4, 3, stride=2),
         )
         self.head = nn.Linear(4, 3)
 
@@ -196,8 +231,7 @@ def test_1d_cnn(k):
 def _net3d(channels=(4, 6, 8)):
     layers, c_in = [], 1
     for c in channels:
-        layers += [nn.Conv3d(c_in, c, 3, padding=1), nn.BatchNorm3d(c), nn.ReLU(),
-                   nn.MaxPool3d(2)]
+        layers += [nn.Conv3d(c_in, c, 3, padding=1), nn.BatchNorm3d(c), nn.ReLU(), nn.MaxPool3d(2)]
         c_in = c
     return nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(c_in, 2))
 
@@ -222,14 +256,20 @@ def _init_bn(model):
 def _small_head(model):
     # VGG's 25088x4096 classifier would dominate the test's time; the head runs densely anyway.
     if isinstance(model, torchvision.models.VGG):
-        model.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 16), nn.ReLU(), nn.Dropout(),
-                                         nn.Linear(16, 5))
+        model.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 5)
+        )
     return model
 
 
-@pytest.mark.parametrize("name,size,window", [
-    ("vgg11", 32, 16), ("resnet18", 48, 16), ("mobilenet_v2", 48, 16),
-])
+@pytest.mark.parametrize(
+    "name,size,window",
+    [
+        ("vgg11", 32, 16),
+        ("resnet18", 48, 16),
+        ("mobilenet_v2", 48, 16),
+    ],
+)
 def test_torchvision_models(name, size, window):
     model = _small_head(_init_bn(getattr(torchvision.models, name)(num_classes=5)))
     x = torch.randn(2, 3, size, size)
@@ -256,13 +296,21 @@ def test_attribute_and_perturbations_per_eval():
     model = _init_bn(torchvision.models.resnet18(num_classes=5)).eval()
     x = torch.randn(2, 3, 32, 32)
     tiled = TiledOcclusion(model)
-    expected = tiled.attribute(x, target=torch.tensor([1, 3]), window=(3, 16, 16), k=(1, 4, 4),
-                               engine="dense")
+    expected = tiled.attribute(
+        x, target=torch.tensor([1, 3]), window=(3, 16, 16), k=(1, 4, 4), engine="dense"
+    )
     for ppe in (5,):
-        got = tiled.attribute(x, target=torch.tensor([1, 3]), window=(3, 16, 16), k=(1, 4, 4),
-                              engine="incremental", perturbations_per_eval=ppe)
-        torch.testing.assert_close(got, expected, rtol=1e-4,
-                                   atol=1e-4 * expected.abs().max().item())
+        got = tiled.attribute(
+            x,
+            target=torch.tensor([1, 3]),
+            window=(3, 16, 16),
+            k=(1, 4, 4),
+            engine="incremental",
+            perturbations_per_eval=ppe,
+        )
+        torch.testing.assert_close(
+            got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +344,13 @@ class TinyTransformer(nn.Module):
         return self.head(mixed.mean(1))
 
 
-@pytest.mark.parametrize("model,match", [
-    (Untraceable(), "cannot trace"),
-    (TinyTransformer(), "transpose"),
-])
+@pytest.mark.parametrize(
+    "model,match",
+    [
+        (Untraceable(), "cannot trace"),
+        (TinyTransformer(), "transpose"),
+    ],
+)
 def test_auto_falls_back_and_incremental_names_the_problem(model, match):
     x = torch.randn(1, 3 if isinstance(model, TinyTransformer) else 1, 16, 16)
     tiled = TiledOcclusion(model.eval())
@@ -327,8 +378,9 @@ def test_training_mode_and_extra_arguments_are_refused_with_reasons():
 def test_auto_picks_incremental_only_when_it_pays():
     big = _net3d((8, 16, 16))
     tiled = TiledOcclusion(big.eval())
-    tiled.attribute(torch.randn(1, 1, 32, 32, 32), target=0, window=(1, 8, 8, 8),
-                    perturbations_per_eval=64)
+    tiled.attribute(
+        torch.randn(1, 1, 32, 32, 32), target=0, window=(1, 8, 8, 8), perturbations_per_eval=64
+    )
     assert tiled.last_engine == "incremental", tiled.last_engine_reason
     assert "speed-up" in tiled.last_engine_reason
     # A window covering the whole input changes every activation: nothing to gain.
@@ -349,8 +401,9 @@ def test_trace_is_cached_per_shape_and_model_left_untouched():
     assert program_for(model, x) is program_for(model, x.clone())
     assert program_for(model, x) is not program_for(model, torch.randn(1, 3, 40, 40))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    TiledOcclusion(model).attribute(x, target=0, window=(3, 16, 16), k=(1, 2, 2),
-                                    engine="incremental")
+    TiledOcclusion(model).attribute(
+        x, target=0, window=(3, 16, 16), k=(1, 2, 2), engine="incremental"
+    )
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert not model.training
@@ -361,8 +414,9 @@ def test_nan_inf_baseline_stays_in_window():
     x = torch.randn(1, 2, 40, dtype=torch.float64)
     tiled = TiledOcclusion(model)
     dense = tiled.attribute(x, target=0, window=8, k=(1, 2), baselines=math.inf, engine="dense")
-    incr = tiled.attribute(x, target=0, window=8, k=(1, 2), baselines=math.inf,
-                           engine="incremental")
+    incr = tiled.attribute(
+        x, target=0, window=8, k=(1, 2), baselines=math.inf, engine="incremental"
+    )
     torch.testing.assert_close(incr, dense, equal_nan=True)
 
 
@@ -387,8 +441,15 @@ class Operands(nn.Module):
 
 def test_scalar_channel_and_spatial_operands():
     x = torch.randn(2, 2, 24, 20, dtype=torch.float64)
-    _both(Operands().double(), x, window=(2, 6, 6), k=(1, 2, 3), targets=(0, 1), rtol=1e-10,
-          perturbations_per_eval=4)
+    _both(
+        Operands().double(),
+        x,
+        window=(2, 6, 6),
+        k=(1, 2, 3),
+        targets=(0, 1),
+        rtol=1e-10,
+        perturbations_per_eval=4,
+    )
 
 
 def test_replaced_layer_retraces_and_train_mode_is_refused_after_caching():

@@ -13,8 +13,21 @@ from extra_attrib import _demo, imagenet
 from extra_attrib.__main__ import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-FAST = ["--window", "56", "--k", "2", "--nt-samples", "2", "--fg-n", "2", "--fg-m", "2",
-        "--no-progress", "--dpi", "40"]
+FAST = [
+    "--window",
+    "56",
+    "--k",
+    "2",
+    "--nt-samples",
+    "2",
+    "--fg-n",
+    "2",
+    "--fg-m",
+    "2",
+    "--no-progress",
+    "--dpi",
+    "40",
+]
 
 
 class TinyClassifier(nn.Module):
@@ -58,16 +71,21 @@ def test_demo_writes_figure_and_reports(tiny_model, photo, tmp_path, capsys):
     assert "Top-3 classes:" in stdout
     top3 = next(line for line in stdout.splitlines() if line.strip().startswith("photo "))
     assert top3.count("%") == 3
-    for name in ("Occlusion", "TiledOcclusion", "NoiseTunnel(TiledOcclusion)",
-                 "FusionGrad(Saliency)"):
+    for name in (
+        "Occlusion",
+        "TiledOcclusion",
+        "NoiseTunnel(TiledOcclusion)",
+        "FusionGrad(Saliency)",
+    ):
         assert name in stdout
     # Captum's Occlusion: the unperturbed input plus 4 x 4 windows of 56 px.
     assert "window 56, stride 56" in stdout and " 17 forward evaluations" in stdout
     assert "Wrote" in stdout and "Total" in stdout
 
 
-def test_demo_default_settings_run_with_the_tiny_model(tiny_model, photo, tmp_path, capsys,
-                                                      monkeypatch):
+def test_demo_default_settings_run_with_the_tiny_model(
+    tiny_model, photo, tmp_path, capsys, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--image", str(photo), "--no-progress", "--dpi", "40"]) == 0
     assert_png(tmp_path / _demo.DEFAULT_OUT)
@@ -76,30 +94,73 @@ def test_demo_default_settings_run_with_the_tiny_model(tiny_model, photo, tmp_pa
 
 
 def test_demo_run_returns_finite_maps_for_each_method(tiny_model, photo, tmp_path):
-    settings = _demo.DemoSettings(window=56, k=2, nt_samples=2, fg_n=2, fg_m=2, progress=False,
-                                  dpi=40)
-    results = _demo.run([str(photo), str(photo)], out=str(tmp_path / "r.png"), target="3",
-                        settings=settings, stream=None, load_model=lambda: tiny_model)
-    assert [r.name for r in results] == ["Occlusion", "Occlusion", "TiledOcclusion",
-                                         "NoiseTunnel(TiledOcclusion)", "FusionGrad(Saliency)"]
+    settings = _demo.DemoSettings(
+        window=56, k=2, nt_samples=2, fg_n=2, fg_m=2, progress=False, dpi=40
+    )
+    results = _demo.run(
+        [str(photo), str(photo)],
+        out=str(tmp_path / "r.png"),
+        target="3",
+        settings=settings,
+        stream=None,
+        load_model=lambda: tiny_model,
+    )
+    assert [r.name for r in results] == [
+        "Occlusion",
+        "Occlusion",
+        "TiledOcclusion",
+        "NoiseTunnel(TiledOcclusion)",
+        "FusionGrad(Saliency)",
+    ]
     for r in results:
         assert r.attributions.shape == (2, 3, 224, 224)
         assert torch.isfinite(r.attributions).all()
         assert r.evaluations > 0 and r.seconds >= 0
     # k = 1 adds no second Occlusion column
-    settings_k1 = _demo.DemoSettings(window=56, k=1, nt_samples=1, fg_n=1, fg_m=1,
-                                     progress=False, dpi=40)
-    results = _demo.run([str(photo)], out=str(tmp_path / "k1.png"), settings=settings_k1,
-                        load_model=lambda: tiny_model)
+    settings_k1 = _demo.DemoSettings(
+        window=56, k=1, nt_samples=1, fg_n=1, fg_m=1, progress=False, dpi=40
+    )
+    results = _demo.run(
+        [str(photo)],
+        out=str(tmp_path / "k1.png"),
+        settings=settings_k1,
+        load_model=lambda: tiny_model,
+    )
     assert [r.name for r in results].count("Occlusion") == 1
 
 
 def test_target_by_name_and_index(tiny_model, photo, tmp_path, capsys):
-    assert main(["demo", "--image", str(photo), "--out", str(tmp_path / "a.png"),
-                 "--target", "Tabby", *FAST]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--image",
+                str(photo),
+                "--out",
+                str(tmp_path / "a.png"),
+                "--target",
+                "Tabby",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert "photo -> tabby (281)" in capsys.readouterr().out
-    assert main(["demo", "--image", str(photo), "--out", str(tmp_path / "b.png"),
-                 "--target", "1", *FAST]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--image",
+                str(photo),
+                "--out",
+                str(tmp_path / "b.png"),
+                "--target",
+                "1",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert "photo -> goldfish (1)" in capsys.readouterr().out
 
 
@@ -166,8 +227,12 @@ def test_bundled_photos_by_default(tiny_model, tmp_path, capsys):
 
 
 def test_python_dash_m_entry_point():
-    result = subprocess.run([sys.executable, "-m", "extra_attrib", "--version"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "extra_attrib", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0
     assert result.stdout.startswith("extra-attrib ")
 
@@ -200,11 +265,9 @@ def test_truncated_png_is_a_usage_error(no_model, photo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("limit", [1000, 2000])  # above 2x the limit Pillow raises, else warns
-def test_decompression_bomb_is_a_usage_error(no_model, photo, tmp_path, capsys, monkeypatch,
-                                             limit):
+def test_decompression_bomb_is_a_usage_error(no_model, photo, tmp_path, capsys, monkeypatch, limit):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)  # the photo has 2400 pixels
-    err = run_usage_error(["demo", "--image", str(photo), "--out", str(tmp_path / "x.png")],
-                          capsys)
+    err = run_usage_error(["demo", "--image", str(photo), "--out", str(tmp_path / "x.png")], capsys)
     assert "decompression bomb" in err and "--image" in err
 
 
@@ -217,8 +280,7 @@ def test_decompression_bomb_is_a_usage_error(no_model, photo, tmp_path, capsys, 
         (".", "is a directory"),
     ],
 )
-def test_bad_out_is_a_usage_error_before_any_work(no_model, photo, tmp_path, capsys, out,
-                                                  message):
+def test_bad_out_is_a_usage_error_before_any_work(no_model, photo, tmp_path, capsys, out, message):
     (tmp_path / "file.txt").write_text("a plain file")
     path = str(tmp_path / out)
     err = run_usage_error(["demo", "--image", str(photo), "--out", path], capsys)
@@ -232,8 +294,7 @@ def test_unwritable_out_is_a_usage_error(no_model, photo, tmp_path, capsys):
     locked.mkdir(mode=0o500)
     if os.access(locked, os.W_OK):
         pytest.skip("running as a user who can write anywhere (root)")
-    err = run_usage_error(["demo", "--image", str(photo), "--out", str(locked / "f.png")],
-                          capsys)
+    err = run_usage_error(["demo", "--image", str(photo), "--out", str(locked / "f.png")], capsys)
     assert "not writable" in err
 
 
@@ -272,7 +333,8 @@ def test_demo_scores_are_the_package_scores():
     model = TinyClassifier().eval()
     x = torch.rand(2, 3, 224, 224)
     for score in _demo.SCORES:
-        torch.testing.assert_close(_demo.scored_model(model, score)(x),
-                                   score_function(score)(model(x)))
+        torch.testing.assert_close(
+            _demo.scored_model(model, score)(x), score_function(score)(model(x))
+        )
     with pytest.raises(ValueError, match="--score"):
         _demo.scored_model(model, "logit")

@@ -147,8 +147,9 @@ def lazy_initialised() -> nn.Module:
 
 
 def bn_train() -> nn.Module:
-    return nn.Sequential(nn.Linear(FEATURES, FEATURES), nn.BatchNorm1d(FEATURES),
-                         nn.Linear(FEATURES, CLASSES)).train()
+    return nn.Sequential(
+        nn.Linear(FEATURES, FEATURES), nn.BatchNorm1d(FEATURES), nn.Linear(FEATURES, CLASSES)
+    ).train()
 
 
 def reassign_eval() -> nn.Module:
@@ -185,17 +186,20 @@ def fusion(model: nn.Module, x: Tensor) -> Tensor:
 
 def tunnel_tiled(model: nn.Module, x: Tensor) -> Tensor:
     return NoiseTunnel(TiledOcclusion(model)).attribute(
-        x, nt_type="smoothgrad", nt_samples=2, stdevs=0.1, target=0, window=2, k=2)
+        x, nt_type="smoothgrad", nt_samples=2, stdevs=0.1, target=0, window=2, k=2
+    )
 
 
 def tunnel_fusion(model: nn.Module, x: Tensor) -> Tensor:
     return NoiseTunnel(FusionGrad(Saliency(model))).attribute(
-        x, nt_type="smoothgrad", nt_samples=2, stdevs=0.1, target=0, n=2, m=1)
+        x, nt_type="smoothgrad", nt_samples=2, stdevs=0.1, target=0, n=2, m=1
+    )
 
 
 def fusion_tiled(model: nn.Module, x: Tensor) -> Tensor:
     return FusionGrad(TiledOcclusion(model), model).attribute(
-        x, target=0, n=2, m=2, window=3, batch_size=2)
+        x, target=0, n=2, m=2, window=3, batch_size=2
+    )
 
 
 METHODS: Dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
@@ -379,8 +383,17 @@ def test_existing_gradients_are_kept() -> None:
 
 _EDITS = st.lists(
     st.tuples(
-        st.sampled_from(["add", "reassign_buffer", "reassign_param", "delete_buffer",
-                         "freeze", "train", "negate_zero"]),
+        st.sampled_from(
+            [
+                "add",
+                "reassign_buffer",
+                "reassign_param",
+                "delete_buffer",
+                "freeze",
+                "train",
+                "negate_zero",
+            ]
+        ),
         st.integers(0, 10),
     ),
     max_size=8,

@@ -14,8 +14,12 @@ from extra_attrib._options import (
 
 def test_argparse_types():
     assert positive_int("3") == 3 and nonnegative_int("0") == 0
-    for parse, text in ((positive_int, "0"), (positive_int, "x"), (nonnegative_int, "-1"),
-                        (nonnegative_int, str(2**63))):
+    for parse, text in (
+        (positive_int, "0"),
+        (positive_int, "x"),
+        (nonnegative_int, "-1"),
+        (nonnegative_int, str(2**63)),
+    ):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
     dpi = bounded_float(10, 600)

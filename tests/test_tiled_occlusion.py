@@ -63,9 +63,7 @@ def test_k1_equals_captum_occlusion_with_stride_window(shape, window):
     model = FlatLinear(shape)
     x = torch.randn(2, *shape, dtype=torch.float64)
     ours = TiledOcclusion(model).attribute(x, target=1, window=window, k=1)
-    theirs = Occlusion(model).attribute(
-        x, target=1, sliding_window_shapes=window, strides=window
-    )
+    theirs = Occlusion(model).attribute(x, target=1, sliding_window_shapes=window, strides=window)
     # Captum computes in float32 internally; agreement to its precision.
     torch.testing.assert_close(ours, theirs.double(), rtol=1e-6, atol=1e-6)
 
@@ -79,9 +77,11 @@ def test_equals_overlapping_captum_occlusion_away_from_borders(shape, window, k)
     x = torch.randn(2, *shape, dtype=torch.float64)
     stride = tuple(w // kk for w, kk in zip(window, k))
     ours = TiledOcclusion(model).attribute(x, target=2, window=window, k=k)
-    theirs = Occlusion(model).attribute(
-        x, target=2, sliding_window_shapes=window, strides=stride
-    ).double()
+    theirs = (
+        Occlusion(model)
+        .attribute(x, target=2, sliding_window_shapes=window, strides=stride)
+        .double()
+    )
     inner = (slice(None),) + tuple(
         slice(w - t, s - (w - t) - (s - w) % t) for s, w, t in zip(shape, window, stride)
     )
@@ -124,7 +124,10 @@ def test_captum_expected_multi_input_with_baselines():
     for a, e in zip(attr, expected):
         torch.testing.assert_close(a, torch.tensor(e))
     attr = TiledOcclusion(net).attribute(
-        (inp1, inp2), target=0, window=((3,), (1,)), additional_forward_args=(inp3, 1),
+        (inp1, inp2),
+        target=0,
+        window=((3,), (1,)),
+        additional_forward_args=(inp3, 1),
         perturbations_per_eval=2,
     )
     torch.testing.assert_close(attr[0], torch.tensor([[492.0, 492.0, 492.0], [400.0] * 3]))
@@ -134,12 +137,14 @@ def test_captum_expected_multi_input_with_baselines():
 def test_captum_expected_conv_and_int_inputs():
     net = BasicModel_ConvNet_One_Conv()
     inp = torch.arange(16, dtype=torch.float).view(1, 1, 4, 4)
-    attr = TiledOcclusion(net).attribute((inp, torch.ones((1, 1, 4, 4))), target=0,
-                                         window=((1, 4, 4), (1, 4, 4)))
+    attr = TiledOcclusion(net).attribute(
+        (inp, torch.ones((1, 1, 4, 4))), target=0, window=((1, 4, 4), (1, 4, 4))
+    )
     torch.testing.assert_close(attr[0], 67 * torch.ones_like(inp))
     torch.testing.assert_close(attr[1], 13 * torch.ones_like(inp))
-    attr = TiledOcclusion(net).attribute((inp, torch.ones((1, 1, 4, 1))), target=0,
-                                         window=((1, 2, 4), (1, 1, 1)))
+    attr = TiledOcclusion(net).attribute(
+        (inp, torch.ones((1, 1, 4, 1))), target=0, window=((1, 2, 4), (1, 1, 1))
+    )
     expected = torch.tensor([17.0, 17.0, 67.0, 67.0]).view(1, 1, 4, 1).expand(1, 1, 4, 4)
     torch.testing.assert_close(attr[0], expected)
     ints = TiledOcclusion(BasicModel3()).attribute(
@@ -158,8 +163,14 @@ def test_noise_tunnel(nt_type, batch):
     tiled = TiledOcclusion(model)
     plain = tiled.attribute(x, target=torch.tensor([0, 3]), window=(2, 4, 4), k=(1, 2, 2))
     out = NoiseTunnel(tiled).attribute(
-        x, nt_type=nt_type, nt_samples=5, nt_samples_batch_size=batch, stdevs=1e-9,
-        target=torch.tensor([0, 3]), window=(2, 4, 4), k=(1, 2, 2),
+        x,
+        nt_type=nt_type,
+        nt_samples=5,
+        nt_samples_batch_size=batch,
+        stdevs=1e-9,
+        target=torch.tensor([0, 3]),
+        window=(2, 4, 4),
+        k=(1, 2, 2),
     )
     assert out.shape == x.shape and out.dtype == x.dtype
     if nt_type == "smoothgrad":
@@ -185,8 +196,12 @@ def test_tuple_inputs_match_reference_per_tensor():
     xa = torch.randn(3, 7, dtype=torch.float64)
     xb = torch.randn(3, 3, 4, dtype=torch.float64)
     attr_a, attr_b = TiledOcclusion(model).attribute(
-        (xa, xb), target=2, window=((4,), (2, 2)), k=((2,), (2, 1)),
-        additional_forward_args=(0.5,), perturbations_per_eval=4,
+        (xa, xb),
+        target=2,
+        window=((4,), (2, 2)),
+        k=((2,), (2, 1)),
+        additional_forward_args=(0.5,),
+        perturbations_per_eval=4,
     )
     ref_a = brute_force(lambda a: model(a, xb, 0.5), xa, (4,), (2,), 2)
     ref_b = brute_force(lambda b: model(xa, b, 0.5), xb, (2, 2), (2, 1), 2)
@@ -202,8 +217,9 @@ def test_tensor_baselines_match_reference(baseline_shape):
     model = FlatLinear(shape)
     x = torch.randn(2, *shape, dtype=torch.float64)
     base = torch.randn(baseline_shape, dtype=torch.float64)
-    ours = TiledOcclusion(model).attribute(x, target=0, window=(3, 2, 4), k=(1, 2, 2),
-                                           baselines=base)
+    ours = TiledOcclusion(model).attribute(
+        x, target=0, window=(3, 2, 4), k=(1, 2, 2), baselines=base
+    )
     ref = brute_force(model, x, (3, 2, 4), (1, 2, 2), 0, base.expand_as(x))
     torch.testing.assert_close(ours, ref)
 
@@ -218,8 +234,9 @@ def test_non_finite_baseline_stays_inside_its_window(bad):
             return torch.nan_to_num(x, nan=0.0, posinf=0.0).flatten(1)[:, :3]
 
     x = torch.randn(2, 1, 8, 8)
-    TiledOcclusion(Recorder()).attribute(x, target=0, window=(1, 4, 4), k=(1, 2, 2),
-                                         baselines=bad, perturbations_per_eval=3)
+    TiledOcclusion(Recorder()).attribute(
+        x, target=0, window=(1, 4, 4), k=(1, 2, 2), baselines=bad, perturbations_per_eval=3
+    )
     for batch in seen[1:]:
         non_finite = ~torch.isfinite(batch)
         per_row = non_finite.flatten(1).sum(1)
@@ -340,8 +357,9 @@ def test_window_larger_than_input_spans_it():
 
 
 def test_model_is_left_untouched():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(0.0),
-                          nn.Flatten(), nn.LazyLinear(3))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Dropout(0.0), nn.Flatten(), nn.LazyLinear(3)
+    )
     x = torch.randn(2, 1, 6, 6)
     model(x)
     model.train()
@@ -450,8 +468,12 @@ def test_bad_inputs_and_models_are_named():
 def test_cuda_matches_cpu():
     model = FlatLinear((3, 9, 9))
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
-    kw = dict(target=torch.tensor([0, 2]), window=(3, 4, 4), k=(1, 2, 2),
-              baselines=torch.zeros(3, 1, 1, dtype=torch.float64))
+    kw = dict(
+        target=torch.tensor([0, 2]),
+        window=(3, 4, 4),
+        k=(1, 2, 2),
+        baselines=torch.zeros(3, 1, 1, dtype=torch.float64),
+    )
     cpu = TiledOcclusion(model).attribute(x, **kw)
     kw["target"] = kw["target"].cuda()
     kw["baselines"] = kw["baselines"].cuda()

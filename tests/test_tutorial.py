@@ -36,8 +36,13 @@ def _cells(nb):
 
 
 def _stdout(nb):
-    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                   for out in cell.outputs if out.output_type == "stream")
+    return "".join(
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.output_type == "stream"
+    )
 
 
 def test_script_and_notebook_are_paired_and_hold_the_same_cells():
@@ -68,8 +73,9 @@ def test_tutorial_executes(tmp_path):
     path = tmp_path / os.path.basename(NOTEBOOK)
     shutil.copy(NOTEBOOK, path)  # runs in a scratch directory: nothing is written to the repo
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     text = _stdout(nb)
     for check in CHECKS:
         assert check + "True" in text, f"the notebook printed {check!r} without True"

@@ -79,8 +79,9 @@ def test_chw_tensor_and_hwc_array_give_the_same_map(image_chw, attr_nchw):
 
 def test_grayscale_and_rgba_images(tmp_path):
     plot_image_attribution(np.random.rand(H, W), blob(), save_path=tmp_path / "g.png")
-    plot_image_attribution(np.random.rand(4, H, W).astype(np.float32), blob(),
-                           save_path=tmp_path / "rgba.png")
+    plot_image_attribution(
+        np.random.rand(4, H, W).astype(np.float32), blob(), save_path=tmp_path / "rgba.png"
+    )
     assert_png(tmp_path / "g.png")
     assert_png(tmp_path / "rgba.png")
 
@@ -99,8 +100,13 @@ def test_default_scale_is_symmetric_and_clipped_at_the_percentile():
 
 @pytest.mark.parametrize(
     "sign, low, high",
-    [("all", -1, 1), ("positive", 0, 1), ("negative", -1, 0), ("absolute", 0, 1),
-     ("absolute_value", 0, 1)],
+    [
+        ("all", -1, 1),
+        ("positive", 0, 1),
+        ("negative", -1, 0),
+        ("absolute", 0, 1),
+        ("absolute_value", 0, 1),
+    ],
 )
 def test_sign_views(sign, low, high):
     attr = np.linspace(-2.0, 1.0, H * W).reshape(H, W)
@@ -131,8 +137,14 @@ def test_all_zero_and_nan_attributions_draw(tmp_path):
 def test_single_panel_into_user_axes(tmp_path, method, image_chw, attr_nchw):
     fig = Figure(figsize=(6, 3))
     ax_left, ax_right = fig.subplots(1, 2)
-    out = plot_attribution(attr_nchw, image_chw, method=method, ax=ax_right, title=method,
-                           save_path=tmp_path / "one.png")
+    out = plot_attribution(
+        attr_nchw,
+        image_chw,
+        method=method,
+        ax=ax_right,
+        title=method,
+        save_path=tmp_path / "one.png",
+    )
     assert out is fig
     assert ax_right.get_title() == method and len(ax_right.images) >= 1
     assert not ax_left.images
@@ -189,8 +201,9 @@ def test_grid_rows_images_columns_methods(tmp_path):
         "Saliency": np.random.rand(2, H, W, 3),
     }
     path = tmp_path / "grid.png"
-    fig = plot_attribution_grid(images, maps, row_titles=["cat", "cup"], title="t",
-                                save_path=path, dpi=50)
+    fig = plot_attribution_grid(
+        images, maps, row_titles=["cat", "cup"], title="t", save_path=path, dpi=50
+    )
     assert_png(path)
     assert len(fig.axes) == 2 * 4
     assert [ax.get_title() for ax in fig.axes[:4]] == ["Image", "Occlusion", "Tiled", "Saliency"]
@@ -198,9 +211,14 @@ def test_grid_rows_images_columns_methods(tmp_path):
 
 
 def test_grid_without_image_column_with_colorbars_and_one_image(tmp_path):
-    fig = plot_attribution_grid([np.random.rand(H, W, 3)], {"A": [blob()], "B": blob()[None]},
-                                show_image=False, colorbar=True, method="heat_map",
-                                save_path=tmp_path / "g.png")
+    fig = plot_attribution_grid(
+        [np.random.rand(H, W, 3)],
+        {"A": [blob()], "B": blob()[None]},
+        show_image=False,
+        colorbar=True,
+        method="heat_map",
+        save_path=tmp_path / "g.png",
+    )
     assert_png(tmp_path / "g.png")
     assert len(fig.axes) == 2 + 2  # two panels, two colour bars
 
@@ -222,8 +240,9 @@ def test_grid_bad_row_titles_and_method():
     with pytest.raises(ValueError, match="row_titles holds 1 labels, expected 2"):
         plot_attribution_grid(torch.rand(2, 3, H, W), {"A": [blob(), blob()]}, row_titles=["a"])
     with pytest.raises(ValueError, match="method='masked_image'"):
-        plot_attribution_grid(torch.rand(2, 3, H, W), {"A": [blob(), blob()]},
-                              method="masked_image")
+        plot_attribution_grid(
+            torch.rand(2, 3, H, W), {"A": [blob(), blob()]}, method="masked_image"
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -235,8 +254,9 @@ def test_grid_bad_row_titles_and_method():
 def test_1d_single_channel(tmp_path, style):
     t = np.linspace(0, 6, 200)
     path = tmp_path / f"{style}.png"
-    fig = plot_1d_attribution(np.sin(t), np.exp(-(t - 2) ** 2), x=t, style=style,
-                              title="sine", save_path=path)
+    fig = plot_1d_attribution(
+        np.sin(t), np.exp(-((t - 2) ** 2)), x=t, style=style, title="sine", save_path=path
+    )
     assert_png(path)
     assert fig.axes[0].get_title() == "sine"
     if style == "band":  # coloured background cells and a colour bar, no second y axis
@@ -249,8 +269,9 @@ def test_1d_single_channel(tmp_path, style):
 
 def test_1d_multichannel_tensor_with_batch_dim_and_shared_attr(tmp_path):
     signal = torch.randn(1, 3, 100)
-    fig = plot_1d_attribution(signal, torch.randn(100), channel_labels=["a", "b", "c"],
-                              save_path=tmp_path / "multi.png")
+    fig = plot_1d_attribution(
+        signal, torch.randn(100), channel_labels=["a", "b", "c"], save_path=tmp_path / "multi.png"
+    )
     assert_png(tmp_path / "multi.png")
     assert [ax.get_ylabel() for ax in fig.axes[:3]] == ["a", "b", "c"]
 
@@ -258,8 +279,14 @@ def test_1d_multichannel_tensor_with_batch_dim_and_shared_attr(tmp_path):
 def test_1d_channels_last_and_user_axes(tmp_path):
     fig = Figure()
     axes = fig.subplots(2, 1)
-    out = plot_1d_attribution(np.random.randn(50, 2), np.random.randn(50, 2), channels_last=True,
-                              ax=axes, sign="absolute", save_path=tmp_path / "cl.png")
+    out = plot_1d_attribution(
+        np.random.randn(50, 2),
+        np.random.randn(50, 2),
+        channels_last=True,
+        ax=axes,
+        sign="absolute",
+        save_path=tmp_path / "cl.png",
+    )
     assert out is fig
     assert_png(tmp_path / "cl.png")
 
@@ -431,10 +458,14 @@ def test_every_plot_accepts_captum_sign_name_and_the_bounds(plot):
         (lambda: plot_image_attribution(np.zeros((0, W)), np.zeros((0, W))), "image"),
         (lambda: plot_attribution(np.zeros((0, 0)), method="heat_map"), "attr"),
         (lambda: plot_attribution(np.zeros((H, W)), np.zeros((H, 0))), "image"),
-        (lambda: plot_attribution_grid([np.zeros((4, 0))], {"m": [np.zeros((4, 0))]}),
-         r"images\[0\]"),
-        (lambda: plot_attribution_grid([np.zeros((4, 4))], {"m": [np.zeros((4, 0))]}),
-         r"attributions\['m'\]\[0\]"),
+        (
+            lambda: plot_attribution_grid([np.zeros((4, 0))], {"m": [np.zeros((4, 0))]}),
+            r"images\[0\]",
+        ),
+        (
+            lambda: plot_attribution_grid([np.zeros((4, 4))], {"m": [np.zeros((4, 0))]}),
+            r"attributions\['m'\]\[0\]",
+        ),
         (lambda: plot_volume_slices(np.zeros((0, 4, 4)), np.zeros((0, 4, 4))), "attr"),
         (lambda: plot_volume_slices(None, np.zeros((4, 4, 0))), "attr"),
         (lambda: plot_1d_attribution(np.zeros((0, 5)), np.zeros(5)), "signal"),
