@@ -6,8 +6,8 @@ For each case, in one process and one run, with ``torch.set_num_threads(1)`` unl
 - floor: the best per-example forward time over batch sizes (plain ``model(x)``, timed in the
   same interleaved loop as the engines, median per batch size), which times
   ``P`` is the floor of any engine that runs one forward pass per window;
-- dense: the dense engine's evaluator (``_Sweep``) on chunks of as many windows as the floor's
-  best batch size;
+- dense: the dense engine's evaluator (``DenseEvaluator``) on chunks of as many windows as
+  the floor's best batch size;
 - incremental: :class:`~extra_attrib._incremental.IncrementalSweep` on chunks of ``B`` windows,
   for ``B`` = 8 and 16 (8 with ``--quick``), the faster reported;
 - auto: which engine ``engine="auto"`` picks, and why.
@@ -42,8 +42,8 @@ import torch
 import torchvision
 from torch import nn
 
-from extra_attrib._engine import _Sweep
-from extra_attrib._geometry import TileGeometry, perturbation_boxes
+from extra_attrib._engine import DenseEvaluator
+from extra_attrib._geometry import TileGeometry
 from extra_attrib._incremental import (
     IncrementalSweep,
     central_box,
@@ -136,14 +136,15 @@ def memory_probe(name: str, size: int, window: int, k: int, engine: str, chunk: 
     model, x, geometry = setup(name, size, window, k)
     base = torch.tensor(0.0)
     mid = geometry.num_perturbations // 2
-    boxes = perturbation_boxes(geometry, list(range(mid, mid + chunk)))
+    windows = list(range(mid, mid + chunk))
 
     def one_chunk() -> None:
         with torch.no_grad():
             if engine == "dense":
-                _Sweep(model, (x,), (base,), (), chunk).run(0, boxes)
+                evaluator = DenseEvaluator(model, (x,), (base,), (geometry,), (), chunk)
             else:
-                IncrementalSweep(program_for(model, x), (x,), (base,)).run(0, boxes)
+                evaluator = IncrementalSweep(program_for(model, x), (x,), (base,), geometry)
+            evaluator.evaluate(0, windows, torch.tensor(windows))
 
     return timed(one_chunk)[1]
 
@@ -172,7 +173,7 @@ def run_case(name: str, size: int, window: int, k: int, args: argparse.Namespace
     best_batch = min(first_look, key=first_look.get)
 
     choice = choose_engine("auto", model, (x,), (base,), (), central_box(geometry))
-    incr = IncrementalSweep(program_for(model, x), (x,), (base,))
+    incr = IncrementalSweep(program_for(model, x), (x,), (base,), geometry)
     stored = (
         sum(
             v.numel() * v.element_size() for v in incr.clean.values() if isinstance(v, torch.Tensor)
@@ -185,7 +186,7 @@ def run_case(name: str, size: int, window: int, k: int, args: argparse.Namespace
     total = max(chunk_sizes.values()) * args.chunks
     mid = geometry.num_perturbations // 2 - total // 2
     windows = list(range(max(mid, 0), max(mid, 0) + total))
-    dense = _Sweep(model, (x,), (base,), (), max(chunk_sizes.values()))
+    dense = DenseEvaluator(model, (x,), (base,), (geometry,), (), max(chunk_sizes.values()))
 
     samples: Dict[str, List[float]] = {c: [] for c in chunk_sizes}
     floor_samples: Dict[int, List[float]] = {b: [] for b in sizes}
@@ -197,10 +198,10 @@ def run_case(name: str, size: int, window: int, k: int, args: argparse.Namespace
 
     def run(candidate: str, start: int) -> None:
         b = chunk_sizes[candidate]
-        boxes = perturbation_boxes(geometry, windows[start * b : (start + 1) * b])
+        chunk = windows[start * b : (start + 1) * b]
         evaluator = dense if candidate == "dense" else incr
         with torch.no_grad():
-            evaluator.run(0, boxes)
+            evaluator.evaluate(0, chunk, torch.tensor(chunk))
 
     for candidate in chunk_sizes:  # warm-up
         run(candidate, 0)

@@ -1225,7 +1225,7 @@ class EngineChoice:
         engine (str): ``"dense"`` or ``"incremental"``.
         reason (str): Why, in words.
         factory (callable or None): For incremental, builds the evaluator the sweep calls
-            (same signature as the dense engine's ``_Sweep``).
+            (same signature as the dense engine's ``DenseEvaluator``).
     """
 
     engine: str
