@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from extra_attrib._options import positive_int
+
 METHODS = ("tiled", "occlusion", "fusiongrad-saliency")
 SCORES = ("log_softmax", "softmax", "raw")
 DEFAULT_WINDOW = 64
@@ -30,16 +32,6 @@ Transform = Callable[[Any], Tensor]
 
 class UsageError(ValueError):
     """A bad path, model or option: reported in one line, exit status 2."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
 
 
 def _target(text: str) -> Any:
@@ -90,14 +82,14 @@ def add_commands(commands: Any) -> None:
     )
     explain.add_argument(
         "--window",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_WINDOW,
         metavar="W",
         help=f"occlusion window side in pixels; default: {DEFAULT_WINDOW}",
     )
     explain.add_argument(
         "--k",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_K,
         help=f"windows per pixel along each side (stride W/k); must divide W; default: {DEFAULT_K}",
     )
@@ -116,14 +108,14 @@ def add_commands(commands: Any) -> None:
     )
     explain.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         metavar="B",
         help="images per attribution call; default: 4",
     )
     explain.add_argument(
         "--perturbations-per-eval",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="P",
         help="occluded copies per forward pass; default: chosen automatically (Occlusion: 1)",
