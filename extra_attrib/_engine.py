@@ -22,7 +22,7 @@ import math
 import operator
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -51,8 +51,19 @@ CPU_CANDIDATE_ROWS = (1, 2, 4, 8, 16, 32)
 LIGHT_PASS_ELEMENTS = 2**20
 #: Tuning stops at the first candidate this much slower per perturbation than the best so far.
 TUNING_STOP = 1.15
+#: Of the candidates within this factor of the fastest per perturbation, the largest is kept:
+#: fewer forward passes and less host work per perturbation, and timings that close are noise.
+PREFER_LARGER = 1.05
 #: Timed chunks per candidate; the fastest counts.
 TRIALS_PER_CANDIDATE = 2
+#: A candidate is tried only if the sweep has at least this many times its trials' perturbations
+#: left after them: on a short sweep, trials of a large size would be most of the work and could
+#: not pay for themselves.
+TRIAL_PAYBACK = 1
+#: Flat window offsets of every window are tabulated once per input when the table takes at most
+#: this many bytes and a quarter of the perturbation buffers; otherwise each chunk sums them from
+#: per-dimension tables (a few more operations per chunk).
+OFFSET_TABLE_BYTES = 64 * 2**20
 #: Elements compared at once by :func:`changed_windows` (at least one example).
 ROWS_COMPARED_ELEMENTS = 2**20
 #: Build rule of :class:`DenseEvaluator`: a window's elements are written by index (gather +
@@ -119,31 +130,49 @@ class ChunkPlanner:
     A fixed ``chunk_size`` is used as given. Otherwise, on an accelerator, about
     :data:`ACCELERATOR_ROWS` rows per pass; on CPU, where the best batch depends on the model and
     the machine (per-example time often grows past 4-16 rows), the first chunks of the sweep try
-    :data:`CPU_CANDIDATE_ROWS` in turn, :data:`TRIALS_PER_CANDIDATE` timed chunks each, until
-    one is clearly slower than the best so far; the rest of the sweep uses the fastest per
-    perturbation. Those chunks are real work, so tuning costs only their inefficiency. All
-    sizes, a fixed one too, stay within :data:`BUFFER_BUDGET_BYTES` and the number of
-    perturbations.
+    the candidates of :func:`_cpu_rows` in increasing order, :data:`TRIALS_PER_CANDIDATE` timed
+    chunks each, until one is clearly slower (:data:`TUNING_STOP`) than the best so far, or its
+    trials would leave less of the sweep than they take (:data:`TRIAL_PAYBACK`). The rest of the
+    sweep uses the largest size within :data:`PREFER_LARGER` of the fastest per perturbation.
+    Those chunks are real work, so tuning costs only their inefficiency. All sizes, a fixed one
+    too, stay within :data:`BUFFER_BUDGET_BYTES` and the number of perturbations.
+
+    A ``memo`` dict carries the choice over to later sweeps of the same ``key``: the first sweep
+    tunes and stores its choice, later ones use it without trials.
 
     Args:
         inputs (sequence of Tensor): The inputs, each ``(N, *S)``.
         num_perturbations (int): Largest number of perturbations of any input.
         chunk_size (int, optional): A fixed size. Default: None (automatic).
+        total (int, optional): Perturbations of the whole sweep, all inputs together.
+            Default: None (``num_perturbations``).
+        memo (dict, optional): Chosen sizes by ``key``, read and written. Default: None
+        key (hashable, optional): This sweep's entry in ``memo``. Default: None
     """
 
     def __init__(
-        self, inputs: Sequence[Tensor], num_perturbations: int, chunk_size: Optional[int] = None
+        self,
+        inputs: Sequence[Tensor],
+        num_perturbations: int,
+        chunk_size: Optional[int] = None,
+        total: Optional[int] = None,
+        memo: Optional[Dict[Hashable, int]] = None,
+        key: Hashable = None,
     ) -> None:
         n = inputs[0].shape[0]
         cap = max(1, min(memory_bound(inputs), num_perturbations))
         if chunk_size is not None:
             # More slots than perturbations or than the budget allows would only hold memory.
             self.candidates = [min(chunk_size, cap)]
+        elif memo is not None and key in memo:
+            self.candidates = [min(memo[key], cap)]
         elif inputs[0].device.type != "cpu":
             self.candidates = [min(max(ACCELERATOR_ROWS // n, 1), cap)]
         else:
             self.candidates = sorted({min(max(rows // n, 1), cap) for rows in _cpu_rows(inputs)})
         self.capacity = max(self.candidates)
+        self._remaining = num_perturbations if total is None else total
+        self._memo, self._key = (memo, key) if chunk_size is None else (None, None)
         self._timings: Dict[int, List[float]] = {}
         self._chosen: Optional[int] = self.candidates[0] if len(self.candidates) == 1 else None
 
@@ -157,12 +186,21 @@ class ChunkPlanner:
         if self._chosen is not None:
             return self._chosen
         for size in self.candidates:
-            if len(self._timings.get(size, ())) < TRIALS_PER_CANDIDATE:
-                return size
+            trials_left = TRIALS_PER_CANDIDATE - len(self._timings.get(size, ()))
+            if trials_left <= 0:
+                continue
+            if size not in self._timings and self._timings:
+                # A new candidate: worth trying only if enough of the sweep is left to use it.
+                trial = TRIALS_PER_CANDIDATE * size
+                if self._remaining - trial < TRIAL_PAYBACK * trial:
+                    self._settle()
+                    return self.next_size()
+            return size
         return self.candidates[-1]  # not reached: the last full trial settles the choice
 
     def record(self, size: int, seconds: float, count: int) -> None:
-        """Report a trial chunk: ``size`` slots ran ``count`` perturbations in ``seconds``."""
+        """Report a chunk: ``size`` slots ran ``count`` perturbations in ``seconds``."""
+        self._remaining -= count
         if self._chosen is not None or count < size:
             return  # a short last chunk says little about its size
         self._timings.setdefault(size, []).append(seconds / count)
@@ -170,10 +208,24 @@ class ChunkPlanner:
             return
         # The fastest of a candidate's trials: a passing hiccup on a shared machine only ever
         # slows a trial down, so the minimum is the robust estimate.
-        best = {c: min(t) for c, t in self._timings.items() if len(t) == TRIALS_PER_CANDIDATE}
-        winner = min(best, key=best.__getitem__)
-        if best[size] > TUNING_STOP * best[winner] or size == self.candidates[-1]:
-            self._chosen = winner
+        best = self._best()
+        if best[size] > TUNING_STOP * min(best.values()) or size == self.candidates[-1]:
+            self._settle()
+
+    def _best(self) -> Dict[int, float]:
+        """Per-perturbation time of every candidate whose trials are complete."""
+        return {c: min(t) for c, t in self._timings.items() if len(t) == TRIALS_PER_CANDIDATE}
+
+    def _settle(self) -> None:
+        """End tuning: the largest candidate within :data:`PREFER_LARGER` of the fastest."""
+        best = self._best()
+        if not best:  # no complete trial (a short sweep): the smallest candidate, as tried
+            self._chosen = self.candidates[0]
+            return
+        fastest = min(best.values())
+        self._chosen = max(c for c, t in best.items() if t <= PREFER_LARGER * fastest)
+        if self._memo is not None:
+            self._memo[self._key] = self._chosen
 
     def expected_chunks(self, remaining: int) -> int:
         """Chunks still to come for ``remaining`` perturbations, if tuning ended now."""
@@ -233,6 +285,7 @@ def occlusion_sweep(
     windows: Optional[Sequence[Sequence[int]]] = None,
     return_differences: bool = False,
     evaluator: Optional[Callable[..., Any]] = None,
+    chunk_memo: Optional[Dict[Hashable, int]] = None,
 ) -> SweepResult:
     """Occlude every window of every input and average the score differences per element.
 
@@ -259,6 +312,9 @@ def occlusion_sweep(
             ``DenseEvaluator(forward_func, inputs, baselines, geometries,
             additional_forward_args, capacity)``; it must have ``evaluate`` and ``finish`` as
             described in :class:`DenseEvaluator`. Default: None (:class:`DenseEvaluator`)
+        chunk_memo (dict, optional): Chunk sizes chosen by earlier sweeps, keyed by
+            :func:`tuning_key`; read, and written when this sweep tunes. Default: None (tune
+            afresh)
 
     Returns:
         SweepResult: Attributions per input of shape ``(T, N, *S_j)`` in the scores' dtype.
@@ -272,7 +328,7 @@ def occlusion_sweep(
     base_scores = select(scored, index, 1)[0]
     acc_dtype = torch.promote_types(base_scores.dtype, torch.float32)
     base_scores = base_scores.to(acc_dtype)
-    pick = _TargetPicker(index)
+    pick = _TargetPicker(index, acc_dtype)
 
     active = []
     for j, (x, b, geometry) in enumerate(zip(inputs, baselines, geometries)):
@@ -285,8 +341,9 @@ def occlusion_sweep(
             wanted = set(windows[j])
             active[-1] = [i for i in active[-1] if i in wanted]
     busiest = max(len(a) for a in active)
-    planner = ChunkPlanner(inputs, max(busiest, 1), chunk_size)
     total = sum(len(a) for a in active)
+    key = tuning_key(inputs, geometries, additional_forward_args, evaluator)
+    planner = ChunkPlanner(inputs, max(busiest, 1), chunk_size, total, chunk_memo, key)
     requested = (
         sum(g.num_perturbations for g in geometries)
         if windows is None
@@ -307,11 +364,11 @@ def occlusion_sweep(
         for j, (geometry, indices) in enumerate(zip(geometries, active)):
             on_device = torch.tensor(indices, dtype=torch.long, device=inputs[j].device)
             while True:
-                # A skipped window leaves the input as it is: its difference is
-                # score(x) - score(x), which is 0, or NaN where the score itself is not finite,
-                # as the forward pass gives. Layout (P, N, T): a chunk is one index_copy_.
-                unchanged = (base_scores - base_scores).unsqueeze(0)
-                diffs = unchanged.repeat(geometry.num_perturbations, 1, 1)
+                # A skipped window leaves the input as it is: its score is the unperturbed one
+                # and its difference score(x) - score(x), which is 0, or NaN where the score
+                # itself is not finite, as the forward pass gives. Layout (P, N, T): a chunk's
+                # scores are one index_copy_, the differences one subtraction at the end.
+                scores_all = base_scores.unsqueeze(0).repeat(geometry.num_perturbations, 1, 1)
                 start = 0
                 while start < len(indices):
                     size = planner.next_size()
@@ -319,8 +376,7 @@ def occlusion_sweep(
                     where = on_device[start : start + size]  # a view: no host-device copy
                     began = time.perf_counter()
                     outputs = runner.evaluate(j, chunk, where)
-                    scores = pick(score_fn(outputs), len(chunk)).to(acc_dtype)
-                    diffs.index_copy_(0, where, base_scores - scores)
+                    scores_all.index_copy_(0, where, pick(score_fn(outputs), len(chunk)))
                     if planner.tuning:
                         planner.record(size, time.perf_counter() - began, len(chunk))
                     start += len(chunk)
@@ -334,6 +390,7 @@ def occlusion_sweep(
                 # numpy): the chunks of this input may have seen a corrupted copy. The
                 # evaluator now rebuilds every copy before each chunk; sweep this input again.
                 total += len(indices)
+            diffs = base_scores - scores_all
             per_window = diffs.permute(1, 2, 0).reshape(n, index.shape[1], *geometry.grid)
             attributions.append(accumulate(per_window, geometry).transpose(0, 1))
             if return_differences:
@@ -414,13 +471,16 @@ class DenseEvaluator:
         self.fills = [b.expand_as(x) for x, b in zip(inputs, baselines)]
         self.args = additional_forward_args
         self.n = inputs[0].shape[0]
-        self.buffers = [x.unsqueeze(0).repeat(size, *([1] * x.dim())) for x in inputs]
-        self.used = 0  # slots written so far: the rest still hold clean copies
+        # Slots are filled with clean copies when a chunk first needs them: a sweep whose
+        # tuning stops early never pays for the copies it does not use.
+        self.buffers = [x.new_empty(size, *x.shape) for x in inputs]
+        self.used = 0  # slots filled so far
         self.rebuild_all = False
         self.modes = [build_mode(g, self.n, x.device) for g, x in zip(self.geometries, inputs)]
         self._boxes: List[List[Optional[Tuple[slice, ...]]]] = [[None] * size for _ in inputs]
         self._masks: Dict[int, List[Tensor]] = {}
         self._offsets: Dict[int, List[Tensor]] = {}
+        self._flat_tables: Dict[int, Tensor] = {}
         self._dirty: List[Optional[Tensor]] = [None] * len(inputs)
         self._expanded: dict = {}
         self._views: Dict[int, _ChunkViews] = {}
@@ -433,25 +493,21 @@ class DenseEvaluator:
     def evaluate(self, j: int, windows: Sequence[int], windows_on_device: Tensor) -> Tensor:
         """Forward the copies of the batch with input ``j`` occluded at ``windows``."""
         reps = len(windows)
-        self.used = max(self.used, reps)
+        if reps > self.used:
+            for b, x in zip(self.buffers, self.inputs):
+                b[self.used : reps].copy_(x.expand(reps - self.used, *x.shape))
+            self.used = reps
         views = self._chunk_views(reps)
-        positions = (
-            []
-            if self.modes[j] == "slices"
-            else window_positions(self.geometries[j], windows_on_device)
-        )
         if self.rebuild_all:
             for k, (slots, x) in enumerate(zip(views.slots, views.inputs)):
                 if k != j:
                     slots.copy_(x)
         if self.rebuild_all or self.modes[j] == "rebuild":
-            if not positions:
-                positions = window_positions(self.geometries[j], windows_on_device)
-            self._rebuild(j, positions, views)
+            self._rebuild(j, window_positions(self.geometries[j], windows_on_device), views)
         elif self.modes[j] == "slices":
             self._slices(j, windows)
         else:
-            self._patch(j, positions, views)
+            self._patch(j, windows_on_device, views)
         batch = views.batch
         versions = [b._version for b in self.buffers]
         with torch.no_grad():
@@ -479,23 +535,36 @@ class DenseEvaluator:
         self._dirty[j] = None
         self._boxes[j] = [None] * len(self._boxes[j])
 
-    def _patch(self, j: int, positions: List[Tensor], views: _ChunkViews) -> None:
-        if j not in self._offsets:
-            self._offsets[j] = window_offsets(self.geometries[j], self.inputs[j].device)
+    def _patch(self, j: int, windows_on_device: Tensor, views: _ChunkViews) -> None:
         old = self._dirty[j]
         if old is not None:
             self._restore(j, old)
-        reps, d = positions[0].shape[0], len(positions)
-        rows = []
-        for i, (table, pos) in enumerate(zip(self._offsets[j], positions)):
-            row = table.index_select(0, pos)
-            if d > 1:
-                row = row.view(reps, *([1] * i), row.shape[1], *([1] * (d - 1 - i)))
-            rows.append(row)
-        offsets = functools.reduce(operator.add, rows)
-        new = offsets.view(reps, 1, -1).expand(-1, self.n, -1)
+        new = self._flat_offsets(j, windows_on_device).expand(-1, self.n, -1)
+        # A gather of the baseline and a scatter of that source: on CPU a scatter of a scalar
+        # value measured over twice as slow per element as both together.
         views.flat_slots[j].scatter_(2, new, views.flat_fills[j].gather(2, new))
         self._dirty[j] = new
+
+    def _flat_offsets(self, j: int, windows_on_device: Tensor) -> Tensor:
+        """Flat offsets over ``S`` of the elements of each window, shape ``(R, 1, W)``.
+
+        From a table of every window's offsets, made once per input (one ``index_select`` per
+        chunk), or, where that table would exceed :data:`OFFSET_TABLE_BYTES`, summed per chunk
+        from the per-dimension tables of :func:`window_offsets`.
+        """
+        geometry = self.geometries[j]
+        if j not in self._offsets:
+            self._offsets[j] = window_offsets(geometry, self.inputs[j].device)
+            width = math.prod(geometry.window)
+            table_bytes = geometry.num_perturbations * width * 8
+            buffer_bytes = sum(b.numel() * b.element_size() for b in self.buffers)
+            if table_bytes <= min(OFFSET_TABLE_BYTES, buffer_bytes // 4):
+                every = torch.arange(geometry.num_perturbations, device=self.inputs[j].device)
+                self._flat_tables[j] = _summed_offsets(self._offsets[j], geometry, every)
+        flat = self._flat_tables.get(j)
+        if flat is not None:
+            return flat.index_select(0, windows_on_device)
+        return _summed_offsets(self._offsets[j], geometry, windows_on_device)
 
     def _slices(self, j: int, windows: Sequence[int]) -> None:
         """Per slot, copy the input back into the previous box and the baseline into the new."""
@@ -536,7 +605,7 @@ class DenseEvaluator:
                 intact = intact and _same(block, x.expand_as(block))
         if not intact:
             for b, x in zip(self.buffers, self.inputs):
-                b.copy_(x.expand_as(b))
+                b[: self.used].copy_(x.expand(self.used, *x.shape))
             self.rebuild_all = True
         return intact
 
@@ -560,10 +629,11 @@ class _ChunkViews:
 
 
 class _TargetPicker:
-    """The target scores of a chunk: ``(R * N, *O)`` scores to ``(R, N, T)``."""
+    """The target scores of a chunk: ``(R * N, *O)`` scores to ``(R, N, T)`` in ``dtype``."""
 
-    def __init__(self, index: Tensor) -> None:
+    def __init__(self, index: Tensor, dtype: torch.dtype) -> None:
         self.index = index
+        self.dtype = dtype
         self._expanded: Dict[int, Tensor] = {}
 
     def __call__(self, scored: Tensor, reps: int) -> Tensor:
@@ -571,7 +641,30 @@ class _TargetPicker:
             n, t = self.index.shape
             self._expanded[reps] = self.index.unsqueeze(0).expand(reps, n, t)
         n = self.index.shape[0]
-        return scored.reshape(reps, n, -1).gather(2, self._expanded[reps])
+        return scored.reshape(reps, n, -1).gather(2, self._expanded[reps]).to(self.dtype)
+
+
+def tuning_key(
+    inputs: Sequence[Tensor],
+    geometries: Sequence[TileGeometry],
+    additional_forward_args: Tuple[Any, ...],
+    evaluator: Optional[Callable[..., Any]],
+) -> Hashable:
+    """What a chunk size tuned for one sweep depends on, for :class:`ChunkPlanner`'s memo.
+
+    The evaluator, the torch thread count, and per input the shape, dtype, device and tiling;
+    the shapes and dtypes of tensor arguments.
+    """
+    kind = "dense" if evaluator is None else getattr(evaluator, "__qualname__", repr(evaluator))
+    tensors = tuple(
+        (tuple(x.shape), x.dtype, str(x.device), g.window, g.k)
+        for x, g in zip(inputs, geometries)
+    )
+    args = tuple(
+        (tuple(a.shape), a.dtype) if isinstance(a, Tensor) else type(a).__name__
+        for a in additional_forward_args
+    )
+    return (kind, torch.get_num_threads(), tensors, args)
 
 
 #: The evaluator's former name.
@@ -591,8 +684,25 @@ def build_mode(geometry: TileGeometry, n: int = 1, device: Any = "cpu") -> str:
     return "patch"
 
 
+def _summed_offsets(tables: List[Tensor], geometry: TileGeometry, flat: Tensor) -> Tensor:
+    """Flat offsets ``(R, 1, W)`` of the windows ``flat``, from :func:`window_offsets`' tables.
+
+    A dimension with a single window position adds its one row to every window: no lookup.
+    """
+    reps, d = flat.shape[0], len(tables)
+    rows = []
+    for i, (table, pos) in enumerate(zip(tables, window_positions(geometry, flat))):
+        row = table if table.shape[0] == 1 else table.index_select(0, pos)
+        if d > 1:
+            row = row.view(row.shape[0], *([1] * i), row.shape[1], *([1] * (d - 1 - i)))
+        rows.append(row)
+    return functools.reduce(operator.add, rows).view(reps, 1, -1)
+
+
 def _same(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors hold the same values, NaN equal to NaN."""
+    if torch.equal(a, b):  # one pass, no temporaries: the usual answer
+        return True
     differ = a != b
     if a.is_floating_point() or a.is_complex():
         differ.logical_and_(~(a.isnan() & b.isnan()))

@@ -116,10 +116,12 @@ def window_positions(geometry: TileGeometry, flat: Tensor) -> List[Tensor]:
     """
     out = []
     step = geometry.num_perturbations
-    for i, n in enumerate(geometry.grid):
+    before = 1  # positions of the dimensions before this one
+    for n in geometry.grid:
         step //= n
         pos = flat if step == 1 else torch.div(flat, step, rounding_mode="floor")
-        out.append(pos if i == 0 else pos.remainder(n))  # the first needs no wrap-around
+        out.append(pos if before == 1 else pos.remainder(n))  # no wrap-around needed first
+        before *= n
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from captum.attr import PerturbationAttribution
@@ -79,6 +79,8 @@ class TiledOcclusion(PerturbationAttribution):
         self.last_engine: str = ""
         #: Why the last call used that engine.
         self.last_engine_reason: str = ""
+        # Chunk sizes tuned by earlier calls, by what they depend on (see _engine.tuning_key).
+        self._chunk_memo: Dict[Hashable, int] = {}
 
     @log_usage()
     @torch.no_grad()
@@ -133,9 +135,12 @@ class TiledOcclusion(PerturbationAttribution):
                 batch. Default: None
             perturbations_per_eval (int, optional): Number of perturbed copies of the batch
                 evaluated per forward pass. ``None`` chooses: on CPU the first chunks try 1, 2,
-                4, ... 32 rows per pass and the rest of the sweep uses the fastest per
-                perturbation (the best batch size depends on model and machine); on GPU about
-                64 rows per pass; always within a 256 MiB budget for the perturbed copies. Give
+                4, ... rows per pass (32, or more for light inputs, and no more than the sweep
+                can repay) and the rest of the sweep uses the fastest per perturbation (the best
+                batch size depends on model and machine); this object remembers the choice for
+                later calls with the same shapes, dtypes, device, tiling and thread count, which
+                skip the trials. On GPU about 64 rows per pass. Always within a 256 MiB budget
+                for the perturbed copies. Give
                 a number for bit-for-bit repeatable results (batch composition changes float
                 rounding); it is capped at the number of windows and at the same budget.
                 Default: None
@@ -327,6 +332,7 @@ class TiledOcclusion(PerturbationAttribution):
                 chunk_size=perturbations_per_eval,
                 show_progress=show_progress,
                 evaluator=choice.factory,
+                chunk_memo=self._chunk_memo,
             )
         self.last_evaluations = sweep.evaluations
         self.last_perturbations = sweep.perturbations
