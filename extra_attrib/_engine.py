@@ -253,6 +253,10 @@ def changed_windows(x: Tensor, baseline: Tensor, geometry: TileGeometry) -> Tens
         Tensor: Bool tensor of shape ``(J_1, ..., J_d)``.
     """
     n = x.shape[0]
+    # Only a NaN in the baseline can meet a NaN in the input; without one, != is the answer.
+    nan_baseline = (baseline.is_floating_point() or baseline.is_complex()) and bool(
+        baseline.isnan().any()
+    )
     baseline = baseline.expand_as(x)
     per_example = max(x[0].numel(), 1)
     rows = max(1, ROWS_COMPARED_ELEMENTS // per_example)
@@ -260,7 +264,7 @@ def changed_windows(x: Tensor, baseline: Tensor, geometry: TileGeometry) -> Tens
     for start in range(0, n, rows):
         xs, bs = x[start : start + rows], baseline[start : start + rows]
         block = xs != bs
-        if xs.is_floating_point() or xs.is_complex():
+        if nan_baseline:
             both_nan = xs.isnan()
             both_nan.logical_and_(bs.isnan())
             block.logical_and_(both_nan.logical_not_())  # NaN over NaN changes nothing
@@ -351,10 +355,12 @@ def occlusion_sweep(
     )
     skipped = requested - total
 
-    bar = tqdm(
-        total=1 + planner.expected_chunks(total), desc=description, disable=not show_progress
+    # No bar object at all without progress: even a disabled tqdm costs host time per chunk.
+    bar = (
+        tqdm(total=1 + planner.expected_chunks(total), desc=description) if show_progress else None
     )
-    bar.update(1)
+    if bar is not None:
+        bar.update(1)
     evaluations, done = 1, 0
     try:
         runner = (evaluator or DenseEvaluator)(
@@ -382,8 +388,9 @@ def occlusion_sweep(
                     start += len(chunk)
                     done += len(chunk)
                     evaluations += 1
-                    bar.total = evaluations + planner.expected_chunks(total - done)
-                    bar.update(1)
+                    if bar is not None:
+                        bar.total = evaluations + planner.expected_chunks(total - done)
+                        bar.update(1)
                 if runner.finish(j):
                     break
                 # The model changed its input behind autograd's back (through ``.data`` or
@@ -396,7 +403,8 @@ def occlusion_sweep(
             if return_differences:
                 differences.append(per_window.transpose(0, 1))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     return SweepResult(
         attributions, evaluations, done, skipped, differences if return_differences else None, index
     )
@@ -416,14 +424,18 @@ class DenseEvaluator:
     - ``finish(j) -> bool``: called after the last chunk of input ``j``; ``False`` asks the sweep
       to evaluate input ``j`` again (the earlier outputs cannot be trusted).
 
-    This one keeps, per input, a buffer of ``size`` copies of the batch. A chunk is built with
+    This one keeps, per input, a buffer of ``size`` copies of the batch, each slot filled with
+    a clean copy when a chunk first uses it. A chunk is built with
     a number of tensor operations that does not depend on its size (no Python loop over
     windows, no host-device synchronisation), in one of two ways chosen per input:
 
     - *patch*: each slot still holds its previous window; one gather + scatter restores those
       windows from the input and one writes the baseline into the new ones, with flat offsets
-      from :func:`window_offsets`. Data moved: about ``2 * N * prod(window)`` elements per
-      perturbation.
+      looked up in a table of every window's offsets (made once from :func:`window_offsets`;
+      summed per chunk instead where the table would be large, see
+      :data:`OFFSET_TABLE_BYTES`). Data moved: about ``2 * N * prod(window)`` elements per
+      perturbation; host work per chunk: about ten dispatched operations, the target scores'
+      gather and copy included.
     - *rebuild*: one ``torch.where`` writes every copy from the input and the baseline under a
       window mask built from :func:`window_masks` (one row per dimension, outer AND). Data
       moved: ``N * prod(S)`` elements per perturbation.
@@ -657,8 +669,7 @@ def tuning_key(
     """
     kind = "dense" if evaluator is None else getattr(evaluator, "__qualname__", repr(evaluator))
     tensors = tuple(
-        (tuple(x.shape), x.dtype, str(x.device), g.window, g.k)
-        for x, g in zip(inputs, geometries)
+        (tuple(x.shape), x.dtype, str(x.device), g.window, g.k) for x, g in zip(inputs, geometries)
     )
     args = tuple(
         (tuple(a.shape), a.dtype) if isinstance(a, Tensor) else type(a).__name__

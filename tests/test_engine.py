@@ -80,6 +80,14 @@ def test_nan_baseline_over_nan_input_is_unchanged():
     assert changed_windows(x, base, geometry).tolist() == [False, True]
 
 
+def test_nan_input_under_a_number_baseline_is_a_change():
+    geometry = TileGeometry((4,), (2,), (1,))
+    x = torch.tensor([[float("nan"), 0.0, 0.0, 0.0]])
+    assert changed_windows(x, torch.tensor(0.0), geometry).tolist() == [True, False]
+    per_element = torch.tensor([[float("nan"), 1.0, 0.0, 0.0]])  # NaN only where x is not
+    assert changed_windows(x, per_element, geometry).tolist() == [True, False]
+
+
 def test_changed_windows_matches_direct_check():
     geometry = TileGeometry((5, 6), (2, 4), (2, 2))
     x = (torch.rand(2, 5, 6) > 0.8).double()
@@ -124,11 +132,93 @@ def test_planner_keeps_the_fastest_size_per_perturbation():
     tried = []
     while planner.tuning:
         size = planner.next_size()
+        if not planner.tuning:
+            break  # next_size settled: this size is the choice, not a trial
         tried.append(size)
         planner.record(size, hiccup.pop(size, per_item[size]) * size, size)
     assert tried == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]  # 16 was over 15 % slower: stop
     assert planner.next_size() == 8
     assert planner.expected_chunks(20) == 3
+
+
+def _tune(planner, per_item):
+    tried = []
+    while planner.tuning:
+        size = planner.next_size()
+        if not planner.tuning:
+            break  # next_size settled: this size is the choice, not a trial
+        tried.append(size)
+        planner.record(size, per_item[size] * size, size)
+    return tried
+
+
+def test_planner_tries_only_candidates_the_sweep_can_repay():
+    # 129 windows of a light input: trials of 32 (64 windows) would leave 3 windows after
+    # them (1+1+2+2+4+4+8+8+16+16 = 62 done), so tuning stops before 32.
+    tabular = torch.zeros(64, 512)
+    planner = ChunkPlanner([tabular], 129)
+    assert planner.candidates == [1, 2, 4, 8, 16, 32]
+    tried = _tune(planner, {1: 10.0, 2: 8.0, 4: 6.0, 8: 5.0, 16: 4.0, 32: 1.0})
+    assert tried == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]
+    assert planner.next_size() == 16
+    # A longer sweep repays the trials of 32.
+    tried = _tune(ChunkPlanner([tabular], 129, total=400), {1: 9, 2: 8, 4: 6, 8: 5, 16: 4, 32: 1})
+    assert tried[-2:] == [32, 32]
+    # A sweep too short for even the second candidate settles on the first.
+    planner = ChunkPlanner([tabular], 5)
+    assert _tune(planner, {1: 1.0}) == [1, 1]
+    assert planner.next_size() == 1
+
+
+def test_planner_keeps_the_largest_size_within_five_percent_of_the_fastest():
+    planner = ChunkPlanner([torch.zeros(1, 3, 32, 32)], 1000)
+    _tune(planner, {1: 10.0, 2: 6.0, 4: 5.0, 8: 5.2, 16: 5.4, 32: 6.5})
+    assert planner.next_size() == 8  # 8 is 4 % slower than 4, 16 is 8 % slower
+
+
+def test_planner_memo_carries_the_choice_to_later_sweeps():
+    image = torch.zeros(1, 3, 32, 32)
+    memo = {}
+    first = ChunkPlanner([image], 1000, memo=memo, key="k")
+    _tune(first, {1: 10.0, 2: 6.0, 4: 5.0, 8: 4.0, 16: 5.5})
+    assert memo == {"k": 8}
+    again = ChunkPlanner([image], 1000, memo=memo, key="k")
+    assert not again.tuning and again.next_size() == 8 and again.capacity == 8
+    assert ChunkPlanner([image], 3, memo=memo, key="k").next_size() == 3  # capped as ever
+    assert ChunkPlanner([image], 1000, memo=memo, key="other").tuning
+    # A fixed size is used as given and leaves the memo alone.
+    ChunkPlanner([image], 1000, chunk_size=2, memo=memo, key="k2").record(2, 1.0, 2)
+    assert "k2" not in memo
+
+
+def test_tuning_key_separates_what_changes_the_best_size():
+    g = TileGeometry((3, 8, 8), (3, 4, 4), (1, 2, 2))
+    x = torch.zeros(2, 3, 8, 8)
+    key = _engine.tuning_key
+    assert key([x], [g], (), None) == key([x.clone()], [g], (), None)
+    assert key([x], [g], (), None) != key([x[:1]], [g], (), None)
+    assert key([x], [g], (), None) != key([x.double()], [g], (), None)
+    other = TileGeometry((3, 8, 8), (3, 2, 2), (1, 2, 2))
+    assert key([x], [g], (), None) != key([x], [other], (), None)
+    assert key([x], [g], (), None) != key([x], [g], (), lambda *a: None)
+    assert key([x], [g], (), None) != key([x], [g], (torch.zeros(2, 5),), None)
+
+
+@pytest.mark.parametrize("table", [True, False], ids=["offset-table", "per-chunk-offsets"])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{len(g.shape)}d")
+def test_patch_offsets_with_and_without_the_table_equal_brute_force(geometry, table, monkeypatch):
+    monkeypatch.setattr(_engine, "build_mode", lambda *args: "patch")
+    if not table:
+        monkeypatch.setattr(_engine, "OFFSET_TABLE_BYTES", 0)
+    model = FlatLinear(geometry.shape)
+    x = torch.randn(3, *geometry.shape, dtype=torch.float64)
+    base = torch.randn(geometry.shape, dtype=torch.float64)  # per element: no scalar shortcut
+    expected = brute_force(model, x, geometry.window, geometry.k, 1, base)
+    for chunk in (1, 4):
+        result = occlusion_sweep(
+            model, (x,), (base,), [geometry], [1], score_function("raw"), chunk_size=chunk
+        )
+        torch.testing.assert_close(result.attributions[0][0], expected)
 
 
 def test_tuned_sweep_equals_brute_force_and_counts_passes(mode):

@@ -406,6 +406,34 @@ def test_progress_bar_counts_forward_passes(capsys):
     assert f"{evals}/{evals}" in err.getvalue()
 
 
+def test_later_calls_reuse_the_tuned_chunk_size():
+    model = FlatLinear((3, 12, 12))
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    rows = []
+
+    def counted(batch):
+        rows.append(batch.shape[0])
+        return model(batch)
+
+    t = TiledOcclusion(counted)
+    kw = dict(target=1, window=(3, 4, 4), k=(1, 2, 2), engine="dense")
+    first = t.attribute(x, **kw)
+    assert len(t._chunk_memo) == 1
+    chosen = next(iter(t._chunk_memo.values()))
+    rows.clear()
+    again = t.attribute(x, **kw)
+    windows = t.last_perturbations
+    # No trials: every pass but the unperturbed one and the last holds the chosen size.
+    assert rows[0] == 2 and set(rows[1:-1]) <= {2 * chosen}
+    assert t.last_evaluations == 1 + math.ceil(windows / chosen)
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(first, brute_force(model, x, (3, 4, 4), (1, 2, 2), 1))
+    # Another shape tunes afresh; another object knows nothing of this one's choice.
+    t.attribute(x[:1], **kw)
+    assert len(t._chunk_memo) == 2
+    assert TiledOcclusion(counted)._chunk_memo == {}
+
+
 def test_unchanged_windows_are_skipped_without_changing_the_result():
     model = FlatLinear((16,))
     x = torch.randn(2, 16, dtype=torch.float64)
