@@ -138,7 +138,9 @@ class ChunkPlanner:
     too, stay within :data:`BUFFER_BUDGET_BYTES` and the number of perturbations.
 
     A ``memo`` dict carries the choice over to later sweeps of the same ``key``: the first sweep
-    tunes and stores its choice, later ones use it without trials.
+    tunes from the smallest candidate and stores its choice; later ones try only the candidates
+    from half that choice up (the small ones are the slowest trials and the most host work),
+    and store theirs.
 
     Args:
         inputs (sequence of Tensor): The inputs, each ``(N, *S)``.
@@ -164,12 +166,16 @@ class ChunkPlanner:
         if chunk_size is not None:
             # More slots than perturbations or than the budget allows would only hold memory.
             self.candidates = [min(chunk_size, cap)]
-        elif memo is not None and key in memo:
-            self.candidates = [min(memo[key], cap)]
         elif inputs[0].device.type != "cpu":
             self.candidates = [min(max(ACCELERATOR_ROWS // n, 1), cap)]
         else:
             self.candidates = sorted({min(max(rows // n, 1), cap) for rows in _cpu_rows(inputs)})
+            if memo is not None and key in memo:
+                # Tuned before: start from half that choice. Timings on a shared CPU are noisy,
+                # so later sweeps go on checking the neighbourhood, cheaply, rather than trust
+                # one sweep's choice for ever.
+                floor = min(memo[key], cap) // 2
+                self.candidates = [c for c in self.candidates if c >= floor] or [cap]
         self.capacity = max(self.candidates)
         self._remaining = num_perturbations if total is None else total
         self._memo, self._key = (memo, key) if chunk_size is None else (None, None)

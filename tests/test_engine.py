@@ -183,9 +183,11 @@ def test_planner_memo_carries_the_choice_to_later_sweeps():
     _tune(first, {1: 10.0, 2: 6.0, 4: 5.0, 8: 4.0, 16: 5.5})
     assert memo == {"k": 8}
     again = ChunkPlanner([image], 1000, memo=memo, key="k")
-    assert not again.tuning and again.next_size() == 8 and again.capacity == 8
-    assert ChunkPlanner([image], 3, memo=memo, key="k").next_size() == 3  # capped as ever
-    assert ChunkPlanner([image], 1000, memo=memo, key="other").tuning
+    assert again.candidates == [4, 8, 16, 32, 64, 128, 256]  # from half the choice up
+    assert _tune(again, {4: 5.0, 8: 5.0, 16: 4.0, 32: 4.7}) == [4, 4, 8, 8, 16, 16, 32, 32]
+    assert memo == {"k": 16}  # this sweep's choice replaces the earlier one
+    assert max(ChunkPlanner([image], 3, memo=memo, key="k").candidates) == 3  # capped as ever
+    assert ChunkPlanner([image], 1000, memo=memo, key="other").candidates[0] == 1
     # A fixed size is used as given and leaves the memo alone.
     ChunkPlanner([image], 1000, chunk_size=2, memo=memo, key="k2").record(2, 1.0, 2)
     assert "k2" not in memo
