@@ -498,7 +498,7 @@ class DenseEvaluator:
         self._boxes: List[List[Optional[Tuple[slice, ...]]]] = [[None] * size for _ in inputs]
         self._masks: Dict[int, List[Tensor]] = {}
         self._offsets: Dict[int, List[Tensor]] = {}
-        self._flat_tables: Dict[int, Tensor] = {}
+        self._flat_tables: Dict[int, Tuple[Tensor, Optional[Tensor]]] = {}
         self._dirty: List[Optional[Tensor]] = [None] * len(inputs)
         self._expanded: dict = {}
         self._views: Dict[int, _ChunkViews] = {}
@@ -566,22 +566,33 @@ class DenseEvaluator:
     def _flat_offsets(self, j: int, windows_on_device: Tensor) -> Tensor:
         """Flat offsets over ``S`` of the elements of each window, shape ``(R, 1, W)``.
 
-        From a table of every window's offsets, made once per input (one ``index_select`` per
-        chunk), or, where that table would exceed :data:`OFFSET_TABLE_BYTES`, summed per chunk
-        from the per-dimension tables of :func:`window_offsets`.
+        From a table of every window's offsets over the dimensions with several window
+        positions, made once per input (one lookup per chunk), plus the offsets of the
+        dimensions every window spans alike (e.g. all channels), added per chunk. Where that
+        table would exceed :data:`OFFSET_TABLE_BYTES` or a quarter of the buffers, the offsets
+        are summed per chunk from the per-dimension tables of :func:`window_offsets`.
         """
         geometry = self.geometries[j]
         if j not in self._offsets:
-            self._offsets[j] = window_offsets(geometry, self.inputs[j].device)
-            width = math.prod(geometry.window)
+            device = self.inputs[j].device
+            self._offsets[j] = tables = window_offsets(geometry, device)
+            varying = [i for i, n in enumerate(geometry.grid) if n > 1]
+            same = [i for i, n in enumerate(geometry.grid) if n == 1]
+            width = math.prod(geometry.window[i] for i in varying)
             table_bytes = geometry.num_perturbations * width * 8
             buffer_bytes = sum(b.numel() * b.element_size() for b in self.buffers)
             if table_bytes <= min(OFFSET_TABLE_BYTES, buffer_bytes // 4):
-                every = torch.arange(geometry.num_perturbations, device=self.inputs[j].device)
-                self._flat_tables[j] = _summed_offsets(self._offsets[j], geometry, every)
-        flat = self._flat_tables.get(j)
-        if flat is not None:
-            return flat.index_select(0, windows_on_device)
+                every = torch.arange(geometry.num_perturbations, device=device)
+                table = _summed_offsets(tables, geometry, every, varying)
+                common = _summed_offsets(tables, geometry, every[:1], same) if same else None
+                # (P, 1, W_varying) and, for the alike dimensions, (1, 1, W_alike, 1)
+                self._flat_tables[j] = (table, None if common is None else common.unsqueeze(3))
+        if j in self._flat_tables:
+            table, common = self._flat_tables[j]
+            rows = table.index_select(0, windows_on_device)
+            if common is None:
+                return rows
+            return (common + rows.unsqueeze(2)).view(rows.shape[0], 1, -1)
         return _summed_offsets(self._offsets[j], geometry, windows_on_device)
 
     def _slices(self, j: int, windows: Sequence[int]) -> None:
@@ -701,19 +712,34 @@ def build_mode(geometry: TileGeometry, n: int = 1, device: Any = "cpu") -> str:
     return "patch"
 
 
-def _summed_offsets(tables: List[Tensor], geometry: TileGeometry, flat: Tensor) -> Tensor:
+def _summed_offsets(
+    tables: List[Tensor],
+    geometry: TileGeometry,
+    flat: Tensor,
+    dims: Optional[Sequence[int]] = None,
+) -> Tensor:
     """Flat offsets ``(R, 1, W)`` of the windows ``flat``, from :func:`window_offsets`' tables.
 
-    A dimension with a single window position adds its one row to every window: no lookup.
+    Only the dimensions ``dims`` (default: all) count: ``W`` is the product of their window
+    sizes (1 for none). A dimension with a single window position adds its one row to every
+    window: no lookup.
     """
-    reps, d = flat.shape[0], len(tables)
+    reps = flat.shape[0]
+    dims = list(range(len(tables))) if dims is None else list(dims)
+    positions = window_positions(geometry, flat)
     rows = []
-    for i, (table, pos) in enumerate(zip(tables, window_positions(geometry, flat))):
-        row = table if table.shape[0] == 1 else table.index_select(0, pos)
-        if d > 1:
-            row = row.view(row.shape[0], *([1] * i), row.shape[1], *([1] * (d - 1 - i)))
+    for i, dim in enumerate(dims):
+        table = tables[dim]
+        row = table if table.shape[0] == 1 else table.index_select(0, positions[dim])
+        if len(dims) > 1:
+            row = row.view(row.shape[0], *([1] * i), row.shape[1], *([1] * (len(dims) - 1 - i)))
         rows.append(row)
-    return functools.reduce(operator.add, rows).view(reps, 1, -1)
+    if not rows:
+        return flat.new_zeros(reps, 1, 1)
+    total = functools.reduce(operator.add, rows)
+    if total.shape[0] != reps:  # every dimension has a single position
+        total = total.expand(reps, *total.shape[1:])
+    return total.reshape(reps, 1, -1)
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

@@ -472,18 +472,25 @@ def _ops_per_chunk(chunk, geometry):
     return steps[1:-1]  # the first chunk creates the tables; the last one may be short
 
 
+@pytest.mark.parametrize("table", [True, False], ids=["offset-table", "per-chunk-offsets"])
 @pytest.mark.parametrize(
     "geometry",
     [TileGeometry((3, 16, 16), (3, 2, 2), (1, 2, 2)), TileGeometry((512,), (8,), (2,))],
     ids=["image", "tabular"],
 )
-def test_operations_per_chunk_do_not_grow_with_chunk_size(geometry, mode):
+def test_operations_per_chunk_do_not_grow_with_chunk_size(geometry, mode, table, monkeypatch):
     if mode == "slices":
         pytest.skip("the CPU slice loop for large windows costs host work per window")
+    if not table:
+        monkeypatch.setattr(_engine, "OFFSET_TABLE_BYTES", 0)
     per_chunk = {c: _ops_per_chunk(c, geometry) for c in (2, 16)}
     assert len(set(per_chunk[2])) == 1 and len(set(per_chunk[16])) == 1, per_chunk
-    assert per_chunk[2][0] == per_chunk[16][0], per_chunk
-    # At 32 windows per pass (the CPU tuner's largest), at most 2 operations per perturbation,
-    # the model's own included.
-    assert per_chunk[16][0] / 16 * (16 / 32) <= 2
+    if table:
+        # A small buffer may be too small for the table (a quarter of it at most): then the
+        # offsets are summed per chunk, with a few more operations. Never more at 16.
+        assert per_chunk[16][0] <= per_chunk[2][0], per_chunk
+    else:
+        assert per_chunk[2][0] == per_chunk[16][0], per_chunk
+    # At 16 windows per pass, at most 2 operations per perturbation, the model's own included.
+    assert per_chunk[16][0] / 16 <= 2, per_chunk
     assert math.isfinite(per_chunk[16][0])
