@@ -213,6 +213,9 @@ def box_any(flags: Tensor, geometry: TileGeometry) -> Tensor:
     """
     out = flags
     for axis, (lo, hi) in enumerate(window_bounds(geometry)):
+        if len(lo) == 1 and lo[0] == 0 and hi[0] == out.shape[axis]:
+            out = out.any(axis, keepdim=True)  # one window over the whole axis
+            continue
         # A count along one axis never exceeds its length: int16 holds it for most shapes.
         small = out.shape[axis] < 2**15
         counts = out.cumsum(axis, dtype=torch.int16 if small else torch.int32)
