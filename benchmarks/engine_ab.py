@@ -25,12 +25,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
-from typing import Callable, Dict, List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
-from benchmarks.occlusion_speed import ALL_CASES, build_case
+from benchmarks.occlusion_speed import ALL_CASES, best_of, build_case
 from extra_attrib import TiledOcclusion
 
 
@@ -49,15 +48,6 @@ def load_reference(ref: str, into: pathlib.Path) -> type:
     return importlib.import_module("extra_attrib_ref").TiledOcclusion
 
 
-def fastest(call: Callable[[], object], repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.process_time()
-        call()
-        best = min(best, time.process_time() - began)
-    return best
-
-
 def compare(case: str, reference: type, rounds: int) -> Dict[str, object]:
     model, x, window, k = build_case(case, False)
     new, ref = TiledOcclusion(model), reference(model)
@@ -69,9 +59,9 @@ def compare(case: str, reference: type, rounds: int) -> Dict[str, object]:
         t.attribute(x, **settings)  # warm-up; the objects keep what they tuned
     ratios: Dict[str, List[float]] = {"new": [], "new_first": []}
     for _ in range(rounds):
-        t_new = fastest(lambda: new.attribute(x, **settings))
-        t_ref = fastest(lambda: ref.attribute(x, **settings))
-        t_first = fastest(lambda: TiledOcclusion(model).attribute(x, **settings))
+        t_new = best_of(lambda: new.attribute(x, **settings), 3, False)
+        t_ref = best_of(lambda: ref.attribute(x, **settings), 3, False)
+        t_first = best_of(lambda: TiledOcclusion(model).attribute(x, **settings), 3, False)
         ratios["new"].append(t_new / t_ref)
         ratios["new_first"].append(t_first / t_ref)
     return {

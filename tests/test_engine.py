@@ -125,10 +125,9 @@ def test_planner_candidates_respect_budget_and_count():
     assert ChunkPlanner([tabular], 1000).candidates == [1, 2, 4, 8, 16, 32]
 
 
-def test_planner_keeps_the_fastest_size_per_perturbation():
-    planner = ChunkPlanner([torch.zeros(1, 3, 32, 32)], 1000)
-    per_item = {1: 10.0, 2: 6.0, 4: 5.0, 8: 4.0, 16: 5.5}
-    hiccup = {8: 9.0}  # the first trial at 8 is disturbed; the second one counts
+def _tune(planner, per_item, hiccup=None):
+    """Run a planner's trials with these per-window times; the sizes it tried, in order."""
+    hiccup = dict(hiccup or {})  # a first trial's time, when it differs from per_item
     tried = []
     while planner.tuning:
         size = planner.next_size()
@@ -136,20 +135,17 @@ def test_planner_keeps_the_fastest_size_per_perturbation():
             break  # next_size settled: this size is the choice, not a trial
         tried.append(size)
         planner.record(size, hiccup.pop(size, per_item[size]) * size, size)
+    return tried
+
+
+def test_planner_keeps_the_fastest_size_per_perturbation():
+    planner = ChunkPlanner([torch.zeros(1, 3, 32, 32)], 1000)
+    per_item = {1: 10.0, 2: 6.0, 4: 5.0, 8: 4.0, 16: 5.5}
+    hiccup = {8: 9.0}  # the first trial at 8 is disturbed; the second one counts
+    tried = _tune(planner, per_item, hiccup)
     assert tried == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]  # 16 was over 15 % slower: stop
     assert planner.next_size() == 8
     assert planner.expected_chunks(20) == 3
-
-
-def _tune(planner, per_item):
-    tried = []
-    while planner.tuning:
-        size = planner.next_size()
-        if not planner.tuning:
-            break  # next_size settled: this size is the choice, not a trial
-        tried.append(size)
-        planner.record(size, per_item[size] * size, size)
-    return tried
 
 
 def test_planner_tries_only_candidates_the_sweep_can_repay():
