@@ -566,27 +566,34 @@ class DenseEvaluator:
     def _flat_offsets(self, j: int, windows_on_device: Tensor) -> Tensor:
         """Flat offsets over ``S`` of the elements of each window, shape ``(R, 1, W)``.
 
-        From a table of every window's offsets over the dimensions with several window
-        positions, made once per input (one lookup per chunk), plus the offsets of the
-        dimensions every window spans alike (e.g. all channels), added per chunk. Where that
-        table would exceed :data:`OFFSET_TABLE_BYTES` or a quarter of the buffers, the offsets
-        are summed per chunk from the per-dimension tables of :func:`window_offsets`.
+        From a table of every window's offsets, made once per input (one lookup per chunk). A
+        table may take at most :data:`OFFSET_TABLE_BYTES` and a quarter of the buffers; where the
+        whole one would not fit, it covers only the dimensions with several window positions and
+        the offsets of the dimensions every window spans alike (e.g. all channels) are added per
+        chunk; where neither fits, the offsets are summed per chunk from the per-dimension tables
+        of :func:`window_offsets`.
         """
         geometry = self.geometries[j]
         if j not in self._offsets:
             device = self.inputs[j].device
             self._offsets[j] = tables = window_offsets(geometry, device)
-            varying = [i for i, n in enumerate(geometry.grid) if n > 1]
-            same = [i for i, n in enumerate(geometry.grid) if n == 1]
-            width = math.prod(geometry.window[i] for i in varying)
-            table_bytes = geometry.num_perturbations * width * 8
-            buffer_bytes = sum(b.numel() * b.element_size() for b in self.buffers)
-            if table_bytes <= min(OFFSET_TABLE_BYTES, buffer_bytes // 4):
-                every = torch.arange(geometry.num_perturbations, device=device)
-                table = _summed_offsets(tables, geometry, every, varying)
-                common = _summed_offsets(tables, geometry, every[:1], same) if same else None
-                # (P, 1, W_varying) and, for the alike dimensions, (1, 1, W_alike, 1)
-                self._flat_tables[j] = (table, None if common is None else common.unsqueeze(3))
+            limit = min(
+                OFFSET_TABLE_BYTES, sum(b.numel() * b.element_size() for b in self.buffers) // 4
+            )
+            every = torch.arange(geometry.num_perturbations, device=device)
+            if geometry.num_perturbations * math.prod(geometry.window) * 8 <= limit:
+                # (P, 1, W): every window's offsets, one lookup per chunk
+                self._flat_tables[j] = (_summed_offsets(tables, geometry, every), None)
+            else:
+                varying = [i for i, n in enumerate(geometry.grid) if n > 1]
+                same = [i for i, n in enumerate(geometry.grid) if n == 1]
+                width = math.prod(geometry.window[i] for i in varying)
+                if same and geometry.num_perturbations * width * 8 <= limit:
+                    # (P, 1, W_varying) and, for the alike dimensions, (1, 1, W_alike, 1)
+                    self._flat_tables[j] = (
+                        _summed_offsets(tables, geometry, every, varying),
+                        _summed_offsets(tables, geometry, every[:1], same).unsqueeze(3),
+                    )
         if j in self._flat_tables:
             table, common = self._flat_tables[j]
             rows = table.index_select(0, windows_on_device)
