@@ -41,6 +41,7 @@ import torchvision
 from torch import nn
 
 from extra_attrib import TiledOcclusion, explain_dataset
+from extra_attrib.dataset import ExplainSummary
 
 SIZE = 64
 WINDOW, K = 16, 2
@@ -129,7 +130,14 @@ def attribution_alone(model: nn.Module, data: Images, batch: int) -> float:
 
 def in_process(model: nn.Module, data: Images, batch: int, store: str) -> float:
     shutil.rmtree(store, ignore_errors=True)
-    summary = explain_dataset(
+    summary = explain(model, data, store, batch)
+    assert summary.complete
+    return summary.seconds
+
+
+def explain(model: nn.Module, data: Images, store: str, batch: int) -> ExplainSummary:
+    """The benchmark's settings: TiledOcclusion at WINDOW, K and PPE, no progress bar."""
+    return explain_dataset(
         TiledOcclusion(model),
         data,
         store,
@@ -139,8 +147,6 @@ def in_process(model: nn.Module, data: Images, batch: int, store: str) -> float:
         k=K,
         perturbations_per_eval=PPE,
     )
-    assert summary.complete
-    return summary.seconds
 
 
 def subprocess_run(n: int, batch: int, store: str, procs: int) -> Dict[str, float]:
@@ -181,16 +187,7 @@ def subprocess_run(n: int, batch: int, store: str, procs: int) -> Dict[str, floa
 
 def worker(store: str, n: int, batch: int) -> None:
     torch.set_num_threads(1)
-    summary = explain_dataset(
-        TiledOcclusion(build_model()),
-        Images(n),
-        store,
-        batch_size=batch,
-        show_progress=False,
-        window=WINDOW,
-        k=K,
-        perturbations_per_eval=PPE,
-    )
+    summary = explain(build_model(), Images(n), store, batch)
     assert summary.complete, summary
     print(json.dumps({"seconds": summary.seconds, "rank": os.environ.get("RANK", "0")}), flush=True)
 

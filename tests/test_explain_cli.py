@@ -44,22 +44,9 @@ def test_folders_are_searched_recursively_in_sorted_order(images):
 
 def test_explain_end_to_end_with_a_corrupt_image(images, tmp_path, capsys):
     out = tmp_path / "s.zarr"
-    code, stdout, err = explain(
-        capsys,
-        images,
-        "--out",
-        out,
-        "--model",
-        MODEL,
-        "--window",
-        8,
-        "--k",
-        2,
-        "--score",
-        "raw",
-        "--batch-size",
-        2,
-    )
+    command = (images, "--out", out, "--model", MODEL, "--window", 8, "--k", 2)
+    command += ("--score", "raw", "--batch-size", 2)
+    code, stdout, err = explain(capsys, *command)
     assert code == 1, err
     assert "Traceback" not in stdout + err
     lines = stdout.strip().splitlines()
@@ -88,22 +75,7 @@ def test_explain_end_to_end_with_a_corrupt_image(images, tmp_path, capsys):
         torch.testing.assert_close(store.item(i), expected, rtol=1e-5, atol=1e-5)
 
     # same command again: nothing recomputed, same exit status
-    code, stdout, _ = explain(
-        capsys,
-        images,
-        "--out",
-        out,
-        "--model",
-        MODEL,
-        "--window",
-        8,
-        "--k",
-        2,
-        "--score",
-        "raw",
-        "--batch-size",
-        2,
-    )
+    code, stdout, _ = explain(capsys, *command)
     assert code == 1 and "4 done, 1 failed of 5 (4 already done)" in stdout
 
     # other settings on the same store: refused, exit 2, store untouched
