@@ -268,20 +268,41 @@ def drilldown_sweep(  # noqa: D417 (the shared arguments are documented at occlu
     if batch_mode not in BATCH_MODES:
         raise ValueError(f"batch_mode={batch_mode!r} is not supported: use one of {BATCH_MODES}")
     n = inputs[0].shape[0]
-    coarse = occlusion_sweep(
-        forward_func,
+
+    def sweep(
+        xs: Tuple[Tensor, ...],
+        bases: Tuple[Tensor, ...],
+        ts: Sequence[Any],
+        score: Callable[[Tensor], Tensor],
+        extra: Tuple[Any, ...],
+        description: str,
+        windows: Sequence[Sequence[int]],
+    ) -> SweepResult:
+        """One sweep over ``windows``: this call's model and settings, differences returned."""
+        return occlusion_sweep(
+            forward_func,
+            xs,
+            bases,
+            geometries,
+            ts,
+            score,
+            extra,
+            chunk_size=chunk_size,
+            show_progress=show_progress,
+            description=description,
+            windows=windows,
+            return_differences=True,
+            **sweep_kwargs,
+        )
+
+    coarse = sweep(
         inputs,
         baselines,
-        geometries,
         targets,
         score_fn,
         additional_forward_args,
-        chunk_size=chunk_size,
-        show_progress=show_progress,
-        description="TiledOcclusion coarse pass",
-        windows=[coarse_windows(g) for g in geometries],
-        return_differences=True,
-        **sweep_kwargs,
+        "TiledOcclusion coarse pass",
+        [coarse_windows(g) for g in geometries],
     )
     evaluations, skipped = coarse.evaluations, coarse.skipped
     rows = 0
@@ -298,20 +319,14 @@ def drilldown_sweep(  # noqa: D417 (the shared arguments are documented at occlu
     if batch_mode == "union":
         union = [todo.any(dim=0).nonzero().squeeze(1).tolist() for todo in needed]
         if any(union):
-            fine = occlusion_sweep(
-                forward_func,
+            fine = sweep(
                 inputs,
                 baselines,
-                geometries,
                 targets,
                 score_fn,
                 additional_forward_args,
-                chunk_size=chunk_size,
-                show_progress=show_progress,
-                description="TiledOcclusion refinement",
-                windows=union,
-                return_differences=True,
-                **sweep_kwargs,
+                "TiledOcclusion refinement",
+                union,
             )
             for dif, new, idx in zip(differences, fine.differences or [], union):
                 _copy_windows(dif, new, idx, slice(None))
@@ -324,20 +339,14 @@ def drilldown_sweep(  # noqa: D417 (the shared arguments are documented at occlu
             mine = [todo[e].nonzero().squeeze(1).tolist() for todo in needed]
             if not any(mine):
                 continue
-            fine = occlusion_sweep(
-                forward_func,
+            fine = sweep(
                 tuple(x[e : e + 1] for x in inputs),
                 tuple(_example_baseline(b, x, e) for b, x in zip(baselines, inputs)),
-                geometries,
                 [int(t) for t in resolved[e].tolist()],
                 flat_score,
                 tuple(_example_rows(a, e, n) for a in additional_forward_args),
-                chunk_size=chunk_size,
-                show_progress=show_progress,
-                description=f"TiledOcclusion refinement {e + 1}/{n}",
-                windows=mine,
-                return_differences=True,
-                **sweep_kwargs,
+                f"TiledOcclusion refinement {e + 1}/{n}",
+                mine,
             )
             for dif, new, idx in zip(differences, fine.differences or [], mine):
                 _copy_windows(dif, new, idx, slice(e, e + 1))
