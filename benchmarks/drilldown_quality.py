@@ -38,8 +38,9 @@ from captum.attr import NoiseTunnel
 from torch import nn
 
 from benchmarks import _quality_data as data
+from benchmarks import _quality_report as report
 from benchmarks import quality as q
-from extra_attrib import TiledOcclusion
+from extra_attrib import TiledOcclusion, imagenet
 from extra_attrib._drilldown import drilldown_sweep
 from extra_attrib.evaluation import area_under_curve, break_ties, perturbation_curve
 from extra_attrib.tiled_occlusion import resolve_tiling
@@ -157,7 +158,7 @@ def run_synthetic(s: Settings) -> Dict[str, Any]:
 
 def run_real(s: Settings) -> Dict[str, Any]:
     log("== EfficientNet-Lite0 on scikit-image photos")
-    model = data.load_efficientnet_lite0()
+    model = imagenet.load_efficientnet_lite0()
     for p in model.parameters():
         p.requires_grad_(False)
     x, names, _ = data.load_photos(s.photos)
@@ -271,11 +272,11 @@ def _table(res: Dict[str, Dict[str, Any]], metrics: Sequence[Tuple[str, str, str
             name,
             f"{r['rows']:.0f}",
             f"{r['ratio']:.3f}",
-            q.fmt_time(r["sec"]),
-            q.fmt(r["ssim"]),
-            q.fmt(r["spearman"]),
+            report.fmt_time(r["sec"]),
+            report.fmt(r["ssim"]),
+            report.fmt(r["spearman"]),
         ]
-        cells += [q.fmt(r[key]) for key, _, _ in metrics]
+        cells += [report.fmt(r[key]) for key, _, _ in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -288,7 +289,9 @@ def _table(res: Dict[str, Dict[str, Any]], metrics: Sequence[Tuple[str, str, str
     for name, r in res.items():
         if name == "full":
             continue
-        cells = [name] + [q.fmt_diff(r[key] - res["full"][key], arrow) for key, _, arrow in metrics]
+        cells = [name] + [
+            report.fmt_diff(r[key] - res["full"][key], arrow) for key, _, arrow in metrics
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -301,7 +304,7 @@ def write_report(
         "# Adaptive drill-down (`refine=`): evaluations saved, map kept",
         "",
         f"Date: {when}. Command: `{command}` (total {total / 60:.1f} min).  ",
-        f"Machine: {q.machine()}.",
+        f"Machine: {report.machine()}.",
         "",
         "Each cell: mean ± half-width of the 95% t-interval over images. Model rows count the "
         "examples passed through the model (the unperturbed passes included). SSIM and Spearman "
