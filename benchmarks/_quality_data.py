@@ -16,7 +16,7 @@ Everything is generated from explicit seeds.
 from __future__ import annotations
 
 import time
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from extra_attrib import imagenet
+from extra_attrib.evaluation import area_under_curve, perturbation_curve
 
 N_ORIENTATIONS = 4
 NO_OBJECT = 4  # label of training images without an object
@@ -232,3 +233,24 @@ def load_photos(names: Sequence[str] = PHOTOS) -> Tuple[Tensor, List[str], np.nd
 def black_value() -> float:
     """The model-input value of a black pixel."""
     return float((0.0 - imagenet.MEAN) / imagenet.STD)
+
+
+def deletion_insertion(
+    model: nn.Module, x: Tensor, maps: Tensor, target: Tensor, n_steps: int, rows: int, seed: int
+) -> Dict[str, np.ndarray]:
+    """Per-image areas under the deletion (to black) and insertion (from blur) curves of maps."""
+    areas = {}
+    for mode, baseline in (("deletion", black_value()), ("insertion", "blur")):
+        curve = perturbation_curve(
+            model,
+            x,
+            maps,
+            target=target,
+            mode=mode,
+            n_steps=n_steps,
+            baseline=baseline,
+            batch_size=rows,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        areas[mode] = area_under_curve(curve).numpy()
+    return areas

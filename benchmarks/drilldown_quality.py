@@ -42,7 +42,7 @@ from benchmarks import _quality_report as report
 from benchmarks import quality as q
 from extra_attrib import TiledOcclusion, imagenet
 from extra_attrib._drilldown import drilldown_sweep
-from extra_attrib.evaluation import area_under_curve, break_ties, perturbation_curve
+from extra_attrib.evaluation import break_ties
 from extra_attrib.tiled_occlusion import resolve_tiling
 
 REFINES = (0.1, 0.25, 0.5)
@@ -166,22 +166,9 @@ def run_real(s: Settings) -> Dict[str, Any]:
         pred = model(x).argmax(dim=1)
     res = run_maps(model, x, pred, s.real_window, 1, s.real_rows)
     similarity(res)
-    black = data.black_value()
     for name, r in res.items():
         a = torch.from_numpy(r["maps"])
-        for mode, base in (("deletion", black), ("insertion", "blur")):
-            curve = perturbation_curve(
-                model,
-                x,
-                a,
-                target=pred,
-                mode=mode,
-                n_steps=s.curve_steps,
-                baseline=base,
-                batch_size=s.real_rows,
-                generator=torch.Generator().manual_seed(s.seed),
-            )
-            r[mode] = area_under_curve(curve).numpy()
+        r.update(data.deletion_insertion(model, x, a, pred, s.curve_steps, s.real_rows, s.seed))
         log(
             f"  {name}: {r['rows']:.0f} rows/img ({r['ratio']:.2f} of full), "
             f"{r['sec']:.1f} s/img, SSIM {r['ssim'].mean():.3f}, "

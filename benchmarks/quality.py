@@ -51,9 +51,7 @@ from benchmarks import _quality_data as data
 from benchmarks._quality_report import fmt_time, plot, write_report
 from extra_attrib import FusionGrad, TiledOcclusion, imagenet
 from extra_attrib.evaluation import (
-    area_under_curve,
     break_ties,
-    perturbation_curve,
     quantus_explain_func,
 )
 
@@ -454,7 +452,6 @@ def run_real(s: Settings) -> Dict[str, Any]:
     }
     log(f"  class kept under weight noise (std: share): {agreement}")
     x, y = x_t.numpy(), pred.numpy()
-    black = data.black_value()
     methods = make_methods(
         s,
         s.real_window,
@@ -472,19 +469,7 @@ def run_real(s: Settings) -> Dict[str, Any]:
         examples[method.key] = a[0, 0]
         r: Dict[str, Any] = {"evals": evals, "sec": sec, "cpu": cpu}
         a_t = torch.from_numpy(a)
-        for mode, base in (("deletion", black), ("insertion", "blur")):
-            curve = perturbation_curve(
-                model,
-                x_t,
-                a_t,
-                target=pred,
-                mode=mode,
-                n_steps=s.curve_steps,
-                baseline=base,
-                batch_size=s.real_rows,
-                generator=torch.Generator().manual_seed(s.seed),
-            )
-            r[mode] = area_under_curve(curve).numpy()
+        r.update(data.deletion_insertion(model, x_t, a_t, pred, s.curve_steps, s.real_rows, s.seed))
         kw = dict(disable_warnings=True, display_progressbar=False)
         a_tb = break_ties(a, seed=s.seed)
         np.random.seed(s.seed)
