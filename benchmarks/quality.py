@@ -158,9 +158,16 @@ def make_methods(
         )
         return Method(label, key, short, Occlusion, kwargs)
 
+    # TiledOcclusion runs densely here: every perturbed copy then passes through Counted, as
+    # Occlusion's do. The incremental engine runs the model's layers itself, so Counted would see
+    # only the unperturbed pass (the maps are the same either way).
     def tiled(k: int) -> Method:
         kwargs = dict(
-            window=(3, window, window), k=(1, k, k), baselines=0.0, perturbations_per_eval=ppe
+            window=(3, window, window),
+            k=(1, k, k),
+            baselines=0.0,
+            perturbations_per_eval=ppe,
+            engine="dense",
         )
         label = f"TiledOcclusion(w={window}, k={k})"
         return Method(label, f"tiled_{k}", f"TiledOcclusion(w, k={k})", TiledOcclusion, kwargs)
@@ -185,6 +192,7 @@ def make_methods(
                 k=(1, k_nt, k_nt),
                 baselines=0.0,
                 perturbations_per_eval=ppe_nt,
+                engine="dense",
                 nt_type="smoothgrad",
                 nt_samples=s.nt_samples,
                 stdevs=nt_stdev,
