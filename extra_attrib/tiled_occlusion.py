@@ -175,7 +175,9 @@ class TiledOcclusion(PerturbationAttribution):
                 runs densely) and raises a ValueError naming the first operation it cannot
                 handle; ``"auto"`` uses incremental when the model is supported and a cost model
                 predicts a gain. ``last_engine`` and ``last_engine_reason`` tell what ran and
-                why. Default: ``"auto"``
+                why. Incremental traces ``forward`` once and runs the traced layers, so Python
+                code in ``forward`` (a counter, a log) does not run per pass: use ``"dense"``
+                where it must. Default: ``"auto"``
 
         Returns:
             Tensor or tuple of Tensor: Attributions with the type, shapes and device of
