@@ -37,7 +37,7 @@ from extra_attrib._geometry import (
     window_offsets,
     window_positions,
 )
-from extra_attrib._targets import check_output, resolve_targets, select
+from extra_attrib._targets import check_output, describe_score, resolve_targets, select
 
 #: Memory the perturbation buffers may take, in bytes, when the chunk size is chosen automatically.
 BUFFER_BUDGET_BYTES = 256 * 2**20
@@ -331,9 +331,11 @@ def occlusion_sweep(
     """
     n = inputs[0].shape[0]
     with torch.no_grad():
-        raw = check_output(forward_func(*(x.clone() for x in inputs), *additional_forward_args), n)
-        scored = score_fn(raw)
-        check_output(scored, n)
+        # ``score`` receives whatever the model returns (a dict for torchvision's segmentation
+        # models); only the scores must be a tensor with one row per example.
+        raw = forward_func(*(x.clone() for x in inputs), *additional_forward_args)
+        source = describe_score(score_fn)
+        scored = check_output(score_fn(raw), n, source)
     index = resolve_targets(targets, scored, raw)
     base_scores = select(scored, index, 1)[0]
     acc_dtype = torch.promote_types(base_scores.dtype, torch.float32)
@@ -388,7 +390,8 @@ def occlusion_sweep(
                     where = on_device[start : start + size]  # a view: no host-device copy
                     began = time.perf_counter()
                     outputs = runner.evaluate(j, chunk, where)
-                    scores_all.index_copy_(0, where, pick(score_fn(outputs), len(chunk)))
+                    scored = check_output(score_fn(outputs), len(chunk) * n, source)
+                    scores_all.index_copy_(0, where, pick(scored, len(chunk)))
                     if planner.tuning:
                         planner.record(size, time.perf_counter() - began, len(chunk))
                     start += len(chunk)
@@ -529,7 +532,7 @@ class DenseEvaluator:
         batch = views.batch
         versions = [b._version for b in self.buffers]
         with torch.no_grad():
-            outputs = check_output(self.forward_func(*batch, *self._args(reps)), reps * self.n)
+            outputs = self.forward_func(*batch, *self._args(reps))  # the sweep checks the scores
         if [b._version for b in self.buffers] != versions:
             # The model wrote into its input: from now on rebuild every copy before each chunk.
             self.rebuild_all = True

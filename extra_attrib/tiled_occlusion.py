@@ -49,7 +49,8 @@ class TiledOcclusion(PerturbationAttribution):
 
     Args:
         forward_func (Callable or torch.nn.Module): The model, or any function of the inputs
-            (and ``additional_forward_args``) returning one row per example.
+            (and ``additional_forward_args``) returning one row per example, or returning a dict
+            or tuple that ``score`` turns into one row per example.
 
     Example::
 
@@ -149,8 +150,11 @@ class TiledOcclusion(PerturbationAttribution):
             score (str or callable, optional): The quantity that is differenced: ``"raw"`` (the
                 model output, as Captum), ``"softmax"`` (probability), ``"log_softmax"``
                 (log-probability; ``log P(x) - log P(x_occluded)``, the loss-based occlusion of
-                the literature), or a callable ``score(outputs) -> outputs`` applied to the raw
-                output before the target is selected; it must return a tensor with one row per
+                the literature), or a callable ``score(outputs) -> Tensor`` applied to the raw
+                output before the target is selected. The callable receives whatever the model
+                returns, a dict or tuple too (torchvision's segmentation models return
+                ``{"out": ...}``: ``score=lambda o: o["out"][:, :, mask].sum(-1)`` explains
+                each class over a region); only its result must be a tensor with one row per
                 example. Default: ``"raw"``
             refine (float, optional): Adaptive drill-down: a fraction ``0 < refine <= 1`` of
                 the coarse cells (window-sized blocks at stride ``window``) that get the full
