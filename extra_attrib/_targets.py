@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, List, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -103,12 +104,17 @@ def _identity(outputs: Any) -> Tensor:
 
 def _softmax(outputs: Any) -> Tensor:
     _require_class_dim(outputs, "softmax")
-    return torch.softmax(outputs, dim=1)
+    return torch.softmax(outputs, dim=1, dtype=_floating(outputs.dtype))
 
 
 def _log_softmax(outputs: Any) -> Tensor:
     _require_class_dim(outputs, "log_softmax")
-    return torch.log_softmax(outputs, dim=1)
+    return torch.log_softmax(outputs, dim=1, dtype=_floating(outputs.dtype))
+
+
+def _floating(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if floating, else the default floating dtype: integer logits are numbers too."""
+    return dtype if dtype.is_floating_point else torch.get_default_dtype()
 
 
 def _require_class_dim(outputs: Any, name: str) -> None:
@@ -123,6 +129,11 @@ def _require_class_dim(outputs: Any, name: str) -> None:
         raise ValueError(
             f"score={name!r} needs a class dimension, but the model output has shape "
             f"{tuple(outputs.shape)}: use score='raw' for a model with one output per example"
+        )
+    if outputs.is_complex() or outputs.dtype == torch.bool:
+        raise TypeError(
+            f"score={name!r} needs real numbers, but the model returned {outputs.dtype}: use "
+            "score='raw' or a callable"
         )
 
 
@@ -189,6 +200,10 @@ def _resolve_one(
         if size == 1:
             return torch.zeros(n, dtype=torch.long)
         return raw.reshape(n, -1).argmax(dim=1).cpu()
+    if isinstance(target, np.ndarray):  # as a tensor: one index per example when 1-D
+        if not np.issubdtype(target.dtype, np.integer):
+            raise TypeError(f"{argument} must hold integers, got a numpy array of {target.dtype}")
+        target = torch.from_numpy(target)
     if isinstance(target, Tensor):
         if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
             raise TypeError(f"{argument} must hold integers, got a tensor of {target.dtype}")
@@ -215,8 +230,9 @@ def _flat_index(target: Any, out_shape: Tuple[int, ...], argument: str) -> int:
     index: Tuple[Any, ...] = target if isinstance(target, tuple) else (target,)
     if len(out_shape) == 0:
         raise ValueError(
-            f"{argument}={target!r} given, but the model returns one value per example: "
-            "use target=None"
+            f"{argument}={target!r} given, but the scores hold one value per example (the "
+            "model's output, after score if one was given, has shape (N,)): use target=None, "
+            "or a score that keeps the class dimension"
         )
     if len(index) != len(out_shape) or not all(is_int(i) for i in index):
         raise ValueError(
