@@ -13,7 +13,8 @@ than the budget allows) and with ``perturbations_per_eval`` so large that the bu
 budget (the worst case).
 
 Run from the repository root: ``PYTHONPATH=$PWD python -m benchmarks.memory`` (about 2 minutes
-on 2 CPU cores; ``--quick`` leaves out the 256³ volume, ``--large`` adds a 512³ one). Writes ``benchmarks/results/memory.md``.
+on 2 CPU cores; ``--quick`` leaves out the 256³ volume, ``--large`` adds a 512³ one). Writes
+``benchmarks/results/memory.md``.
 To compare with another checkout, point ``PYTHONPATH`` at it and give ``--out``.
 """
 
