@@ -105,3 +105,20 @@ def test_a_score_returning_the_wrong_rows_or_no_tensor_is_named():
         tiled.attribute(x, target=1, window=2, score=lambda o: o["out"][:1])
     with pytest.raises(ValueError, match=r"score=.*returned dict.*keys \['out'\]"):
         tiled.attribute(x, target=1, window=2, score=lambda o: o)
+
+
+def test_perturbation_curve_takes_a_dict_model_through_score():
+    from extra_attrib.evaluation import perturbation_curve
+
+    model = _TwoOutputs().double().eval()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    attr = torch.randn(2, 8, 8, dtype=torch.float64)
+    as_dict = lambda v: {"logits": model(v)[0]}  # noqa: E731
+    for target in (None, 1):
+        got = perturbation_curve(
+            as_dict, x, attr, target=target, mode="deletion", n_steps=4, score=lambda o: o["logits"]
+        )
+        expected = perturbation_curve(
+            lambda v: model(v)[0], x, attr, target=target, mode="deletion", n_steps=4, score="raw"
+        )
+        torch.testing.assert_close(got, expected)
