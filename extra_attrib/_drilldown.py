@@ -31,6 +31,7 @@ from torch import Tensor
 
 from extra_attrib._engine import SweepResult, occlusion_sweep
 from extra_attrib._geometry import TileGeometry, accumulate
+from extra_attrib._targets import describe_score
 
 REFINE_BY = ("abs", "positive")
 #: Batch modes of the refinement pass (see :func:`drilldown_sweep`).
@@ -376,13 +377,14 @@ def _copy_windows(into: Tensor, new: Tensor, indices: List[int], rows: slice) ->
     flat_into[:, rows, index] = new.reshape(t, new.shape[1], -1)[:, :, index].to(into.dtype)
 
 
-def _flattened(score_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+def _flattened(score_fn: Callable[[Any], Tensor]) -> Callable[[Any], Tensor]:
     """``score_fn`` with each row's output flattened, so flat target indices address it."""
 
-    def flat(outputs: Tensor) -> Tensor:
+    def flat(outputs: Any) -> Tensor:
         scored = score_fn(outputs)
         return scored.reshape(scored.shape[0], -1)
 
+    flat.describe = describe_score(score_fn)  # type: ignore[attr-defined]
     return flat
 
 

@@ -33,11 +33,12 @@ from extra_attrib._geometry import (
     accumulate,
     box_any,
     perturbation_boxes,
+    window_mask_rows,
     window_masks,
     window_offsets,
     window_positions,
 )
-from extra_attrib._targets import check_output, resolve_targets, select
+from extra_attrib._targets import check_output, describe_score, resolve_targets, select
 
 #: Memory the perturbation buffers may take, in bytes, when the chunk size is chosen automatically.
 BUFFER_BUDGET_BYTES = 256 * 2**20
@@ -64,6 +65,10 @@ TRIAL_PAYBACK = 1
 #: this many bytes and a quarter of the perturbation buffers; otherwise each chunk sums them from
 #: per-dimension tables (a few more operations per chunk).
 OFFSET_TABLE_BYTES = 64 * 2**20
+#: Window mask tables of the rebuild mode (one bool per window position and element, per
+#: dimension) are kept when they take at most this many bytes or a sixteenth of an example's
+#: elements; longer dimensions get each chunk's rows filled by slices instead.
+MASK_TABLE_BYTES = 2**20
 #: Elements compared at once by :func:`changed_windows` (at least one example).
 ROWS_COMPARED_ELEMENTS = 2**20
 #: Build rule of :class:`DenseEvaluator`: a window's elements are written by index (gather +
@@ -331,9 +336,11 @@ def occlusion_sweep(
     """
     n = inputs[0].shape[0]
     with torch.no_grad():
-        raw = check_output(forward_func(*(x.clone() for x in inputs), *additional_forward_args), n)
-        scored = score_fn(raw)
-        check_output(scored, n)
+        # ``score`` receives whatever the model returns (a dict for torchvision's segmentation
+        # models); only the scores must be a tensor with one row per example.
+        raw = forward_func(*(x.clone() for x in inputs), *additional_forward_args)
+        source = describe_score(score_fn)
+        scored = check_output(score_fn(raw), n, source)
     index = resolve_targets(targets, scored, raw)
     base_scores = select(scored, index, 1)[0]
     acc_dtype = torch.promote_types(base_scores.dtype, torch.float32)
@@ -388,7 +395,8 @@ def occlusion_sweep(
                     where = on_device[start : start + size]  # a view: no host-device copy
                     began = time.perf_counter()
                     outputs = runner.evaluate(j, chunk, where)
-                    scores_all.index_copy_(0, where, pick(score_fn(outputs), len(chunk)))
+                    scored = check_output(score_fn(outputs), len(chunk) * n, source)
+                    scores_all.index_copy_(0, where, pick(scored, len(chunk)))
                     if planner.tuning:
                         planner.record(size, time.perf_counter() - began, len(chunk))
                     start += len(chunk)
@@ -529,7 +537,7 @@ class DenseEvaluator:
         batch = views.batch
         versions = [b._version for b in self.buffers]
         with torch.no_grad():
-            outputs = check_output(self.forward_func(*batch, *self._args(reps)), reps * self.n)
+            outputs = self.forward_func(*batch, *self._args(reps))  # the sweep checks the scores
         if [b._version for b in self.buffers] != versions:
             # The model wrote into its input: from now on rebuild every copy before each chunk.
             self.rebuild_all = True
@@ -541,12 +549,21 @@ class DenseEvaluator:
         return self._views[reps]
 
     def _rebuild(self, j: int, positions: List[Tensor], views: _ChunkViews) -> None:
+        geometry, device = self.geometries[j], self.inputs[j].device
         if j not in self._masks:
-            self._masks[j] = window_masks(self.geometries[j], self.inputs[j].device)
+            # The per-dimension tables (J_i * s_i bytes) unless they would be a sizeable part of
+            # one copy of the input (long series): then each chunk fills its own rows (#21).
+            table_bytes = sum(n * s for n, s in zip(geometry.grid, geometry.shape))
+            small = table_bytes <= max(MASK_TABLE_BYTES, math.prod(geometry.shape) // 16)
+            self._masks[j] = window_masks(geometry, device) if small else []
         reps, d = positions[0].shape[0], len(positions)
         rows = []
-        for i, (table, pos) in enumerate(zip(self._masks[j], positions)):
-            row = table.index_select(0, pos)
+        for i, pos in enumerate(positions):
+            row = (
+                self._masks[j][i].index_select(0, pos)
+                if self._masks[j]
+                else window_mask_rows(geometry, i, pos.tolist(), device)
+            )
             rows.append(row.view(reps, 1, *([1] * i), row.shape[1], *([1] * (d - 1 - i))))
         mask = functools.reduce(operator.and_, rows)
         torch.where(mask, self.fills[j], self.inputs[j], out=views.slots[j])

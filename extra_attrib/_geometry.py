@@ -146,6 +146,31 @@ def window_masks(geometry: TileGeometry, device: torch.device) -> List[Tensor]:
     return masks
 
 
+def window_mask_rows(
+    geometry: TileGeometry, dim: int, positions: Sequence[int], device: torch.device
+) -> Tensor:
+    """Rows ``positions`` of :func:`window_masks`' table of dimension ``dim``, without the table.
+
+    For long dimensions, where the whole table (``J_i * s_i`` bytes, e.g. 9 times a quarter of a
+    float32 series of 15 million elements) and the ``int64`` index it is built from would cost
+    several copies of the input: one slice fill per row instead.
+
+    Args:
+        geometry (TileGeometry): The tiling.
+        dim (int): The dimension.
+        positions (sequence of int): Window positions along ``dim``, each in ``[0, J_i)``.
+        device (torch.device): Where the rows live.
+
+    Returns:
+        Tensor: Bool tensor ``(len(positions), s_i)``.
+    """
+    lo, hi = window_bounds(geometry)[dim]
+    rows = torch.zeros(len(positions), geometry.shape[dim], dtype=torch.bool, device=device)
+    for r, p in enumerate(positions):
+        rows[r, lo[p] : hi[p]] = True
+    return rows
+
+
 def window_offsets(geometry: TileGeometry, device: torch.device) -> List[Tensor]:
     """Per-dimension flat offsets of every window position's elements.
 
@@ -253,4 +278,7 @@ def accumulate(differences: Tensor, geometry: TileGeometry) -> Tensor:
         if k > 1:
             out = out.unfold(axis, k, 1).sum(-1)
         out = out.repeat_interleave(t, dim=axis).narrow(axis, 0, s)
-    return out / geometry.coverage
+    if out is differences or not out.is_floating_point():
+        return out / geometry.coverage
+    # A new tensor of the full input size: divide it in place rather than make a second (#21).
+    return out.div_(geometry.coverage)

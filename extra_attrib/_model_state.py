@@ -163,6 +163,21 @@ class _Snapshot:
 _MISSING = object()
 
 
+def _refuse_meta(model: nn.Module) -> None:
+    """Raise a ValueError if the model holds tensors on the ``meta`` device (shapes, no values)."""
+    named = list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    )
+    meta = [name for name, t in named if t.is_meta]
+    if meta:
+        shown = ", ".join(meta[:3]) + (f" and {len(meta) - 3} more" if len(meta) > 3 else "")
+        raise ValueError(
+            f"the model's {shown} {'is' if len(meta) == 1 else 'are'} on the meta device, which "
+            "holds shapes but no values, so the model cannot compute attributions: materialise "
+            "it first, e.g. model.to_empty(device='cpu') then model.load_state_dict(weights)"
+        )
+
+
 @contextlib.contextmanager
 def model_state_kept(model: Any) -> Iterator[None]:
     """Restore a module's parameters, buffers and flags on exit, also after an exception.
@@ -187,6 +202,7 @@ def model_state_kept(model: Any) -> Iterator[None]:
     if not isinstance(model, nn.Module):
         yield
         return
+    _refuse_meta(model)
     snapshot = _Snapshot(model)
     try:
         yield

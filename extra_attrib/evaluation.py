@@ -297,7 +297,8 @@ def perturbation_curve(
             as in RISE). None means ``"blur"`` for insertion and ``0.0`` for deletion.
             Default: None.
         score (str or callable, optional): ``"softmax"`` (probability, as in RISE), ``"raw"``,
-            ``"log_softmax"``, or a callable ``score(outputs) -> outputs``: the same scores as
+            ``"log_softmax"``, or a callable ``score(outputs) -> Tensor`` (it receives what the
+            model returns, a dict or tuple too): the same scores as
             :meth:`TiledOcclusion.attribute`. Default: ``"softmax"``.
         batch_size (int, optional): Perturbed inputs per forward call. Default: 16.
         generator (torch.Generator or None, optional): For the random order of tied
@@ -353,7 +354,8 @@ def perturbation_curve(
     curve = torch.empty(n, n_steps + 1, dtype=torch.float32)
     with model_state_kept(forward_func), torch.no_grad():
         if target is None:
-            target = forward_func(inputs).argmax(dim=1)
+            raw = forward_func(inputs)  # a dict or tuple (segmentation models): the scores'
+            target = (raw if torch.is_tensor(raw) else score_fn(raw)).argmax(dim=1)
         tgt = torch.as_tensor(target, device=inputs.device).long().expand(n)
         for i in range(n):
             start, end = (base[i], inputs[i]) if mode == "insertion" else (inputs[i], base[i])

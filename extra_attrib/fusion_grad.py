@@ -7,6 +7,7 @@ substituted with :func:`torch.func.functional_call` for the duration of each wra
 """
 
 import functools
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -372,7 +373,9 @@ class FusionGrad(PerturbationAttribution):
         finally:
             bar.close()
 
-        return running.result(n * m, inputs_tuple)
+        result = running.result(n * m, inputs_tuple)
+        _warn_if_not_finite(result, inputs_tuple, std, sg_std_value)
+        return result
 
     def attribute_future(self) -> None:
         r"""Not implemented for FusionGrad."""
@@ -415,6 +418,27 @@ class FusionGrad(PerturbationAttribution):
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def _warn_if_not_finite(
+    result: TensorOrTuple, inputs: Tuple[Tensor, ...], std: float, sg_std: Optional[float]
+) -> None:
+    """Warn when the map holds NaN or Inf although the inputs are finite (noise too large)."""
+    outputs = result if isinstance(result, tuple) else (result,)
+    bad = sum(
+        int((~torch.isfinite(t)).sum()) for t in outputs if t.is_floating_point() or t.is_complex()
+    )
+    finite_inputs = all(
+        bool(torch.isfinite(x).all()) for x in inputs if x.is_floating_point() or x.is_complex()
+    )
+    if bad and finite_inputs:
+        warnings.warn(
+            f"FusionGrad: {bad} attribution value(s) are NaN or Inf although the inputs are "
+            f"finite; with std={std!r} and sg_std={sg_std!r} the noisy weights or inputs "
+            "probably overflow the model's dtype: lower std (the paper uses 0.2) or sg_std",
+            RuntimeWarning,
+            stacklevel=5,  # the user's call: attribute, no_grad and log_usage lie between
+        )
 
 
 def _resolve_mean(name: str, value: Optional[float], additive: bool) -> float:

@@ -49,7 +49,8 @@ class TiledOcclusion(PerturbationAttribution):
 
     Args:
         forward_func (Callable or torch.nn.Module): The model, or any function of the inputs
-            (and ``additional_forward_args``) returning one row per example.
+            (and ``additional_forward_args``) returning one row per example, or returning a dict
+            or tuple that ``score`` turns into one row per example.
 
     Example::
 
@@ -149,8 +150,11 @@ class TiledOcclusion(PerturbationAttribution):
             score (str or callable, optional): The quantity that is differenced: ``"raw"`` (the
                 model output, as Captum), ``"softmax"`` (probability), ``"log_softmax"``
                 (log-probability; ``log P(x) - log P(x_occluded)``, the loss-based occlusion of
-                the literature), or a callable ``score(outputs) -> outputs`` applied to the raw
-                output before the target is selected; it must return a tensor with one row per
+                the literature), or a callable ``score(outputs) -> Tensor`` applied to the raw
+                output before the target is selected. The callable receives whatever the model
+                returns, a dict or tuple too (torchvision's segmentation models return
+                ``{"out": ...}``: ``score=lambda o: o["out"][:, :, mask].sum(-1)`` explains
+                each class over a region); only its result must be a tensor with one row per
                 example. Default: ``"raw"``
             refine (float, optional): Adaptive drill-down: a fraction ``0 < refine <= 1`` of
                 the coarse cells (window-sized blocks at stride ``window``) that get the full
@@ -305,6 +309,7 @@ class TiledOcclusion(PerturbationAttribution):
         # engine as (N, 1) with one window; the model still receives them as (N,).
         scalar = [j for j, x in enumerate(xs) if x.dim() == 1]
         forward_func = _scalar_inputs_flattened(self.forward_func, scalar, len(xs))
+        forward_func = _failures_blamed_on_rows(forward_func, extra, xs[0].shape[0])
         xs = tuple(x.unsqueeze(1) if j in scalar else x for j, x in enumerate(xs))
         fills = tuple(
             b.unsqueeze(-1) if j in scalar and b.dim() else b for j, b in enumerate(fills)
@@ -367,6 +372,40 @@ def _scalar_inputs_flattened(
         return forward_func(
             *(a.squeeze(1) if j in scalar and j < count else a for j, a in enumerate(args))
         )
+
+    return forward
+
+
+def _failures_blamed_on_rows(
+    forward_func: Callable[..., Tensor], extra: Tuple[Any, ...], n: int
+) -> Callable[..., Tensor]:
+    """``forward_func`` whose failures name a tensor argument whose rows are not the batch.
+
+    Tensors of ``additional_forward_args`` with ``N`` rows are repeated with each copy of the
+    batch; others (a mask, a weight) are passed as they are. A per-example tensor with the wrong
+    number of rows is therefore passed unrepeated, and the model fails somewhere inside: say so.
+    """
+    odd = [
+        (i, a)
+        for i, a in enumerate(extra)
+        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] != n
+    ]
+    if not odd:
+        return forward_func
+
+    def forward(*args: Any) -> Tensor:
+        try:
+            return forward_func(*args)
+        except Exception as error:
+            i, a = odd[0]
+            name = f"additional_forward_args[{i}]" if len(extra) > 1 else "additional_forward_args"
+            raise ValueError(
+                f"the forward function failed ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}) with {name} of shape "
+                f"{tuple(a.shape)}: its first dimension {a.shape[0]} is not the batch size {n}, "
+                "so it was passed unchanged instead of being repeated with each perturbed copy "
+                "of the batch; a per-example tensor needs one row per example"
+            ) from error
 
     return forward
 
@@ -453,6 +492,11 @@ def _format_inputs(inputs: TensorOrTuple) -> Tuple[Tensor, ...]:
             )
         if x.numel() == 0:
             raise ValueError(f"{name} has shape {tuple(x.shape)}: it is empty")
+        if x.is_meta:
+            raise ValueError(
+                f"{name} is on the meta device, which holds shapes but no values: give a "
+                "tensor with values (on the model's device)"
+            )
         if x.shape[0] != xs[0].shape[0]:
             raise ValueError(
                 f"{name} has batch size {x.shape[0]} but inputs[0] has {xs[0].shape[0]}: all "

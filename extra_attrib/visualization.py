@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -292,6 +293,13 @@ class _Scale:
         if limit <= 0.0:
             limit = 1.0  # an all-zero map: any positive limit draws it neutral
         self.clipped = bool(magnitude.size and magnitude.max() > limit)
+        nan, inf = np.isnan(values), np.isinf(values)
+        if nan.any() or inf.any():
+            _warn_not_finite(int(nan.sum()), int(inf.sum()), values.size, magnitude.size)
+            # +-Inf at the ends of the scale: left in, matplotlib's resampling turns the whole
+            # panel into NaN and draws it blank.
+            values = np.where(inf, np.sign(values) * limit, values)
+            self.clipped = self.clipped or bool(inf.any())
         self.values = values
         self.limit = limit
         self.sign = sign
@@ -319,6 +327,22 @@ class _Scale:
         rgba[..., 3] = self.alpha * strength
         rgba[~np.isfinite(values), 3] = 0.0
         return rgba
+
+
+def _warn_not_finite(nans: int, infs: int, total: int, finite: int) -> None:
+    if finite == 0 and infs == 0:
+        what = "it has no finite value, so the panel shows no attribution"
+    else:
+        drawn = (["NaN is drawn transparent"] if nans else []) + (
+            ["+-Inf at the ends of the colour scale"] if infs else []
+        )
+        what = ", ".join(drawn)
+    warnings.warn(
+        f"the attribution map holds {nans} NaN and {infs} Inf value(s) of {total}: {what}; "
+        "check the attribution (a NaN or Inf baseline, input or model output shows up here)",
+        RuntimeWarning,
+        stacklevel=5,
+    )
 
 
 def _colormap(cmap: Union[str, Colormap]) -> Colormap:
@@ -358,6 +382,12 @@ def _finish(fig: Figure, save_path: Optional[PathLike], dpi: Optional[float] = N
             raise TypeError(
                 f"save_path must be a str or os.PathLike, got {type(save_path).__name__}"
             ) from err
+        name = os.path.basename(path)
+        if not name or name in (".", "..") or os.path.isdir(path):
+            raise ValueError(
+                f"save_path={path!r} names a folder, not a file: give a file name such as "
+                f"{os.path.join(path, 'attribution.png')!r}"
+            )
         folder = os.path.dirname(path)
         if folder:
             try:
