@@ -74,11 +74,14 @@ def test_uninterrupted_run_equals_each_item_attributed_alone(tmp_path):
     assert_store_equals(tmp_path / "s.zarr", rows)
     store = open_attributions(tmp_path / "s.zarr")
     assert store.attributions.shape == (N_ITEMS, 2, 8, 8)
-    assert store.attributions.chunks == (1, 2, 8, 8)  # one item per chunk
+    assert store.attributions.chunks == (1, 2, 8, 8)  # one item per inner chunk
+    assert store.attributions.shards == (2, 2, 8, 8)  # blocks of ceil(10 / MIN_BLOCKS) items
+    assert store.metadata["block"] == 2
     assert store.attributions.dtype == np.float64
     assert store.paths is None and store.errors == {}
     fp = store.metadata["fingerprint"]
-    assert fp["N"] == N_ITEMS and fp["arguments"]["k"] == 2 and fp["target"] == "predicted"
+    assert fp["N"] == N_ITEMS and fp["target"] == "predicted"
+    assert fp["arguments"]["k"] == [1, 2, 2] and fp["arguments"]["window"] == [2, 4, 4]
     assert fp["model"]["class"].endswith("TinyNet")
     assert set(store.metadata["versions"]) >= {"torch", "captum", "zarr", "extra_attrib"}
 
@@ -188,7 +191,11 @@ def test_crash_then_resume_equals_uninterrupted_without_recomputing(tmp_path, cr
     model.register_forward_pre_hook(crash)
     with pytest.raises(Crash):
         run(tmp_path / "s.zarr", model=model)
-    before = open_attributions(tmp_path / "s.zarr").done
+    if crash_at_call == 1:  # the first call checks the model's output, before the store exists
+        assert not (tmp_path / "s.zarr").exists()
+        before = np.zeros(N_ITEMS, dtype=bool)
+    else:
+        before = open_attributions(tmp_path / "s.zarr").done
     assert before.sum() < N_ITEMS
     summary, method = run(tmp_path / "s.zarr")
     assert summary.complete and summary.skipped == before.sum()
@@ -254,7 +261,8 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "rank 0 computed 5 items" in proc.stdout and "rank 1 computed 5 items" in proc.stdout
+    # blocks of 2 items are shared out: rank 0 has blocks 0, 2, 4 and rank 1 blocks 1, 3
+    assert "rank 0 computed 6 items" in proc.stdout and "rank 1 computed 4 items" in proc.stdout
     assert proc.stdout.count(f"{N_ITEMS}/{N_ITEMS} done") == 2
     a, b = open_attributions(one), open_attributions(two)
     assert b.done.all()
