@@ -50,7 +50,7 @@ import platform
 import shutil
 import types
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -284,6 +284,7 @@ class _Reach:
 
 def _code_digest(code: types.CodeType) -> str:
     h = hashlib.sha256(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames)).encode())
     for const in code.co_consts:
         h.update(
             (_code_digest(const) if isinstance(const, types.CodeType) else repr(const)).encode()
@@ -758,13 +759,20 @@ def block_of(meta: Dict[str, Any]) -> int:
     return int(meta.get("block", 1))
 
 
-def read_records(group: Any, block: int, repair: bool = False) -> Tuple[np.ndarray, Dict[int, str]]:
+def chunk_key(array: Any, coords: Tuple[int, ...]) -> str:
+    """The key (path from the store's root) of the file holding chunk or shard ``coords``."""
+    return f"{array.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def read_records(
+    group: Any, block: int, repair: Optional[Callable[[str], None]] = None
+) -> Tuple[np.ndarray, Dict[int, str]]:
     """``records`` ``(N, 3)`` read block by block; an unreadable block reads as pending.
 
     Returns the records and ``{index: reason}`` for the done items lost with an unreadable
-    block (their index is known, their state is not: every item of the block is listed). With
-    ``repair``, an unreadable block is rewritten as pending (a write into a damaged file would
-    fail).
+    block (their index is known, their state is not: every item of the block is listed).
+    ``repair(key)``, if given, removes an unreadable block's file (zarr cannot write into a
+    damaged file; a missing one reads as pending).
     """
     array = group["records"]
     n = array.shape[0]
@@ -777,18 +785,22 @@ def read_records(group: Any, block: int, repair: bool = False) -> Tuple[np.ndarr
         except Exception as err:
             for i in range(lo, hi):
                 lost[i] = f"its record is unreadable ({type(err).__name__}: {err})"
-            if repair:
-                array[lo:hi] = np.nan
+            if repair is not None:
+                repair(chunk_key(array, (lo // block, 0)))
     return records, lost
 
 
 def verify_done(
-    group: Any, done: np.ndarray, block: int, blocks: Sequence[int], repair: bool = False
+    group: Any,
+    done: np.ndarray,
+    block: int,
+    blocks: Sequence[int],
+    repair: Optional[Callable[[str], None]] = None,
 ) -> Dict[int, str]:
     """Items marked done in ``blocks`` whose attribution is missing or unreadable.
 
-    Missing: all NaN (its chunk is gone). Unreadable: a damaged file. With ``repair``, a block
-    whose attributions cannot be read is rewritten as missing, so that it can be written again.
+    Missing: all NaN (its chunk is gone). Unreadable: a damaged file. ``repair(key)``, if
+    given, removes the damaged file (it then reads as missing and can be written again).
 
     Returns:
         dict: ``{index: reason}``.
@@ -810,8 +822,8 @@ def verify_done(
         except Exception as err:
             for i in rows:
                 bad[int(i)] = f"its attribution is unreadable ({type(err).__name__}: {err})"
-            if repair:
-                array[lo:hi] = np.nan
+            if repair is not None:
+                repair(chunk_key(array, (b,) + (0,) * (array.ndim - 1)))
     return bad
 
 

@@ -394,7 +394,10 @@ def _labels_tensor(labels: Sequence[Any], device: torch.device, target: Any) -> 
         for label in labels
     ]
     try:
-        return torch.as_tensor(values, device=device)
+        array = np.asarray(values)  # Python floats stay float64, ints int64
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"labels of dtype {array.dtype}")
+        return torch.as_tensor(array, device=device)
     except (TypeError, ValueError, RuntimeError) as err:
         if target == "label":
             raise _SettingError(
@@ -708,9 +711,10 @@ def _prepare_store(
                 f"resume=False to overwrite it, or another out)"
             )
     block = _store.block_of(meta)
-    records, lost = _store.read_records(group, block, repair=True)
+    place = _store.Place(out, storage_options)
+    records, lost = _store.read_records(group, block, repair=place.remove)
     done = records[:, 0] == _store.DONE
-    bad = _store.verify_done(group, done, block, range(-(-n // block)), repair=True)
+    bad = _store.verify_done(group, done, block, range(-(-n // block)), repair=place.remove)
     if bad:
         rows = np.asarray(sorted(bad), dtype=np.int64)
         for j, k in _store.runs(rows):
