@@ -50,7 +50,7 @@ import platform
 import shutil
 import types
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ MAX_CHUNK_BYTES = 64 * 2**20
 #: processes of a ``torchrun`` can share them out).
 BLOCK_BYTES = 8 * 2**20
 MAX_BLOCK_ITEMS = 256
+INNER_CHUNK_BYTES = 256 * 2**10
 MIN_BLOCKS = 8
 PENDING, DONE, FAILED = 0.0, 1.0, 2.0
 #: The entries of a store's folder that this package writes (and may remove when it replaces
@@ -602,10 +603,12 @@ def block_items(n: int, item_shape: Sequence[int], itemsize: int) -> int:
 def attribution_chunks(
     item_shape: Sequence[int], itemsize: int, block: int = 1
 ) -> Tuple[Tuple[int, ...], Optional[Tuple[int, ...]]]:
-    """``(chunks, shards)`` of the attributions array: inner chunks of one item, shards of a block.
+    """``(chunks, shards)`` of the attributions array: one file per block of items.
 
-    ``block == 1`` and an item of at most :data:`MAX_CHUNK_BYTES`: one chunk per item, no
-    shards. ``block > 1``: shards of ``block`` items, inner chunks of one item. A larger item is
+    An item of at most :data:`MAX_CHUNK_BYTES`: a block is one chunk when it holds at most
+    :data:`INNER_CHUNK_BYTES`, else one shard whose inner chunks hold as many items as fit in
+    :data:`INNER_CHUNK_BYTES` (at least one; a divisor of ``block``), so that reading one item
+    reads little more than the item. A larger item is
     one shard whose inner chunks halve the largest dimension (to a divisor of the item's size)
     until they fit, e.g. a ``(1, 512, 512, 512)`` float32 volume (512 MiB) is one shard of
     ``(1, 256, 256, 256)`` chunks (64 MiB).
@@ -622,9 +625,12 @@ def attribution_chunks(
         inner[dim] = max(d for d in range(1, half + 1) if item[dim] % d == 0)
     if tuple(inner) != item:
         return tuple(inner), item
-    if block > 1:
-        return item, (block, *item[1:])
-    return item, None
+    # inner chunks of several tiny items: decoding a chunk costs about as much as reading 100 kB
+    per_inner = max(1, INNER_CHUNK_BYTES // max(1, math.prod(item) * itemsize))
+    rows = max(d for d in range(1, block + 1) if block % d == 0 and d <= per_inner)
+    if rows == block:
+        return (block, *item[1:]), None
+    return (rows, *item[1:]), (block, *item[1:])
 
 
 def _zarr() -> Any:
@@ -849,6 +855,43 @@ class ItemWriter:
         self.records = group["records"]
         self.errors = group["errors"]
 
+    def write(
+        self,
+        rows: Sequence[int],
+        attributions: Optional[np.ndarray],
+        targets: Sequence[int],
+        scores: Sequence[float],
+        was_failed: Sequence[bool],
+        failed_rows: Sequence[int] = (),
+        messages: Sequence[str] = (),
+    ) -> None:
+        """Write successes and failures: attributions, then error messages, then the records.
+
+        ``attributions[j]`` is item ``rows[j]``'s (rows ascending); ``messages[j]`` is the
+        failure of item ``failed_rows[j]``. Each array is written with one slice per run of
+        consecutive items: zarr writes the files of several blocks concurrently, each
+        atomically.
+        """
+        ok = np.asarray(rows, dtype=np.int64)
+        for j, k in runs(ok):
+            self.attributions[ok[j] : ok[j] + k - j] = cast(np.ndarray, attributions)[j:k]
+        bad = np.asarray(failed_rows, dtype=np.int64)
+        repaired = ok[np.asarray(was_failed, dtype=bool)] if ok.size else ok
+        text = {int(i): "" for i in repaired}
+        text.update({int(i): str(m) for i, m in zip(bad, messages)})
+        if text:
+            where = np.asarray(sorted(text), dtype=np.int64)
+            values = np.asarray([text[int(i)] for i in where], dtype=object)
+            for j, k in runs(where):
+                self.errors[where[j] : where[j] + k - j] = values[j:k]
+        records = {int(i): (DONE, float(t), float(v)) for i, t, v in zip(ok, targets, scores)}
+        records.update({int(i): (FAILED, np.nan, np.nan) for i in bad})
+        if records:
+            where = np.asarray(sorted(records), dtype=np.int64)
+            values = np.asarray([records[int(i)] for i in where], dtype=np.float64)
+            for j, k in runs(where):  # last: state, target and score in one write per block
+                self.records[where[j] : where[j] + k - j] = values[j:k]
+
     def success(
         self,
         indices: Sequence[int],
@@ -857,33 +900,100 @@ class ItemWriter:
         scores: Sequence[float],
         was_failed: Sequence[bool],
     ) -> None:
-        """Write items ``indices`` (``attributions[j]`` is item ``indices[j]``'s), records last.
-
-        Each array is written in one call for all the items (zarr writes the files of several
-        blocks concurrently, each atomically): a call per item cost several milliseconds each.
-        """
-        rows = np.asarray(indices, dtype=np.int64)
-        for j, k in runs(rows):
-            self.attributions[rows[j] : rows[j] + k - j] = attributions[j:k]
-        repaired = rows[np.asarray(was_failed, dtype=bool)]
-        for j, k in runs(repaired):
-            self.errors[repaired[j] : repaired[j] + k - j] = np.asarray(
-                [""] * (k - j), dtype=object
-            )
-        records = np.stack(
-            [
-                np.full(rows.size, DONE),
-                np.asarray(targets, dtype=np.float64),
-                np.asarray(scores, dtype=np.float64),
-            ],
-            axis=1,
+        order = np.argsort(np.asarray(indices, dtype=np.int64), kind="stable")
+        self.write(
+            [indices[j] for j in order],
+            attributions[order],
+            [targets[j] for j in order],
+            [scores[j] for j in order],
+            [was_failed[j] for j in order],
         )
-        for j, k in runs(rows):  # last: state, target and score in one write per block
-            self.records[rows[j] : rows[j] + k - j] = records[j:k]
 
     def failure(self, index: int, message: str) -> None:
-        self.errors[index] = message
-        self.records[index, :] = np.asarray([FAILED, np.nan, np.nan])
+        self.write([], None, [], [], [], [index], [message])
+
+    def close(self) -> None:
+        """Nothing to wait for: every write is done when its call returns."""
+
+
+class BlockBuffer:
+    """Collects a process's results block by block, and writes a block when it is complete.
+
+    A block is handed to ``sink`` (an :class:`ItemWriter` or :class:`BackgroundWriter`) once
+    every item of it that this process computes has a result, or once the oldest waiting
+    result is ``max_delay`` seconds old (then every waiting block is written): each file is
+    rewritten about once per block instead of once per batch, and a kill loses at most the
+    results of the last ``max_delay`` seconds besides the batch in flight. :meth:`close`
+    writes what is left (also when the run stops on an exception).
+    """
+
+    def __init__(
+        self, sink: Any, block: int, indices: Sequence[int], max_delay: float = 10.0
+    ) -> None:
+        import collections
+
+        self.sink, self.block, self.max_delay = sink, block, max_delay
+        self.expected = collections.Counter(int(i) // block for i in indices)
+        self.pending: Dict[int, Dict[int, Tuple[Any, ...]]] = {}
+        self.oldest: Optional[float] = None
+
+    def success(
+        self,
+        indices: Sequence[int],
+        attributions: np.ndarray,
+        targets: Sequence[int],
+        scores: Sequence[float],
+        was_failed: Sequence[bool],
+    ) -> None:
+        for j, index in enumerate(indices):
+            entry = (True, attributions[j], targets[j], scores[j], was_failed[j])
+            self._add(int(index), entry)
+        self._write_ready()
+
+    def failure(self, index: int, message: str) -> None:
+        self._add(int(index), (False, message))
+        self._write_ready()
+
+    def _add(self, index: int, entry: Tuple[Any, ...]) -> None:
+        import time
+
+        self.pending.setdefault(index // self.block, {})[index] = entry
+        if self.oldest is None:
+            self.oldest = time.monotonic()
+
+    def _write_ready(self) -> None:
+        import time
+
+        stale = self.oldest is not None and time.monotonic() - self.oldest >= self.max_delay
+        for b in sorted(self.pending):
+            if stale or len(self.pending[b]) >= self.expected[b]:
+                self._write(b)
+        if not self.pending:
+            self.oldest = None
+
+    def _write(self, b: int) -> None:
+        entries = self.pending.pop(b)
+        self.expected[b] -= len(entries)
+        ok = sorted(i for i, e in entries.items() if e[0])
+        bad = sorted(i for i, e in entries.items() if not e[0])
+        self.sink.write(
+            ok,
+            np.stack([entries[i][1] for i in ok]) if ok else None,
+            [entries[i][2] for i in ok],
+            [entries[i][3] for i in ok],
+            [entries[i][4] for i in ok],
+            bad,
+            [entries[i][1] for i in bad],
+        )
+
+    def close(self) -> None:
+        """Write every waiting block, then close ``sink``."""
+        try:
+            for b in sorted(self.pending):
+                self._write(b)
+            self.oldest = None
+        finally:
+            self.sink.close()
 
 
 class BackgroundWriter:
@@ -925,6 +1035,9 @@ class BackgroundWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def write(self, *args: Any) -> None:
+        self._submit(self._writer.write, *args)
 
     def success(self, *args: Any) -> None:
         self._submit(self._writer.success, *args)

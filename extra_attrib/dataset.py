@@ -594,7 +594,7 @@ def explain_dataset(
             for i in range(b * block, min(n, (b + 1) * block))
             if not done[i]
         ]
-        writer = _store.BackgroundWriter(_store.ItemWriter(group))
+        writer = _store.BlockBuffer(_store.BackgroundWriter(_store.ItemWriter(group)), block, mine)
         try:
             _run(
                 method,

@@ -74,9 +74,8 @@ def test_uninterrupted_run_equals_each_item_attributed_alone(tmp_path):
     assert_store_equals(tmp_path / "s.zarr", rows)
     store = open_attributions(tmp_path / "s.zarr")
     assert store.attributions.shape == (N_ITEMS, 2, 8, 8)
-    assert store.attributions.chunks == (1, 2, 8, 8)  # one item per inner chunk
-    assert store.attributions.shards == (2, 2, 8, 8)  # blocks of ceil(10 / MIN_BLOCKS) items
-    assert store.metadata["block"] == 2
+    # blocks of ceil(10 / MIN_BLOCKS) items, one chunk each (a shard if the block were large)
+    assert store.attributions.chunks == (2, 2, 8, 8) and store.metadata["block"] == 2
     assert store.attributions.dtype == np.float64
     assert store.paths is None and store.errors == {}
     fp = store.metadata["fingerprint"]
@@ -326,6 +325,7 @@ def test_dataset_of_volumes(tmp_path):
     assert summary.complete
     store = open_attributions(tmp_path / "v.zarr")
     assert store.attributions.shape == (4, *shape) and store.attributions.chunks == (1, *shape)
+    assert store.metadata["block"] == 1
     for i in range(4):
         x = dataset[i][0][None]
         t = int(model(x).argmax())
@@ -396,17 +396,23 @@ def test_fingerprint_is_stable_and_address_free():
     assert [line.split(":")[0] for line in _store.differences(a, c)] == ["arguments"]
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 600), min_size=1, max_size=4), st.sampled_from([1, 2, 4, 8]))
-def test_attribution_chunks_hold_one_item(shape, itemsize):
-    chunks, shards = _store.attribution_chunks(shape, itemsize)
-    item = (1, *shape)
-    if shards is None:
-        assert chunks == item and np.prod(item) * itemsize <= _store.MAX_CHUNK_BYTES
-    else:
-        assert shards == item
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.integers(1, 600), min_size=1, max_size=4),
+    st.sampled_from([1, 2, 4, 8]),
+    st.integers(1, 300),
+)
+def test_attribution_chunks_make_one_file_per_block(shape, itemsize, block):
+    chunks, shards = _store.attribution_chunks(shape, itemsize, block)
+    item_bytes = int(np.prod(shape)) * itemsize
+    if item_bytes > _store.MAX_CHUNK_BYTES:  # a large item: a shard of its own, smaller chunks
+        assert shards == (1, *shape)
         assert all(s % c == 0 for s, c in zip(shards, chunks))
         assert np.prod(chunks) * itemsize <= _store.MAX_CHUNK_BYTES or max(chunks[1:]) == 1
+        return
+    assert (shards or chunks) == (block, *shape)  # one file holds the block
+    assert chunks[1:] == tuple(shape) and block % chunks[0] == 0
+    assert chunks[0] == 1 or chunks[0] * item_bytes <= _store.INNER_CHUNK_BYTES
 
 
 # ------------------------------------------------------------------ a store owns only what it made
