@@ -261,7 +261,7 @@ def build_method(args: argparse.Namespace, model: nn.Module, channels: int) -> T
     return FusionGrad(Saliency(f), f), dict(n=demo.fg_n, m=demo.fg_m, std=demo.fg_std)
 
 
-def check_out(out: str, resume: bool) -> None:
+def check_out(out: str) -> None:
     """Before any work: ``--out`` is a new or empty folder, or a store this package made.
 
     Raises:
@@ -286,7 +286,7 @@ def run_explain(args: argparse.Namespace) -> int:
     try:
         if args.num_workers < 0:
             raise UsageError(f"--num-workers {args.num_workers} must be at least 0")
-        check_out(args.out, resume=not args.no_resume)
+        check_out(args.out)
         files = image_files(args.paths)
         model, transform, preprocess = load_model(args.model)
         images = ImageFiles(files, transform)

@@ -722,3 +722,19 @@ def test_small_items_make_at_most_two_files_per_hundred(tmp_path):
     assert len(files) <= 2 * 3000 / 100, len(files)
     store = open_attributions(out)
     assert store.done.all() and not np.isnan(store.attributions[:]).any()
+
+
+def test_a_url_store_owns_only_what_it_made():
+    """fsspec URLs take the same path (memory:// stands for s3:// and friends)."""
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/theirs/thesis.txt", b"four years")
+    with pytest.raises(ValueError, match="is a folder holding other files"):
+        run("memory://theirs", resume=False)
+    assert memory.cat_file("/theirs/thesis.txt") == b"four years"
+    assert run("memory://ours/s.zarr")[0].complete
+    summary, method = run("memory://ours/s.zarr")
+    assert summary.skipped == N_ITEMS and method.items == 0
+    summary, method = run("memory://ours/s.zarr", resume=False)
+    assert summary.skipped == 0 and method.items == N_ITEMS
+    assert open_attributions("memory://ours/s.zarr").done.all()
