@@ -178,8 +178,8 @@ def _module_digest(model: nn.Module) -> Dict[str, Any]:
     """Class, parameters and buffers (names, shapes, values), and the modules' str/bool settings.
 
     The settings are the public ``str`` and ``bool`` attributes of every submodule (``training``
-    among them, and a wrapper's ``score="softmax"``); numbers are left out, since models keep
-    counters there.
+    among them, and a wrapper's ``score="softmax"``) and its public function attributes (a
+    wrapper's score function); numbers are left out, since models keep counters there.
     """
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
@@ -187,12 +187,16 @@ def _module_digest(model: nn.Module) -> Dict[str, Any]:
         h.update(str(tuple(tensor.shape)).encode())
         h.update(_tensor_digest(tensor).encode())
     for name, module in model.named_modules():
-        flags = {
-            key: value
-            for key, value in vars(module).items()
-            if not key.startswith("_") and isinstance(value, (bool, str))
-        }
-        h.update(f"{name}:{_qualname(module)}:{sorted(flags.items())}".encode())
+        flags: Dict[str, Any] = {}
+        for key, value in vars(module).items():
+            if key.startswith("_"):
+                continue
+            if isinstance(value, (bool, str)):
+                flags[key] = value
+            elif inspect.isroutine(value) or isinstance(value, functools.partial):
+                flags[key] = _Reach(value)(value)  # e.g. a wrapper's score function
+        text = json.dumps(flags, sort_keys=True, default=str)
+        h.update(f"{name}:{_qualname(module)}:{text}".encode())
     return {"class": _qualname(model), "state_sha256": h.hexdigest()[:16]}
 
 

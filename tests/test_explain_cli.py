@@ -272,3 +272,11 @@ def test_a_replaced_file_is_refused_not_shifted(tmp_path, capsys):
         target = int(model(x).argmax())
         expected = TiledOcclusion(model).attribute(x, target=target, window=8, k=2, baselines=0.0)
         torch.testing.assert_close(store.item(i), expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_another_score_on_resume_is_refused(images, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    command = (images / "b.png", "--out", out, "--model", MODEL, "--window", 8, "--k", 2)
+    assert explain(capsys, *command, "--score", "softmax")[0] == 0
+    code, _, err = explain(capsys, *command, "--score", "log_softmax")
+    assert code == 2 and "other settings" in err and "model" in err
