@@ -467,18 +467,24 @@ def explain_dataset(
 ) -> ExplainSummary:
     r"""Attribute every item of ``dataset`` with ``method`` into the zarr store ``out``.
 
-    The store holds ``attributions`` ``(N, *S)`` (one item per chunk), ``targets``, ``scores``
-    (the target's output on the clean input), ``done`` and per-item failures (``failed``,
-    ``errors``), plus the settings as group attributes. Calling again with the same settings
-    continues where a previous run stopped, even one killed with ``kill -9``: an item is marked
-    done only after its attribution, target and score are written, so at most the items in flight
-    are lost, and a done item is never recomputed. A store made with other settings (method class,
-    its arguments, the model's class and weights, the target, N, item shape, dtype) is refused.
+    The store holds ``attributions`` ``(N, *S)`` (fill NaN), per-item ``records`` (state,
+    target, the target's output on the clean input) and ``errors``, plus the settings as group
+    attributes (layout in :mod:`extra_attrib._store`). It owns only what it made: a path holding
+    a file, a folder of other files or a zarr group made by something else is refused and left
+    untouched, whatever ``resume`` says. Calling again with the same settings continues where a
+    previous run stopped, even one killed with ``kill -9`` (also during the store's creation): an
+    item's record says done only after its attribution is written, so at most the batch in
+    flight and the last 10 s of results are lost, and a done item is never recomputed unless its
+    data is found missing or unreadable. A store made with other settings (resolved as the
+    method reads them: method classes, arguments with defaults filled in, the model's class,
+    weights or what a wrapping function reaches, its output on one item, the target, the item
+    list, N, item shape, dtype) is refused with the differences.
 
     Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) each process takes every
-    ``WORLD_SIZE``-th item of those not done yet, runs on ``cuda:LOCAL_RANK`` when GPUs exist
-    and writes its own chunks; rank 0 creates or checks the store first, and the others wait for
-    it (a gloo process group, made here unless one exists). The result equals a single process.
+    ``WORLD_SIZE``-th block of items not done yet, runs on ``cuda:LOCAL_RANK`` when GPUs exist
+    and writes its own blocks (files); rank 0 creates or checks the store first, and the others
+    wait for it (a gloo process group, made here unless one exists). The result equals a single
+    process. Two separate runs must not write one store at the same time.
 
     Args:
         method (captum.attr.Attribution): Any Captum attribution method (TiledOcclusion,
@@ -495,8 +501,8 @@ def explain_dataset(
             (``(B,)`` tensor, or None when the dataset has none). Default: ``"predicted"``
         batch_size (int, optional): Items per ``attribute`` call. Default: 8
         num_workers (int, optional): DataLoader worker processes for loading. Default: 0
-        resume (bool, optional): Continue an existing store (True) or overwrite it (False).
-            Default: True
+        resume (bool, optional): Continue an existing store (True) or replace it (False); only
+            a store this package made is ever replaced. Default: True
         dtype (torch.dtype, optional): Dtype of the stored attributions. Default: torch.float32
         show_progress (bool, optional): A progress bar (items, ETA) on rank 0. Default: True
         device (str or torch.device, optional): Where items go and the model is moved to.
