@@ -280,3 +280,26 @@ def test_another_score_on_resume_is_refused(images, tmp_path, capsys):
     assert explain(capsys, *command, "--score", "softmax")[0] == 0
     code, _, err = explain(capsys, *command, "--score", "log_softmax")
     assert code == 2 and "other settings" in err and "model" in err
+
+
+class Killed(BaseException):
+    """Stands for a kill during the store's creation (the API tests use real SIGKILLs)."""
+
+
+@pytest.mark.parametrize("again", [[], ["--no-resume"]])
+def test_a_store_killed_while_created_is_made_again(images, tmp_path, capsys, monkeypatch, again):
+    from extra_attrib import _store
+
+    def step(name):
+        if name == "array:records":
+            raise Killed()
+
+    out = tmp_path / "s.zarr"
+    command = (images / "b.png", "--out", out, "--model", MODEL, "--window", 8, "--k", 2)
+    monkeypatch.setattr(_store, "_creation_step", step)
+    with pytest.raises(Killed):
+        explain(capsys, *command)
+    monkeypatch.undo()
+    code, stdout, err = explain(capsys, *command, *again)
+    assert code == 0 and "Traceback" not in err
+    assert "1 done, 0 failed of 1" in stdout
