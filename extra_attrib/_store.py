@@ -732,9 +732,19 @@ def check_compatible(out: Any, meta: Dict[str, Any], fp: Dict[str, Any]) -> None
     stored = meta.get("fingerprint", {})
     diff = differences(stored, fp)
     if diff:
+        keys = {line.split(":", 1)[0] for line in diff}
+        hints = []
+        if "items" in keys:
+            hints.append(
+                "items: another item list, or a dataset whose items differ from one loading to "
+                "the next (random augmentation?)"
+            )
+        if "model" in keys:
+            hints.append("model: other weights, settings, or another wrapping function")
         raise StoreMismatchError(
             f"out={out!r} was made with other settings, refusing to mix results (pass "
-            f"resume=False to overwrite it, or another out):\n  " + "\n  ".join(diff)
+            f"resume=False to overwrite it, or another out):\n  "
+            + "\n  ".join(diff + [f"({hint})" for hint in hints])
         )
 
 
