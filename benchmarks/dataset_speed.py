@@ -18,6 +18,12 @@ next batch's attribution in a background thread) over attribution alone.
 
 Run from the repository root: ``PYTHONPATH=$PWD python -m benchmarks.dataset_speed`` (a few
 minutes on 2 CPU cores) or ``--quick`` (a smoke run). Writes benchmarks/results/dataset_speed.md.
+
+``--small`` measures the store's cost per item where it matters most, on many tiny items (issue
+#19 item 9): 3,000 items of 4 floats through a small MLP and TiledOcclusion (window 1, 4
+perturbations each), against a plain loop over the same batches with the results kept in
+memory; files and bytes on disk per 100 items, ``open_attributions`` time. Writes
+benchmarks/results/dataset_speed_small.md.
 """
 
 from __future__ import annotations
@@ -192,6 +198,114 @@ def worker(store: str, n: int, batch: int) -> None:
     print(json.dumps({"seconds": summary.seconds, "rank": os.environ.get("RANK", "0")}), flush=True)
 
 
+SMALL_N, SMALL_FEATURES, SMALL_BATCH = 3000, 4, 64
+
+
+class SmallItems(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.x = torch.randn((SMALL_N, SMALL_FEATURES), generator=torch.Generator().manual_seed(2))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(SMALL_FEATURES, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+
+
+def small_plain(model: nn.Module, data: SmallItems) -> float:
+    """The same batches, targets and attributions as explain_dataset, kept in memory."""
+    method = TiledOcclusion(model)
+    start = time.perf_counter()
+    kept = []
+    for i in range(0, len(data), SMALL_BATCH):
+        x = torch.stack([data[j] for j in range(i, min(i + SMALL_BATCH, len(data)))])
+        with torch.no_grad():
+            target = model(x).argmax(1)
+        kept.append(method.attribute(x, target=target, window=1).numpy())
+    return time.perf_counter() - start
+
+
+def disk_usage(folder: str) -> Dict[str, float]:
+    files, size = 0, 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            files += 1
+            size += os.path.getsize(os.path.join(root, name))
+    return {"files": files, "bytes": size}
+
+
+def small_store(model: nn.Module, data: SmallItems, store: str) -> Dict[str, float]:
+    from extra_attrib import open_attributions
+
+    shutil.rmtree(store, ignore_errors=True)
+    start = time.perf_counter()
+    summary = explain_dataset(
+        TiledOcclusion(model), data, store, batch_size=SMALL_BATCH, show_progress=False, window=1
+    )
+    run = time.perf_counter() - start
+    assert summary.complete, summary
+    start = time.perf_counter()
+    opened = open_attributions(store)
+    assert opened.done.all()
+    return {"run": run, "open": time.perf_counter() - start, **disk_usage(store)}
+
+
+def small(repeats: int) -> None:
+    torch.set_num_threads(1)
+    model, data = small_model(), SmallItems()
+    rows: Dict[str, List[float]] = {k: [] for k in ("plain", "run", "open", "files", "bytes")}
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "small.zarr")
+        small_plain(model, data)  # warm-up
+        for _ in range(repeats):  # interleaved
+            rows["plain"].append(small_plain(model, data))
+            for key, value in small_store(model, data, store).items():
+                rows[key].append(value)
+    overhead = [r / p - 1 for r, p in zip(rows["run"], rows["plain"])]
+    per_item = [1e6 * (r - p) / SMALL_N for r, p in zip(rows["run"], rows["plain"])]
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# explain_dataset on many small items",
+        "",
+        f"Command: `PYTHONPATH=$PWD python -m benchmarks.dataset_speed --small` "
+        f"({time.perf_counter() - began:.0f} s), {stamp}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs shared with "
+        f"other jobs (timings are noisy), torch {torch.__version__}, 1 thread. {SMALL_N} items "
+        f"of {SMALL_FEATURES} floats, an MLP {SMALL_FEATURES}-16-3, TiledOcclusion window 1 "
+        f"(4 perturbations per item), {SMALL_BATCH} items per call, float32 maps; median "
+        f"(min-max) of {repeats} interleaved repeats.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| plain loop (same batches, results in memory) | {spread(rows['plain'])} s |",
+        f"| explain_dataset (new store, whole call) | {spread(rows['run'])} s |",
+        f"| overhead: explain_dataset / plain loop - 1 | {spread([100 * o for o in overhead])} % |",
+        f"| overhead per item | {spread(per_item)} us |",
+        f"| open_attributions (verify=True: reads every item back) | {spread(rows['open'])} s |",
+        f"| files in the store | {spread(rows['files'])} "
+        f"({statistics.median(rows['files']) * 100 / SMALL_N:.2f} per 100 items) |",
+        f"| bytes on disk (maps: {SMALL_N * SMALL_FEATURES * 4 / 1000:.0f} kB) | "
+        f"{statistics.median(rows['bytes']) / 1000:.0f} kB |",
+        "",
+        "Raw values per repeat:",
+        "",
+        "```",
+        json.dumps({k: [round(v, 4) for v in vs] for k, vs in rows.items()}, indent=1),
+        "```",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS.replace(".md", "_small.md"), "w") as f:
+        f.write(text)
+
+
 def spread(values: List[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -199,6 +313,7 @@ def spread(values: List[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run (fewer items)")
+    parser.add_argument("--small", action="store_true", help="many small items (#19 item 9)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -207,6 +322,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.items, args.batch)
+        return
+    if args.small:
+        small(args.repeats or 5)
         return
     torch.set_num_threads(args.threads)
     n = args.items or (8 if args.quick else 32)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from extra_attrib._options import positive_int
+from extra_attrib._options import check_output_file, check_output_folder, positive_int
 
 METHODS = ("tiled", "occlusion", "fusiongrad-saliency")
 SCORES = ("log_softmax", "softmax", "raw")
@@ -261,6 +261,22 @@ def build_method(args: argparse.Namespace, model: nn.Module, channels: int) -> T
     return FusionGrad(Saliency(f), f), dict(n=demo.fg_n, m=demo.fg_m, std=demo.fg_std)
 
 
+def check_out(out: str) -> None:
+    """Before any work: ``--out`` is a new or empty folder, or a store this package made.
+
+    Raises:
+        UsageError: ``--out`` is a plain file, a folder of other files (the input photos, say),
+            a zarr group made by something else, or cannot be made or written.
+    """
+    from extra_attrib import _store
+
+    try:
+        check_output_folder(out, "--out")
+        _store.check_place(out, None)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def run_explain(args: argparse.Namespace) -> int:
     from extra_attrib import dataset as ds
     from extra_attrib._store import StoreMismatchError
@@ -270,6 +286,7 @@ def run_explain(args: argparse.Namespace) -> int:
     try:
         if args.num_workers < 0:
             raise UsageError(f"--num-workers {args.num_workers} must be at least 0")
+        check_out(args.out)
         files = image_files(args.paths)
         model, transform, preprocess = load_model(args.model)
         images = ImageFiles(files, transform)
@@ -363,7 +380,12 @@ def run_show(args: argparse.Namespace) -> int:
     )
 
     try:
-        store = open_attributions(args.store)
+        check_output_file(args.out, "--out")
+    except ValueError as err:
+        print(f"extra-attrib show: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        store = open_attributions(args.store, verify=False)
     except (FileNotFoundError, ValueError) as err:
         print(f"extra-attrib show: error: {err}", file=sys.stderr)
         return 2

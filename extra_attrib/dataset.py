@@ -38,6 +38,8 @@ class ExplainSummary:
         total (int): Items in the dataset.
         seconds (float): Wall-clock time of this call.
         path (str): The store.
+        damaged (int): Items marked done by an earlier run whose attribution was missing or
+            unreadable when this run checked them; they were computed again. Default: 0
     """
 
     done: int
@@ -46,6 +48,7 @@ class ExplainSummary:
     total: int
     seconds: float
     path: str
+    damaged: int = 0
 
     @property
     def complete(self) -> bool:
@@ -54,9 +57,10 @@ class ExplainSummary:
 
     def __str__(self) -> str:
         """One line: counts, time and store path."""
+        repaired = f", {self.damaged} damaged and computed again" if self.damaged else ""
         return (
             f"{self.done}/{self.total} done, {self.failed} failed, {self.skipped} already done "
-            f"before this run; {self.seconds:.1f} s; {self.path}"
+            f"before this run{repaired}; {self.seconds:.1f} s; {self.path}"
         )
 
 
@@ -66,7 +70,7 @@ class AttributionStore:
 
     Attributes:
         attributions (zarr.Array): ``(N, *S)``, read lazily: ``store.attributions[i]`` reads item
-            ``i`` only. Items not done hold zeros.
+            ``i`` only. Items not done read as NaN (never as zeros); :meth:`item` checks.
         targets (numpy.ndarray): ``(N,)`` int64, the explained class (-1 where not done).
         scores (numpy.ndarray): ``(N,)`` float64, the target's score on the clean input (NaN where
             not done).
@@ -76,6 +80,8 @@ class AttributionStore:
         paths (list of str or None): The item's files when the dataset had a ``paths`` attribute
             (the command line's image datasets do).
         metadata (dict): Method, arguments, model, target, versions, creation time.
+        damaged (dict): ``{index: reason}`` of items marked done whose attribution is missing
+            or unreadable (found when opened with ``verify=True``); they count as not done.
     """
 
     attributions: Any
@@ -86,6 +92,7 @@ class AttributionStore:
     errors: Dict[int, str]
     paths: Optional[List[str]]
     metadata: Dict[str, Any] = field(repr=False)
+    damaged: Dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         """Number of items in the store."""
@@ -97,21 +104,45 @@ class AttributionStore:
             raise ValueError(f"index={index} must be in [0, {len(self)})")
         if not self.done[index]:
             why = f" (failed: {self.errors[index]})" if index in self.errors else ""
+            if index in self.damaged:
+                why = f" (marked done, but {self.damaged[index]})"
             raise ValueError(f"item {index} is not done{why}")
-        return torch.from_numpy(np.asarray(self.attributions[index]))
+        again = "the store is damaged: explain_dataset with the same settings computes it again"
+        try:
+            data = np.asarray(self.attributions[index])
+        except Exception as err:
+            raise ValueError(
+                f"item {index} is marked done but its attribution is unreadable "
+                f"({type(err).__name__}: {err}); {again}"
+            ) from err
+        if np.isnan(data).all():
+            raise ValueError(
+                f"item {index} is marked done but its attribution is missing (its chunk is "
+                f"gone); {again}"
+            )
+        return torch.from_numpy(data)
 
 
 def open_attributions(
-    path: Any, storage_options: Optional[Dict[str, Any]] = None
+    path: Any, storage_options: Optional[Dict[str, Any]] = None, verify: bool = True
 ) -> AttributionStore:
     """Open a store written by :func:`explain_dataset` for reading.
 
     Args:
         path (str or os.PathLike): Local path or fsspec URL of the store.
         storage_options (dict, optional): Passed to fsspec for remote stores. Default: None
+        verify (bool, optional): Read every done item once to find those whose data is missing
+            (a deleted chunk reads as NaN) or unreadable (a truncated file); they are listed in
+            ``damaged``, count as not done, and a warning names them. This reads the whole
+            store; with False only :meth:`AttributionStore.item` checks the item it reads.
+            Default: True
 
     Returns:
         AttributionStore: lazy attributions plus the small per-item arrays in memory.
+
+    Raises:
+        FileNotFoundError: no store at ``path``.
+        ValueError: ``path`` holds something else, or a store whose creation did not finish.
 
     Example::
 
@@ -120,24 +151,56 @@ def open_attributions(
         >>> first = store.item(0)            # torch.Tensor of the item's shape
     """
     path = os.fspath(path) if isinstance(path, os.PathLike) else path
-    meta = _store.read_meta(path, storage_options)
+    meta = _store.check_place(path, storage_options)
     if meta is None:
         raise FileNotFoundError(f"path={path!r}: no store written by explain_dataset there")
+    if meta.get("state") != "ready":
+        raise ValueError(
+            f"path={path!r}: the store's creation did not finish (the run stopped while making "
+            f"it); run explain_dataset again to make it"
+        )
+    if meta.get("format") != _store.FORMAT:
+        raise ValueError(
+            f"path={path!r} has store format {meta.get('format')!r}; this version reads "
+            f"{_store.FORMAT}"
+        )
     group = _store.open_group(path, mode="r", storage_options=storage_options)
-    failed = np.asarray(group["failed"][:], dtype=bool)
+    block = _store.block_of(meta)
+    records, damaged = _store.read_records(group, block)
+    state = records[:, 0]
+    done = state == _store.DONE
+    failed = state == _store.FAILED
+    if verify:
+        n = len(done)
+        bad = _store.verify_done(group, done, block, range(-(-n // block)))
+        done[list(bad)] = False
+        damaged.update(bad)
+    if damaged:
+        first = min(damaged)
+        _store.warn(
+            f"{path}: {len(damaged)} items marked done are missing or unreadable (item {first}: "
+            f"{damaged[first]}); they count as not done, and explain_dataset with the same "
+            f"settings computes them again"
+        )
     rows = np.flatnonzero(failed)
-    messages = group["errors"].oindex[rows] if rows.size else []
+    try:
+        messages = group["errors"].oindex[rows] if rows.size else []
+    except Exception as err:  # a damaged errors file: the failures are still known
+        messages = [f"(message unreadable: {type(err).__name__})"] * rows.size
     errors = {int(i): str(m) for i, m in zip(rows, messages)}
     paths = [str(p) for p in group["paths"][:]] if "paths" in group else None
+    targets = np.where(done, np.nan_to_num(records[:, 1], nan=-1.0), -1.0).astype(np.int64)
+    scores = np.where(done, records[:, 2], np.nan)
     return AttributionStore(
         attributions=group["attributions"],
-        targets=np.asarray(group["targets"][:]),
-        scores=np.asarray(group["scores"][:]),
-        done=np.asarray(group["done"][:], dtype=bool),
+        targets=targets,
+        scores=scores,
+        done=done,
         failed=failed,
         errors=errors,
         paths=paths,
         metadata=meta,
+        damaged=damaged,
     )
 
 
@@ -226,11 +289,30 @@ def _as_list(batch: List[Any]) -> List[Any]:
 
 def _probe(dataset: Any, n: int) -> Tuple[torch.Size, bool]:
     """Shape of the first item that loads, and whether it has a label."""
-    last = "no items"
-    for index in range(n):
+    _, x, label = _probe_item(dataset, n)
+    return x.shape, label is not None
+
+
+def _probe_item(dataset: Any, n: int, index: Optional[int] = None) -> Tuple[int, Tensor, Any]:
+    """``(index, tensor, label)`` of the first item that loads, or of item ``index``."""
+    if index is not None:
+        if not 0 <= index < n:
+            raise _store.StoreMismatchError(
+                f"dataset: item {index}, checked when the store was made, does not exist in a "
+                f"dataset of {n} items"
+            )
         _, x, label, error = _Items(dataset, [index])[0]
+        if x is None:
+            raise _store.StoreMismatchError(
+                f"dataset: item {index}, checked when the store was made, cannot be loaded now "
+                f"({error}): is this the same dataset?"
+            )
+        return index, x, label
+    last = "no items"
+    for i in range(n):
+        _, x, label, error = _Items(dataset, [i])[0]
         if x is not None:  # x is None exactly when loading failed (error is then its message)
-            return x.shape, label is not None
+            return i, x, label
         last = str(error)
     raise ValueError(f"dataset: none of its {n} items could be loaded; the last error: {last}")
 
@@ -238,6 +320,22 @@ def _probe(dataset: Any, n: int) -> Tuple[torch.Size, bool]:
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
+
+
+def _plain_target(target: Any) -> Any:
+    """A numpy or 0-d tensor integer target as a Python int (the same setting as the int)."""
+    if isinstance(target, np.integer):
+        return int(target)
+    if isinstance(target, (Tensor, np.ndarray)) and target.ndim == 0:
+        dtype = target.dtype
+        integer = (
+            not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+            if isinstance(target, Tensor)
+            else np.issubdtype(cast(Any, dtype), np.integer)
+        )
+        if integer:
+            return int(target.item())
+    return target
 
 
 def _check_target(target: Any) -> None:
@@ -283,10 +381,29 @@ def _resolve_device(model: Any, device: Any, ranks: _Ranks) -> torch.device:
     return torch.device("cpu")
 
 
-def _labels_tensor(labels: Sequence[Any], device: torch.device) -> Optional[Tensor]:
+def _count(value: Any) -> int:
+    return int(value.numel()) if isinstance(value, Tensor) else int(value.size)
+
+
+def _labels_tensor(labels: Sequence[Any], device: torch.device, target: Any) -> Optional[Tensor]:
+    """The labels as a tensor, as they are (a float stays a float), or None without labels."""
     if any(label is None for label in labels):
         return None
-    return torch.as_tensor([int(label) for label in labels], dtype=torch.long, device=device)
+    values = [
+        label.item() if isinstance(label, (Tensor, np.ndarray)) and _count(label) == 1 else label
+        for label in labels
+    ]
+    try:
+        array = np.asarray(values)  # Python floats stay float64, ints int64
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"labels of dtype {array.dtype}")
+        return torch.as_tensor(array, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        if target == "label":
+            raise _SettingError(
+                f"target='label': the dataset's labels ({values[:3]}) are not class indices"
+            ) from err
+        return None
 
 
 def _targets(target: TargetSpec, outputs: Tensor, labels: Optional[Tensor]) -> Tensor:
@@ -297,6 +414,14 @@ def _targets(target: TargetSpec, outputs: Tensor, labels: Optional[Tensor]) -> T
         if labels is None:
             raise ValueError("target='label' needs a dataset yielding (tensor, label) pairs")
         chosen = labels
+        if chosen.is_floating_point():
+            whole = chosen == chosen.round()
+            if not bool(whole.all()):
+                raise ValueError(
+                    f"target='label': label {float(chosen[~whole][0])} is not a whole number; "
+                    f"labels must be integer class indices (a float label is never truncated)"
+                )
+            chosen = chosen.long()
     elif isinstance(target, int):
         chosen = torch.full((rows,), target, dtype=torch.long, device=outputs.device)
     else:  # a callable: explain_dataset refuses every other target before this runs
@@ -342,18 +467,24 @@ def explain_dataset(
 ) -> ExplainSummary:
     r"""Attribute every item of ``dataset`` with ``method`` into the zarr store ``out``.
 
-    The store holds ``attributions`` ``(N, *S)`` (one item per chunk), ``targets``, ``scores``
-    (the target's output on the clean input), ``done`` and per-item failures (``failed``,
-    ``errors``), plus the settings as group attributes. Calling again with the same settings
-    continues where a previous run stopped, even one killed with ``kill -9``: an item is marked
-    done only after its attribution, target and score are written, so at most the items in flight
-    are lost, and a done item is never recomputed. A store made with other settings (method class,
-    its arguments, the model's class and weights, the target, N, item shape, dtype) is refused.
+    The store holds ``attributions`` ``(N, *S)`` (fill NaN), per-item ``records`` (state,
+    target, the target's output on the clean input) and ``errors``, plus the settings as group
+    attributes (layout in :mod:`extra_attrib._store`). It owns only what it made: a path holding
+    a file, a folder of other files or a zarr group made by something else is refused and left
+    untouched, whatever ``resume`` says. Calling again with the same settings continues where a
+    previous run stopped, even one killed with ``kill -9`` (also during the store's creation): an
+    item's record says done only after its attribution is written, so at most the batch in
+    flight and the last 10 s of results are lost, and a done item is never recomputed unless its
+    data is found missing or unreadable. A store made with other settings (resolved as the
+    method reads them: method classes, arguments with defaults filled in, the model's class,
+    weights or what a wrapping function reaches, its output on one item, the target, the item
+    list, N, item shape, dtype) is refused with the differences.
 
     Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) each process takes every
-    ``WORLD_SIZE``-th item of those not done yet, runs on ``cuda:LOCAL_RANK`` when GPUs exist
-    and writes its own chunks; rank 0 creates or checks the store first, and the others wait for
-    it (a gloo process group, made here unless one exists). The result equals a single process.
+    ``WORLD_SIZE``-th block of items not done yet, runs on ``cuda:LOCAL_RANK`` when GPUs exist
+    and writes its own blocks (files); rank 0 creates or checks the store first, and the others
+    wait for it (a gloo process group, made here unless one exists). The result equals a single
+    process. Two separate runs must not write one store at the same time.
 
     Args:
         method (captum.attr.Attribution): Any Captum attribution method (TiledOcclusion,
@@ -370,8 +501,8 @@ def explain_dataset(
             (``(B,)`` tensor, or None when the dataset has none). Default: ``"predicted"``
         batch_size (int, optional): Items per ``attribute`` call. Default: 8
         num_workers (int, optional): DataLoader worker processes for loading. Default: 0
-        resume (bool, optional): Continue an existing store (True) or overwrite it (False).
-            Default: True
+        resume (bool, optional): Continue an existing store (True) or replace it (False); only
+            a store this package made is ever replaced. Default: True
         dtype (torch.dtype, optional): Dtype of the stored attributions. Default: torch.float32
         show_progress (bool, optional): A progress bar (items, ETA) on rank 0. Default: True
         device (str or torch.device, optional): Where items go and the model is moved to.
@@ -400,6 +531,7 @@ def explain_dataset(
     start = time.perf_counter()
     _check_int("batch_size", batch_size, 1)
     _check_int("num_workers", num_workers, 0)
+    target = _plain_target(target)
     _check_target(target)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype={dtype!r} must be a floating torch.dtype")
@@ -422,40 +554,53 @@ def explain_dataset(
     ranks = _Ranks()
     try:
         run_device = _resolve_device(model, device, ranks)
-        # rank 0 creates or checks the store; the others learn the outcome from it
-        problem = None
+        # rank 0 creates or checks (and repairs) the store; the others learn the outcome
+        problem, damaged = None, 0
         if ranks.rank == 0:
             try:
-                shape, _ = _probe(dataset, n)
-                fp = _store.fingerprint(method, attribute_kwargs, target, n, shape, dtype)
-                meta = _store.read_meta(out, storage_options)
-                if meta is not None and resume:
-                    _store.check_compatible(out, meta, fp)
-                else:
-                    batching = {
-                        key: value
-                        for key, value in attribute_kwargs.items()
-                        if key in _store.BATCHING_ARGUMENTS
-                    }
-                    info = dict(metadata or {}, batch_size=batch_size, **batching)
-                    _store.create(out, fp, paths, info, storage_options)
+                damaged = _prepare_store(
+                    method,
+                    model,
+                    dataset,
+                    n,
+                    out,
+                    paths,
+                    target,
+                    dtype,
+                    resume,
+                    run_device,
+                    storage_options,
+                    dict(metadata or {}, batch_size=batch_size),
+                    attribute_kwargs,
+                )
             except Exception as err:
                 problem = err
-        shared = ranks.broadcast(None if problem is None else (type(problem), str(problem)))
+        shared = ranks.broadcast(
+            (damaged, None if problem is None else (type(problem), str(problem)))
+        )
         if problem is not None:
             raise problem
-        if shared is not None:
-            raise _rebuilt(*shared)
+        damaged, failure = shared
+        if failure is not None:
+            raise _rebuilt(*failure)
         if isinstance(model, nn.Module):  # only once the store is known to be usable
             model.to(run_device)
         group = _store.open_group(out, "r+", storage_options)
+        block = _store.block_of(dict(group.attrs[_store.ATTR_KEY]))
         item_shape = tuple(group["attributions"].shape[1:])
-        done = np.asarray(group["done"][:], dtype=bool)
-        was_failed = np.asarray(group["failed"][:], dtype=bool)
-        ranks.barrier()  # everyone has read `done` before anyone writes it
-        remaining = np.flatnonzero(~done)
-        mine = [int(i) for i in remaining[ranks.rank :: ranks.world]]
-        writer = _store.BackgroundWriter(_store.ItemWriter(group))
+        records, _ = _store.read_records(group, block)
+        done = records[:, 0] == _store.DONE
+        was_failed = records[:, 0] == _store.FAILED
+        ranks.barrier()  # everyone has read the records before anyone writes them
+        # whole blocks are shared out, so that no two processes ever write one file
+        blocks = [b for b in range(-(-n // block)) if not done[b * block : (b + 1) * block].all()]
+        mine = [
+            i
+            for b in blocks[ranks.rank :: ranks.world]
+            for i in range(b * block, min(n, (b + 1) * block))
+            if not done[i]
+        ]
+        writer = _store.BlockBuffer(_store.BackgroundWriter(_store.ItemWriter(group)), block, mine)
         try:
             _run(
                 method,
@@ -477,8 +622,9 @@ def explain_dataset(
         finally:
             writer.close()  # items already computed are written even if the run stops
         ranks.barrier()
-        final_done = np.asarray(group["done"][:], dtype=bool)
-        final_failed = np.asarray(group["failed"][:], dtype=bool) & ~final_done
+        final, _ = _store.read_records(group, block)
+        final_done = final[:, 0] == _store.DONE
+        final_failed = final[:, 0] == _store.FAILED
         return ExplainSummary(
             done=int(final_done.sum()),
             failed=int(final_failed.sum()),
@@ -486,9 +632,110 @@ def explain_dataset(
             total=n,
             seconds=time.perf_counter() - start,
             path=str(out),
+            damaged=int(damaged),
         )
     finally:
         ranks.close()
+
+
+def _probe_output(model: Any, x: Tensor, run_device: torch.device) -> Optional[Dict[str, Any]]:
+    """The model's clean output on one item, described for the store (None if it raises)."""
+    if model is None:
+        return None
+    device = run_device
+    if isinstance(model, nn.Module):
+        tensors = list(model.parameters()) + list(model.buffers())
+        device = tensors[0].device if tensors else run_device
+    try:
+        with torch.no_grad():
+            return _store.describe_output(model(x[None].to(device)))
+    except Exception:  # the item's own failure is recorded by the run
+        return None
+
+
+def _prepare_store(
+    method: Any,
+    model: Any,
+    dataset: Any,
+    n: int,
+    out: str,
+    paths: Optional[Sequence[str]],
+    target: Any,
+    dtype: torch.dtype,
+    resume: bool,
+    run_device: torch.device,
+    storage_options: Optional[Dict[str, Any]],
+    info: Dict[str, Any],
+    attribute_kwargs: Dict[str, Any],
+) -> int:
+    """Create the store, or check that it may be resumed and repair it; rank 0 only.
+
+    Returns the number of done items found damaged (missing or unreadable); they are marked
+    pending again, to be computed by this run.
+    """
+    meta = _store.check_place(out, storage_options)  # refuses what is not ours
+    resuming = resume and meta is not None and meta.get("state") == "ready"
+    if resuming and meta is not None and meta.get("format") != _store.FORMAT:
+        _store.check_compatible(out, meta, {})  # raises: another format
+    stored_probe = (meta or {}).get("probe") if resuming else None
+    index, x, _ = _probe_item(dataset, n, None if not stored_probe else int(stored_probe["index"]))
+    fp = _store.fingerprint(method, attribute_kwargs, target, n, x.shape, dtype, paths, (index, x))
+    output = _probe_output(model, x, run_device)
+    if not resuming:
+        batching = {k: v for k, v in attribute_kwargs.items() if k in _store.BATCHING_ARGUMENTS}
+        _, opaque = _store.model_digest(model)
+        notes = []
+        if opaque:
+            notes.append(
+                f"the explained function reaches {', '.join(sorted(set(opaque))[:5])}, whose "
+                f"state cannot be fingerprinted; a resume compares the model's clean output on "
+                f"item {index} instead"
+            )
+            _store.warn(f"out={out!r}: {notes[-1]}")
+        _store.create(
+            out,
+            fp,
+            paths,
+            dict(info, **batching),
+            storage_options,
+            probe={"index": index, "output": output},
+            notes=notes,
+        )
+        return 0
+    assert meta is not None
+    group = _store.open_group(out, "r+", storage_options)
+    _store.check_paths(out, group, paths)
+    _store.check_compatible(out, meta, fp)
+    stored_output = (stored_probe or {}).get("output")
+    if stored_output is not None:
+        why = _store.output_difference(stored_output, output)
+        if why is not None:
+            raise _store.StoreMismatchError(
+                f"out={out!r}: the model's clean output on item {index} differs from the one "
+                f"recorded when the store was made ({why}): other weights, or a model that is "
+                f"not deterministic (dropout in training mode?); refusing to mix results (pass "
+                f"resume=False to overwrite it, or another out)"
+            )
+    block = _store.block_of(meta)
+    place = _store.Place(out, storage_options)
+    records, lost = _store.read_records(group, block, repair=place.remove)
+    done = records[:, 0] == _store.DONE
+    bad = _store.verify_done(group, done, block, range(-(-n // block)), repair=place.remove)
+    if bad:
+        rows = np.asarray(sorted(bad), dtype=np.int64)
+        for j, k in _store.runs(rows):
+            group["records"][rows[j] : rows[j] + k - j] = np.nan
+        first = int(rows[0])
+        _store.warn(
+            f"out={out!r}: {len(bad)} items marked done had a missing or unreadable attribution "
+            f"(item {first}: {bad[first]}); computing them again"
+        )
+    if lost:
+        _store.warn(
+            f"out={out!r}: the records of items {min(lost)}..{max(lost)} were unreadable; those "
+            f"items are computed again"
+        )
+    return len(bad)
 
 
 def _rebuilt(kind: Any, text: str) -> Exception:
@@ -574,7 +821,7 @@ def _attempt(
 ) -> Tuple[np.ndarray, Tensor, np.ndarray]:
     """Clean forward pass, targets, scores and attributions of a batch of items."""
     x = torch.stack([item[1] for item in items]).to(device)
-    labels = _labels_tensor([item[2] for item in items], device)
+    labels = _labels_tensor([item[2] for item in items], device, target)
     with torch.no_grad():
         outputs = model(x)
     if not isinstance(outputs, Tensor) or outputs.dim() != 2:
@@ -618,11 +865,23 @@ def _attribute_batch(
         group: List[Tuple[int, Tensor, Any]], result: Tuple[np.ndarray, Tensor, np.ndarray]
     ) -> None:
         values, targets, scores = result
-        indices = [index for index, _, _ in group]
-        writer.success(
-            indices, values, targets.tolist(), scores.tolist(), was_failed[indices].tolist()
-        )
-        state["succeeded"] += len(group)
+        # an all-NaN map would read as a missing chunk: it is the item's failure instead
+        empty = np.isnan(values.reshape(len(group), -1)).all(axis=1)
+        for j in np.flatnonzero(empty):
+            writer.failure(
+                group[j][0], "ValueError: the method returned NaN for every element of this item"
+            )
+        keep = np.flatnonzero(~empty)
+        if keep.size:
+            indices = [group[j][0] for j in keep]
+            writer.success(
+                indices,
+                values[keep],
+                targets[keep].tolist(),
+                scores[keep].tolist(),
+                was_failed[indices].tolist(),
+            )
+        state["succeeded"] += int(keep.size)
 
     try:
         write(items, _attempt(method, model, items, target, dtype, device, attribute_kwargs))

@@ -3,7 +3,8 @@
 Run as a script (``python -m tests._dataset_helpers STORE [--kill-after CALLS]``, also under
 torchrun) it explains :func:`make_dataset` with :func:`make_method` into STORE and prints
 ``rank R computed C items: SUMMARY``; with ``--kill-after`` the process SIGKILLs itself in the
-middle of the model's CALLS-th forward pass (a second after it starts).
+middle of the model's CALLS-th forward pass (a second after it starts); with ``--kill-at-step
+NAME`` it SIGKILLs itself right after step NAME of the store's creation (``_store.create``).
 """
 
 import argparse
@@ -83,6 +84,11 @@ class ItemsDataset(torch.utils.data.Dataset):
         return (x, int(self.labels[index])) if self.with_labels else x
 
 
+def item_paths(n=N_ITEMS):
+    """Names for ``dataset.paths`` (no files behind them: the store only records them)."""
+    return [f"item_{i:03d}.pt" for i in range(n)]
+
+
 def make_method(model=None):
     return TiledOcclusion(model if model is not None else TinyNet().eval())
 
@@ -107,20 +113,35 @@ def main(argv=None):
     parser.add_argument("store")
     parser.add_argument("--kill-after", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=3)
+    parser.add_argument("--kill-at-step", default=None)
+    parser.add_argument("--paths", action="store_true", help="give the dataset a paths list")
+    parser.add_argument("--no-resume", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     # the classes by their importable names, not __main__'s: they are part of the fingerprint
+    from extra_attrib import _store
     from tests import _dataset_helpers as helpers
 
+    if args.kill_at_step is not None:
+
+        def step(name):
+            if name == args.kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        _store._creation_step = step
     model = helpers.TinyNet(kill_after=args.kill_after).eval()
     method = helpers.CountingMethod(helpers.make_method(model))
+    dataset = helpers.ItemsDataset()
+    if args.paths:
+        dataset.paths = item_paths()
     summary = explain_dataset(
         method,
-        helpers.ItemsDataset(),
+        dataset,
         args.store,
         batch_size=args.batch_size,
         dtype=torch.float64,
         show_progress=False,
+        resume=not args.no_resume,
         **ATTRIBUTE_KWARGS,
     )
     print(

@@ -74,11 +74,13 @@ def test_uninterrupted_run_equals_each_item_attributed_alone(tmp_path):
     assert_store_equals(tmp_path / "s.zarr", rows)
     store = open_attributions(tmp_path / "s.zarr")
     assert store.attributions.shape == (N_ITEMS, 2, 8, 8)
-    assert store.attributions.chunks == (1, 2, 8, 8)  # one item per chunk
+    # blocks of ceil(10 / MIN_BLOCKS) items, one chunk each (a shard if the block were large)
+    assert store.attributions.chunks == (2, 2, 8, 8) and store.metadata["block"] == 2
     assert store.attributions.dtype == np.float64
     assert store.paths is None and store.errors == {}
     fp = store.metadata["fingerprint"]
-    assert fp["N"] == N_ITEMS and fp["arguments"]["k"] == 2 and fp["target"] == "predicted"
+    assert fp["N"] == N_ITEMS and fp["target"] == "predicted"
+    assert fp["arguments"]["k"] == [1, 2, 2] and fp["arguments"]["window"] == [2, 4, 4]
     assert fp["model"]["class"].endswith("TinyNet")
     assert set(store.metadata["versions"]) >= {"torch", "captum", "zarr", "extra_attrib"}
 
@@ -188,7 +190,11 @@ def test_crash_then_resume_equals_uninterrupted_without_recomputing(tmp_path, cr
     model.register_forward_pre_hook(crash)
     with pytest.raises(Crash):
         run(tmp_path / "s.zarr", model=model)
-    before = open_attributions(tmp_path / "s.zarr").done
+    if crash_at_call == 1:  # the first call checks the model's output, before the store exists
+        assert not (tmp_path / "s.zarr").exists()
+        before = np.zeros(N_ITEMS, dtype=bool)
+    else:
+        before = open_attributions(tmp_path / "s.zarr").done
     assert before.sum() < N_ITEMS
     summary, method = run(tmp_path / "s.zarr")
     assert summary.complete and summary.skipped == before.sum()
@@ -254,7 +260,8 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "rank 0 computed 5 items" in proc.stdout and "rank 1 computed 5 items" in proc.stdout
+    # blocks of 2 items are shared out: rank 0 has blocks 0, 2, 4 and rank 1 blocks 1, 3
+    assert "rank 0 computed 6 items" in proc.stdout and "rank 1 computed 4 items" in proc.stdout
     assert proc.stdout.count(f"{N_ITEMS}/{N_ITEMS} done") == 2
     a, b = open_attributions(one), open_attributions(two)
     assert b.done.all()
@@ -318,6 +325,7 @@ def test_dataset_of_volumes(tmp_path):
     assert summary.complete
     store = open_attributions(tmp_path / "v.zarr")
     assert store.attributions.shape == (4, *shape) and store.attributions.chunks == (1, *shape)
+    assert store.metadata["block"] == 1
     for i in range(4):
         x = dataset[i][0][None]
         t = int(model(x).argmax())
@@ -388,14 +396,345 @@ def test_fingerprint_is_stable_and_address_free():
     assert [line.split(":")[0] for line in _store.differences(a, c)] == ["arguments"]
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 600), min_size=1, max_size=4), st.sampled_from([1, 2, 4, 8]))
-def test_attribution_chunks_hold_one_item(shape, itemsize):
-    chunks, shards = _store.attribution_chunks(shape, itemsize)
-    item = (1, *shape)
-    if shards is None:
-        assert chunks == item and np.prod(item) * itemsize <= _store.MAX_CHUNK_BYTES
-    else:
-        assert shards == item
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.integers(1, 600), min_size=1, max_size=4),
+    st.sampled_from([1, 2, 4, 8]),
+    st.integers(1, 300),
+)
+def test_attribution_chunks_make_one_file_per_block(shape, itemsize, block):
+    chunks, shards = _store.attribution_chunks(shape, itemsize, block)
+    item_bytes = int(np.prod(shape)) * itemsize
+    if item_bytes > _store.MAX_CHUNK_BYTES:  # a large item: a shard of its own, smaller chunks
+        assert shards == (1, *shape)
         assert all(s % c == 0 for s, c in zip(shards, chunks))
         assert np.prod(chunks) * itemsize <= _store.MAX_CHUNK_BYTES or max(chunks[1:]) == 1
+        return
+    assert (shards or chunks) == (block, *shape)  # one file holds the block
+    assert chunks[1:] == tuple(shape) and block % chunks[0] == 0
+    assert chunks[0] == 1 or chunks[0] * item_bytes <= _store.INNER_CHUNK_BYTES
+
+
+# ------------------------------------------------------------------ a store owns only what it made
+
+
+def snapshot(folder):
+    """Every file under ``folder`` with its bytes (what must stay untouched)."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = f.read()
+    return found
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_folder_of_other_files_is_refused_and_left_alone(tmp_path, resume):
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "thesis.txt").write_text("four years of work")
+    (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    before = snapshot(folder)
+    with pytest.raises(ValueError, match=r"mine'? is a folder holding other files"):
+        run(folder, resume=resume)
+    assert snapshot(folder) == before
+
+
+def test_a_plain_file_is_refused_and_left_alone(tmp_path):
+    out = tmp_path / "notes.zarr"
+    out.write_text("not a store")
+    with pytest.raises(ValueError, match="is an existing file"):
+        run(out, resume=False)
+    assert out.read_text() == "not a store"
+
+
+def test_an_empty_folder_is_used_and_replacing_a_store_keeps_the_users_files(tmp_path):
+    out = tmp_path / "s.zarr"
+    out.mkdir()
+    assert run(out)[0].complete
+    (out / "README.txt").write_text("my notes about this run")
+    summary, method = run(out, resume=False, dataset=ItemsDataset(corrupt={2}))
+    assert summary.skipped == 0 and method.items == N_ITEMS - 1
+    assert (out / "README.txt").read_text() == "my notes about this run"
+    assert open_attributions(out).failed.tolist() == [i == 2 for i in range(N_ITEMS)]
+
+
+CREATION_STEPS = [
+    "cleared",
+    "marker",
+    "array:attributions",
+    "array:records",
+    "array:errors",
+    "array:paths",
+    "paths",
+]
+
+
+def helper(out, *args):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-m", "tests._dataset_helpers", str(out), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "step, again",
+    [(step, again) for again in ("resume", "replace") for step in CREATION_STEPS]
+    + [("marker", "no-resume"), ("array:records", "no-resume")],
+)
+def test_sigkill_at_each_step_of_creation_then_run_again(tmp_path, step, again):
+    """A real SIGKILL right after each step of creating (or replacing) the store."""
+    from tests._dataset_helpers import item_paths
+
+    (tmp_path / "neighbour.txt").write_text("not the store's")
+    out = tmp_path / "s.zarr"
+    args = ["--paths", "--kill-at-step", step]
+    if again == "replace":  # a complete store, then a --no-resume run killed while replacing it
+        assert helper(out, "--paths").returncode == 0
+        args.append("--no-resume")
+    proc = helper(out, *args)
+    assert proc.returncode == -9, proc.stderr
+    assert set(os.listdir(tmp_path)) <= {"neighbour.txt", "s.zarr"}
+    if step != "cleared":  # recognised as ours and unfinished, not as a stranger's group
+        with pytest.raises(ValueError, match="creation did not finish"):
+            open_attributions(out)
+    dataset = ItemsDataset()
+    dataset.paths = item_paths()
+    summary, method = run(out, dataset=dataset, resume=again != "no-resume")
+    assert summary.complete and summary.skipped == 0 and method.items == N_ITEMS
+    assert_store_equals(out, reference(ItemsDataset(), lambda o, label: int(o.argmax())))
+    assert open_attributions(out).paths == item_paths()
+    assert sorted(os.listdir(tmp_path)) == ["neighbour.txt", "s.zarr"]
+    assert (tmp_path / "neighbour.txt").read_text() == "not the store's"
+
+
+# ------------------------------------------------------------------ the item list is a setting
+
+
+def test_a_changed_item_list_is_refused(tmp_path):
+    from tests._dataset_helpers import item_paths
+
+    dataset = ItemsDataset()
+    dataset.paths = item_paths()
+    run(tmp_path / "s.zarr", dataset=dataset)
+    shifted = ItemsDataset()
+    shifted.paths = item_paths()[:3] + item_paths()[4:] + ["new_item.pt"]
+    with pytest.raises(StoreMismatchError, match=r"another item list(.|\n)*item_003.pt"):
+        run(tmp_path / "s.zarr", dataset=shifted)
+    assert open_attributions(tmp_path / "s.zarr").paths == item_paths()
+
+
+def test_other_items_without_paths_are_refused(tmp_path):
+    run(tmp_path / "s.zarr")
+    with pytest.raises(StoreMismatchError, match="items"):
+        run(tmp_path / "s.zarr", dataset=ItemsDataset(seed=5))
+
+
+# ------------------------------------------------------------------ what a function reaches
+
+
+def softmax_of(model):
+    return lambda x: model(x).softmax(1)
+
+
+def log_softmax_of(model):
+    return lambda x: model(x).log_softmax(1)
+
+
+class Hidden:
+    """A forward function whose model cannot be reached (no __dict__): opaque."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, x):
+        return self._model(x)
+
+
+def run_function(out, forward, **kwargs):
+    options = dict(ATTRIBUTE_KWARGS, batch_size=5, dtype=torch.float64, show_progress=False)
+    options.update(kwargs)
+    method = CountingMethod(TiledOcclusion(forward))
+    return explain_dataset(method, ItemsDataset(), str(out), **options), method
+
+
+def test_a_function_wrapped_model_with_other_weights_is_refused(tmp_path):
+    out = tmp_path / "s.zarr"
+    run_function(out, softmax_of(TinyNet().eval()))
+    summary, method = run_function(out, softmax_of(TinyNet().eval()))  # same weights: resumes
+    assert summary.skipped == N_ITEMS and method.items == 0
+    with pytest.raises(StoreMismatchError, match="model"):
+        run_function(out, softmax_of(TinyNet(seed=1).eval()))
+    with pytest.raises(StoreMismatchError, match="model"):  # another function, same model
+        run_function(out, log_softmax_of(TinyNet().eval()))
+
+
+def test_an_opaque_function_is_announced_and_checked_by_its_output(tmp_path):
+    out = tmp_path / "s.zarr"
+    with pytest.warns(UserWarning, match="cannot be fingerprinted"):
+        run_function(out, Hidden(TinyNet().eval()))
+    assert "cannot be fingerprinted" in open_attributions(out).metadata["notes"][0]
+    summary, _ = run_function(out, Hidden(TinyNet().eval()))
+    assert summary.skipped == N_ITEMS
+    with pytest.raises(StoreMismatchError, match="clean output on item 0 differs"):
+        run_function(out, Hidden(TinyNet(seed=1).eval()))
+
+
+# ------------------------------------------------------------------ damage is found
+
+
+def attribution_files(out):
+    folder = os.path.join(str(out), "attributions", "c")
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "records"])
+def test_damaged_done_items_are_reported_and_computed_again(tmp_path, damage):
+    out = tmp_path / "s.zarr"
+    run(out)
+    rows = reference(ItemsDataset(), lambda o, label: int(o.argmax()))
+    if damage == "records":
+        victim = sorted(
+            os.path.join(r, f)
+            for r, _, fs in os.walk(os.path.join(str(out), "records", "c"))
+            for f in fs
+        )[1]
+    else:
+        victim = attribution_files(out)[1]  # the shard of block 1: items 2 and 3
+    if damage == "delete":
+        os.remove(victim)
+    else:
+        data = open(victim, "rb").read()
+        open(victim, "wb").write(data[: len(data) // 2])
+    if damage != "records":
+        with pytest.warns(UserWarning, match="2 items marked done are missing or unreadable"):
+            store = open_attributions(out)
+        assert sorted(store.damaged) == [2, 3] and not store.done[2] and store.done[4]
+        with pytest.raises(ValueError, match="item 2 is not done .marked done, but"):
+            store.item(2)
+        quick = open_attributions(out, verify=False)
+        with pytest.raises(ValueError, match="marked done but its attribution is"):
+            quick.item(3)
+    with pytest.warns(UserWarning, match="computing them again|computed again"):
+        summary, method = run(out)
+    assert summary.complete and method.items == 2
+    assert summary.damaged == (0 if damage == "records" else 2)
+    assert_store_equals(out, rows)
+    store = open_attributions(out)
+    assert store.damaged == {}
+
+
+def test_a_result_that_is_all_nan_is_a_failure_not_a_missing_chunk(tmp_path):
+    class NaNMethod(CountingMethod):
+        def attribute(self, inputs, **kwargs):
+            attr = super().attribute(inputs, **kwargs)
+            attr[0] = float("nan")
+            return attr
+
+    method = NaNMethod(TiledOcclusion(TinyNet().eval()))
+    options = dict(ATTRIBUTE_KWARGS, batch_size=5, dtype=torch.float64, show_progress=False)
+    summary = explain_dataset(method, ItemsDataset(), str(tmp_path / "s.zarr"), **options)
+    assert summary.failed == 2  # the first item of each batch of 5
+    assert "NaN for every element" in open_attributions(tmp_path / "s.zarr").errors[0]
+
+
+# ------------------------------------------------------------------ equal settings are equal
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        {"window": (2, 4, 4), "k": (1, 2, 2)},
+        {"window": (3, 4, 4), "k": (1, 2, 2)},  # 3 is clipped to the 2 channels
+        {"score": "raw", "baselines": 0},
+        {"baselines": 0.0, "engine": "dense"},
+        {"target": np.int64(2)},
+        {"target": torch.tensor(2)},
+    ],
+)
+def test_equivalent_settings_resume(tmp_path, spelling):
+    kwargs = dict(spelling)
+    target = kwargs.pop("target", 2)
+    out = tmp_path / "s.zarr"
+    run(out, target=2)
+    summary, method = run(out, target=target, **kwargs)
+    assert summary.skipped == N_ITEMS and method.items == 0
+
+
+# ------------------------------------------------------------------ labels
+
+
+class FloatLabels(ItemsDataset):
+    def __init__(self, label, **kwargs):
+        super().__init__(**kwargs)
+        self.label = label
+
+    def __getitem__(self, index):
+        x, _ = super().__getitem__(index)
+        return x, self.label if index == 4 else 1.0
+
+
+def test_a_float_label_is_an_error_not_a_truncated_class(tmp_path):
+    with pytest.raises(ValueError, match=r"label 1.7 is not a whole number"):
+        run(tmp_path / "a.zarr", dataset=FloatLabels(1.7), target="label")
+    summary, _ = run(tmp_path / "b.zarr", dataset=FloatLabels(2.0), target="label")
+    assert summary.complete
+    assert open_attributions(tmp_path / "b.zarr").targets.tolist() == [
+        2 if i == 4 else 1 for i in range(N_ITEMS)
+    ]
+    # float labels are not a problem when they are not the target
+    assert run(tmp_path / "c.zarr", dataset=FloatLabels(1.7))[0].complete
+
+
+# ------------------------------------------------------------------ small items share files
+
+
+class Instant:
+    """A method that costs nothing (random values: zarr skips chunks equal to the fill)."""
+
+    def __init__(self):
+        self.forward_func = lambda x: x[:, :3]
+
+    def attribute(self, inputs, target, **kwargs):
+        return torch.rand_like(inputs) + 1
+
+
+def test_small_items_make_at_most_two_files_per_hundred(tmp_path):
+    class Small(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3000
+
+        def __getitem__(self, i):
+            return torch.full((4,), float(i))
+
+    out = tmp_path / "s.zarr"
+    summary = explain_dataset(Instant(), Small(), str(out), batch_size=64, show_progress=False)
+    assert summary.complete
+    files = [f for _, _, fs in os.walk(out) for f in fs]
+    assert len(files) <= 2 * 3000 / 100, len(files)
+    store = open_attributions(out)
+    assert store.done.all() and not np.isnan(store.attributions[:]).any()
+
+
+def test_a_url_store_owns_only_what_it_made():
+    """fsspec URLs take the same path (memory:// stands for s3:// and friends)."""
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/theirs/thesis.txt", b"four years")
+    with pytest.raises(ValueError, match="is a folder holding other files"):
+        run("memory://theirs", resume=False)
+    assert memory.cat_file("/theirs/thesis.txt") == b"four years"
+    assert run("memory://ours/s.zarr")[0].complete
+    summary, method = run("memory://ours/s.zarr")
+    assert summary.skipped == N_ITEMS and method.items == 0
+    summary, method = run("memory://ours/s.zarr", resume=False)
+    assert summary.skipped == 0 and method.items == N_ITEMS
+    assert open_attributions("memory://ours/s.zarr").done.all()

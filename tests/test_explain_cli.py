@@ -161,3 +161,145 @@ def test_missing_path_and_bad_target_exit_2(tmp_path, capsys):
     assert code == 2 and "neither a file nor a folder" in err
     code, _, err = explain(capsys, tmp_path, "--out", tmp_path / "s.zarr", "--target", "best")
     assert code == 2 and "'best' must be 'predicted' or a class index" in err
+
+
+# ----------------------------------------------------------- outputs checked first (#19, #21)
+
+
+def one_line_exit_2(code, err):
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Nothing may be loaded or computed when an output is bad."""
+    from extra_attrib import imagenet
+    from tests import _dataset_helpers
+
+    def fail(*args, **kwargs):
+        raise AssertionError("work started before the outputs were checked")
+
+    monkeypatch.setattr(imagenet, "load_efficientnet_lite0", fail)
+    monkeypatch.setattr(_dataset_helpers, "factory", fail)
+
+
+def files_under(folder):
+    return {
+        os.path.relpath(os.path.join(r, f), folder): open(os.path.join(r, f), "rb").read()
+        for r, _, fs in os.walk(folder)
+        for f in fs
+    }
+
+
+def test_the_input_folder_as_out_is_refused_and_untouched(images, capsys, no_model):
+    before = files_under(images)
+    code, _, err = explain(capsys, images, "--out", images, "--model", MODEL)
+    one_line_exit_2(code, err)
+    assert "is a folder holding other files" in err and str(images) in err
+    code, _, err = explain(capsys, images, "--out", images, "--model", MODEL, "--no-resume")
+    one_line_exit_2(code, err)
+    assert files_under(images) == before
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("plain.txt", "is an existing file"),
+        ("plain.txt/s.zarr", "is a file, not a directory"),
+        ("/proc/forbidden/s.zarr", "cannot be made"),
+    ],
+)
+def test_explain_bad_out_exits_2_before_any_work(images, tmp_path, capsys, no_model, out, message):
+    (tmp_path / "plain.txt").write_text("my notes")
+    code, _, err = explain(capsys, images, "--out", tmp_path / out, "--model", MODEL)
+    one_line_exit_2(code, err)
+    assert "--out" in err or "out=" in err
+    assert message in err
+    assert (tmp_path / "plain.txt").read_text() == "my notes"
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("fig.xyz", "unknown extension '.xyz'"),
+        ("plain.txt/fig.png", "is a file, not a directory"),
+        ("/proc/forbidden/fig.png", "cannot be made"),
+    ],
+)
+def test_show_bad_out_exits_2_before_reading(tmp_path, capsys, out, message):
+    (tmp_path / "plain.txt").write_text("my notes")
+    code = main(["show", str(tmp_path / "none.zarr"), "--index", "0", "--out", str(tmp_path / out)])
+    _, err = capsys.readouterr()
+    one_line_exit_2(code, err)
+    assert "--out" in err and message in err
+
+
+def test_demo_out_that_cannot_be_made_exits_2_before_any_work(capsys, no_model):
+    code = main(["demo", "--out", "/proc/forbidden/x.png", "--no-progress"])
+    _, err = capsys.readouterr()
+    one_line_exit_2(code, err)
+    assert "--out '/proc/forbidden/x.png'" in err and "cannot be made" in err
+
+
+def test_a_replaced_file_is_refused_not_shifted(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "c.png"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "b.png").write_bytes(b"corrupt")
+    out = tmp_path / "s.zarr"
+    command = (folder, "--out", out, "--model", MODEL, "--window", 8, "--k", 2, "--score", "raw")
+    assert explain(capsys, *command)[0] == 1  # b.png failed
+    before = open_attributions(out)
+    (folder / "b.png").unlink()
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "d.png")
+    code, _, err = explain(capsys, *command)
+    one_line_exit_2(code, err.replace("\n  ", " "))
+    assert "another item list" in err and "b.png" in err and "d.png" in err
+    after = open_attributions(out)
+    assert after.paths == before.paths and after.done.tolist() == before.done.tolist()
+    # --no-resume starts again with the new list
+    code, stdout, _ = explain(capsys, *command, "--no-resume")
+    assert code == 0 and "3 done, 0 failed of 3" in stdout
+    store = open_attributions(out)
+    assert [os.path.basename(p) for p in store.paths] == ["a.png", "c.png", "d.png"]
+    model, transform = factory()
+    for i, path in enumerate(store.paths):
+        with Image.open(path) as image:
+            x = transform(image)[None]
+        target = int(model(x).argmax())
+        expected = TiledOcclusion(model).attribute(x, target=target, window=8, k=2, baselines=0.0)
+        torch.testing.assert_close(store.item(i), expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_another_score_on_resume_is_refused(images, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    command = (images / "b.png", "--out", out, "--model", MODEL, "--window", 8, "--k", 2)
+    assert explain(capsys, *command, "--score", "softmax")[0] == 0
+    code, _, err = explain(capsys, *command, "--score", "log_softmax")
+    assert code == 2 and "other settings" in err and "model" in err
+
+
+class Killed(BaseException):
+    """Stands for a kill during the store's creation (the API tests use real SIGKILLs)."""
+
+
+@pytest.mark.parametrize("again", [[], ["--no-resume"]])
+def test_a_store_killed_while_created_is_made_again(images, tmp_path, capsys, monkeypatch, again):
+    from extra_attrib import _store
+
+    def step(name):
+        if name == "array:records":
+            raise Killed()
+
+    out = tmp_path / "s.zarr"
+    command = (images / "b.png", "--out", out, "--model", MODEL, "--window", 8, "--k", 2)
+    monkeypatch.setattr(_store, "_creation_step", step)
+    with pytest.raises(Killed):
+        explain(capsys, *command)
+    monkeypatch.undo()
+    code, stdout, err = explain(capsys, *command, *again)
+    assert code == 0 and "Traceback" not in err
+    assert "1 done, 0 failed of 1" in stdout
