@@ -275,6 +275,50 @@ _DENSE_METHODS = {
     "size",
 }
 
+_DECONV_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: Rearrangements of a tensor's dimensions (kept local when they leave the batch first and the
+#: spatial dimensions in order): function -> the method name the handler dispatches on.
+_REARRANGE_FUNCTIONS: Dict[Any, str] = {
+    torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.unsqueeze: "unsqueeze",
+    torch.reshape: "reshape",
+    torch.flatten: "flatten",
+}
+_REARRANGE_METHODS = {
+    "permute",
+    "transpose",
+    "unsqueeze",
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+}
+#: Arithmetic on Python values (sizes, flags) and shape assertions: run as written.
+_SCALAR_FUNCTIONS = {
+    operator.eq,
+    operator.ne,
+    operator.lt,
+    operator.le,
+    operator.gt,
+    operator.ge,
+    operator.not_,
+    operator.and_,
+    operator.or_,
+    operator.truth,
+    torch._assert,
+}
+#: Attributes (and methods) of a tensor that a window cannot change: static in the graph.
+_META_ATTRIBUTES = {"ndim", "dtype", "device", "is_cuda", "layout"}
+_META_METHODS = {"dim", "ndimension", "is_floating_point", "is_complex"}
+
+
+def _is_meta(node: fx.Node) -> bool:
+    """``x.ndim``, ``x.dim()``, ``x.dtype``, ...: the same for the clean and any perturbed input."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return node.args[1] in _META_ATTRIBUTES
+    return node.op == "call_method" and node.target in _META_METHODS
+
 
 # --------------------------------------------------------------------------------------------
 # Values flowing through the incremental graph
@@ -520,11 +564,13 @@ class IncrementalProgram:
             if node.op == "output":
                 steps.append(_Step(node, "output", free))
                 continue
-            if not any(a in dynamic for a in node.all_input_nodes):
+            if not any(a in dynamic for a in node.all_input_nodes) or _is_meta(node):
+                # A meta fact (x.ndim, x.dtype, ...) is the same for every window: evaluated
+                # once on the clean activations, like shape checks built on it.
                 steps.append(_Step(node, "static", free))
                 continue
             dynamic.add(node)
-            steps.append(self._classify(node, free))
+            steps.append(self._classify_more(node, free) or self._classify(node, free))
         return steps
 
     def _where(self, node: fx.Node) -> str:
@@ -618,6 +664,66 @@ class IncrementalProgram:
             f"incremental occlusion does not know {node.op} at {self._where(node)}"
         )
 
+    def _classify_more(self, node: fx.Node, free: List[fx.Node]) -> Optional[_Step]:
+        """Operations of the layers in use today (issue #20), checked before the older tables.
+
+        Returns None where the older tables decide.
+        """
+        if node.op == "call_module":
+            m = self.graph_module.get_submodule(str(node.target))
+            if isinstance(m, _DECONV_MODULES) and m.padding_mode == "zeros":
+                return _Step(node, "deconv", free, m)
+            if isinstance(m, nn.Upsample):
+                return _Step(node, "upsample", free, m)
+            if isinstance(m, nn.LayerNorm):
+                return _Step(node, "channel", free, m, len(m.normalized_shape))
+            if isinstance(m, nn.Linear):
+                return _Step(node, "channel", free, m, 1)
+            return None
+        target = node.target
+        if node.op == "call_function":
+            if target is F.batch_norm:
+                training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training")
+                stats = node.args[1] if len(node.args) > 1 else node.kwargs.get("running_mean")
+                if training is False and stats is not None:  # eval: a per-channel affine map
+                    return _Step(node, "channel", free, None, "channel")
+                return None
+            if target is F.layer_norm:
+                return _Step(node, "channel", free, None, "layer_norm")
+            if target is F.linear:
+                return _Step(node, "channel", free, None, 1)
+            if getattr(target, "__name__", "") == "stochastic_depth" and str(
+                getattr(target, "__module__", "")
+            ).startswith("torchvision"):
+                training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+                if training is False:  # an identity in eval
+                    return _Step(node, "pointwise", free)
+                raise UnsupportedModel(
+                    f"stochastic_depth in training mode (or with a traced training flag) at "
+                    f"{self._where(node)}"
+                )
+            if target is F.interpolate:
+                return _Step(node, "upsample", free)
+            if target in _REARRANGE_FUNCTIONS:
+                return _Step(node, "rearrange", free, None, _REARRANGE_FUNCTIONS[target])
+            if target in (torch.split, torch.chunk, torch.tensor_split):
+                return _Step(node, "split", free)
+            if target is operator.getitem:
+                return _Step(node, "getitem", free)
+            if target in _SCALAR_FUNCTIONS:
+                return _Step(node, "dense", free)
+            return None
+        if node.op == "call_method":
+            if target in _REARRANGE_METHODS:
+                return _Step(node, "rearrange", free, None, target)
+            if target in ("split", "chunk", "tensor_split"):
+                return _Step(node, "split", free)
+            if target == "expand_as":
+                return _Step(node, "expand_as", free)
+            if target == "repeat":
+                return _Step(node, "repeat", free)
+        return None
+
     # -- running ----------------------------------------------------------------------------
 
     def run_clean(self, x: Tensor) -> _Env:
@@ -683,10 +789,10 @@ class IncrementalProgram:
                 return fx.node.map_arg(node.args[0], lambda a: _as_dense(env[a], cost))
             else:
                 out = _HANDLERS[step.kind](self, step, env, clean[node], b, cost)
-                if isinstance(out, Patch) and (
+                if isinstance(out, (Patch, Moved)) and (
                     math.prod(out.size) >= DENSE_FRACTION * math.prod(out.full)
                 ):
-                    out = _Dense(materialise(out))
+                    out = _Dense(_as_dense(out))
                     if cost is not None:
                         cost.elements(out.value.numel())
                 env[node] = out
@@ -708,13 +814,15 @@ class IncrementalProgram:
 
 
 def _as_dense(value: Any, cost: Optional[_Cost] = None) -> Any:
-    if isinstance(value, Patch):
-        out = materialise(value)
+    if isinstance(value, (Patch, Moved)):
+        out = materialise(value) if isinstance(value, Patch) else materialise_moved(value)
         if cost is not None:
             cost.elements(out.numel())
         return out
     if isinstance(value, _Dense):
         return value.value
+    if isinstance(value, (tuple, list)) and not isinstance(value, torch.Size):
+        return type(value)(_as_dense(v, cost) for v in value)
     return value
 
 
@@ -809,9 +917,9 @@ def _pointwise(
     args, kwargs = _args(step, env)
     first = args[0] if args else None
     rest = list(args[1:]) + list(kwargs.values())
-    if not isinstance(first, Patch) or any(
-        isinstance(a, (Patch, _Dense))
-        or (isinstance(a, Tensor) and not _local_operand(a, first.clean.dim()))
+    if not isinstance(first, (Patch, Moved)) or any(
+        isinstance(a, (Patch, Moved, _Dense))
+        or (isinstance(a, Tensor) and not _local_to(a, first.clean.dim(), _spatial(first)))
         for a in rest
     ):
         return _run_dense(program, step, env, clean, b, cost)
@@ -820,6 +928,8 @@ def _pointwise(
     out = program._call(step, (first.values, *args[1:]), kwargs)
     if cost is not None:
         cost.elements(out.numel())
+    if isinstance(first, Moved):
+        return _boxed(first, out, clean)
     return _patch_like(first, out, clean)
 
 
@@ -975,6 +1085,8 @@ def _binary(
     args, _ = _args(step, env)
     if len(args) != 2 or not isinstance(clean, Tensor) or any(isinstance(a, _Dense) for a in args):
         return _run_dense(program, step, env, clean, b, cost)
+    if any(isinstance(a, Moved) for a in args):
+        return _binary_moved(program, step, env, clean, b, cost)
     fn = step.info
     patches = [a for a in args if isinstance(a, Patch)]
     if any(p.clean.shape != clean.shape for p in patches):
@@ -1029,7 +1141,7 @@ def _size(
 ) -> Any:
     """``x.size()`` / ``x.shape`` of a patch: the clean sizes with ``B`` times the rows."""
     x = env[step.node.args[0]]
-    if not isinstance(x, Patch):
+    if not isinstance(x, (Patch, Moved)):
         return _run_dense(program, step, env, clean, b, cost)
     shape = torch.Size((x.clean.shape[0] * b, *x.clean.shape[1:]))
     if step.node.op == "call_function":  # getattr(x, "shape")
@@ -1041,6 +1153,414 @@ def _size(
     return shape[dim]
 
 
+# --------------------------------------------------------------------------------------------
+# Rearranged patches, and the operations of today's CNNs (issue #20)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Moved:
+    """A changed activation whose dimensions were rearranged (permuted, split, unsqueezed).
+
+    The batch stays first and the spatial dimensions keep their order, at positions
+    ``spatial``; the other dimensions (channels, groups of channels) lie anywhere else. E.g.
+    ConvNeXt's channels-last ``(N, H, W, C)`` has ``spatial == (1, 2)``, ShuffleNet's
+    ``(N, groups, C // groups, H, W)`` has ``spatial == (3, 4)``.
+
+    Attributes:
+        values (Tensor): New values, the clean layout with ``B * N`` rows and the box sizes at
+            ``spatial``.
+        starts (Tensor): Box starts on the CPU, ``(B, d)`` int64, as in :class:`Patch`.
+        size (tuple of int): Box size per spatial dimension.
+        clean (Tensor): The clean activation, ``N`` rows.
+        spatial (tuple of int): Positions of the spatial dimensions, increasing.
+    """
+
+    values: Tensor
+    starts: Tensor
+    size: Tuple[int, ...]
+    clean: Tensor
+    spatial: Tuple[int, ...]
+
+    @property
+    def full(self) -> Tuple[int, ...]:
+        return tuple(self.clean.shape[i] for i in self.spatial)
+
+    @property
+    def windows(self) -> int:
+        return self.starts.shape[0]
+
+
+def _spatial(value: Any) -> Tuple[int, ...]:
+    """Positions of the spatial dimensions of a :class:`Patch` or :class:`Moved`."""
+    if isinstance(value, Moved):
+        return value.spatial
+    return tuple(range(2, value.clean.dim()))
+
+
+def _boxed(
+    like: Any, values: Tensor, clean: Tensor, spatial: Optional[Tuple[int, ...]] = None
+) -> Any:
+    """New box values on ``like``'s boxes.
+
+    A :class:`Patch` in the standard layout ``(N, C, *S)``, a :class:`Moved` otherwise.
+    """
+    spatial = _spatial(like) if spatial is None else spatial
+    if spatial == tuple(range(2, clean.dim())):
+        return Patch(values, like.starts, like.size, clean)
+    return Moved(values, like.starts, like.size, clean, spatial)
+
+
+def materialise_moved(value: Moved) -> Tensor:
+    """The full rearranged maps ``(B * N, ...)`` of every window."""
+    clean = value.clean
+    b, n = value.windows, clean.shape[0]
+    out = clean.unsqueeze(0).repeat(b, *([1] * clean.dim()))
+    new = value.values.reshape(b, n, *value.values.shape[1:])
+    for w, start in enumerate(value.starts.tolist()):
+        index: List[Any] = [slice(None)] * clean.dim()
+        for pos, s, size in zip(value.spatial, start, value.size):
+            index[pos] = slice(s, s + size)
+        out[tuple([w, *index])] = new[w]
+    return out.reshape(b * n, *clean.shape[1:])
+
+
+def _local_to(value: Any, ndim: int, spatial: Sequence[int]) -> bool:
+    """A static operand that broadcasts alike onto a box and onto the full map.
+
+    Size 1 along the batch and the spatial dimensions (:func:`_local_operand` for any layout).
+    """
+    if not isinstance(value, Tensor):
+        return isinstance(value, (int, float, bool))
+    if value.dim() > ndim:
+        return False
+    shape = (1,) * (ndim - value.dim()) + tuple(value.shape)
+    return shape[0] == 1 and all(shape[i] == 1 for i in spatial)
+
+
+def _binary_moved(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
+    """Add/sub/mul/div where an operand is a :class:`Moved`.
+
+    With a local operand, or with a second patch on the same boxes and layout; anything else
+    runs densely.
+    """
+    args, _ = _args(step, env)
+    fn = step.info
+    first, second = args
+    patches = [a for a in args if isinstance(a, (Patch, Moved))]
+    if len(patches) == 1:
+        p = patches[0]
+        other = second if first is p else first
+        if p.clean.shape != clean.shape or not _local_to(other, clean.dim(), _spatial(p)):
+            return _run_dense(program, step, env, clean, b, cost)
+        out = fn(p.values, other) if first is p else fn(other, p.values)
+    else:
+        if not (
+            isinstance(first, Moved)
+            and isinstance(second, Moved)
+            and first.spatial == second.spatial
+            and first.size == second.size
+            and first.clean.shape == second.clean.shape == clean.shape
+            and torch.equal(first.starts, second.starts)
+        ):
+            return _run_dense(program, step, env, clean, b, cost)
+        p = first
+        out = fn(first.values, second.values)
+    if cost is not None:
+        cost.elements(out.numel())
+    return _boxed(p, out, clean)
+
+
+def _channel(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
+    """An op over non-spatial dimensions only, pointwise in space.
+
+    Eval ``F.batch_norm`` (over dimension 1, as timm's norm-activation layers call it),
+    ``LayerNorm`` and ``Linear`` over trailing dimensions that are not spatial (ConvNeXt's
+    channels-last norm and MLP).
+    """
+    args, kwargs = _args(step, env)
+    x = args[0] if args else None
+    if not isinstance(x, (Patch, Moved)) or not isinstance(clean, Tensor):
+        return _run_dense(program, step, env, clean, b, cost)
+    if any(isinstance(a, (Patch, Moved, _Dense)) for a in list(args[1:]) + list(kwargs.values())):
+        return _run_dense(program, step, env, clean, b, cost)
+    ndim = x.clean.dim()
+    if step.info == "channel":
+        dims = {1}
+    else:
+        count = step.info
+        if count == "layer_norm":
+            shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+            if not isinstance(shape, (tuple, list)):
+                return _run_dense(program, step, env, clean, b, cost)
+            count = len(shape)
+        dims = set(range(ndim - count, ndim))
+    if 0 in dims or dims & set(_spatial(x)) or clean.dim() != ndim:
+        return _run_dense(program, step, env, clean, b, cost)
+    out = program._call(step, (x.values, *args[1:]), kwargs)
+    if cost is not None:
+        cost.elements(x.values.numel() + out.numel())
+        if step.module is not None and isinstance(step.module, nn.Linear):
+            cost.macs(out.numel() * step.module.in_features)
+    return _boxed(x, out, clean)
+
+
+def _rearrange(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
+    """Permute / transpose / unsqueeze / view / reshape / flatten / unflatten of a patch.
+
+    Local when the batch stays first and the spatial dimensions keep their order; a view
+    or reshape must also keep the spatial dimensions last and whole (it regroups the
+    channels only, as ShuffleNet's channel shuffle does). Otherwise the op runs densely.
+    """
+    args, kwargs = _args(step, env)
+    x = args[0] if args else None
+    if not isinstance(x, (Patch, Moved)) or not isinstance(clean, Tensor):
+        return _run_dense(program, step, env, clean, b, cost)
+    name = step.info
+    ndim, spatial = x.clean.dim(), _spatial(x)
+    rest = list(args[1:])
+    try:
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            dims = list(kwargs.get("dims", dims))
+            if sorted(d % ndim for d in dims) != list(range(ndim)):
+                return _run_dense(program, step, env, clean, b, cost)
+            order = [d % ndim for d in dims]
+        elif name == "transpose":
+            first, second = (int(d) % ndim for d in (rest + list(kwargs.values()))[:2])
+            order = list(range(ndim))
+            order[first], order[second] = order[second], order[first]
+        elif name == "unsqueeze":
+            dim = int((rest + list(kwargs.values()))[0]) % (ndim + 1)
+            if dim == 0:
+                return _run_dense(program, step, env, clean, b, cost)
+            new = tuple(s + (s >= dim) for s in spatial)
+            values = program._call(step, (x.values, *args[1:]), kwargs)
+            return _boxed(x, values, clean, new)
+        else:  # view, reshape, flatten, unflatten: regroup the dimensions before the spatial
+            d = len(spatial)
+            if (
+                spatial != tuple(range(ndim - d, ndim))
+                or clean.dim() < d + 2
+                or clean.shape[0] != x.clean.shape[0]
+                or tuple(clean.shape[clean.dim() - d :]) != x.full
+                or clean.numel() != x.clean.numel()
+            ):
+                return _run_dense(program, step, env, clean, b, cost)
+            middle = tuple(clean.shape[1 : clean.dim() - d])
+            values = x.values.reshape(x.values.shape[0], *middle, *x.size)
+            return _boxed(x, values, clean, tuple(range(clean.dim() - d, clean.dim())))
+    except (TypeError, ValueError, IndexError):
+        return _run_dense(program, step, env, clean, b, cost)
+    if order[0] != 0:
+        return _run_dense(program, step, env, clean, b, cost)
+    new = tuple(order.index(s) for s in spatial)
+    if list(new) != sorted(new):
+        return _run_dense(program, step, env, clean, b, cost)
+    values = program._call(step, (x.values, *args[1:]), kwargs)
+    return _boxed(x, values, clean, new)
+
+
+def _split(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
+    """Split / chunk / tensor_split along a non-spatial dimension (res2net, GhostNet, CSP).
+
+    The result is a tuple of patches on the same boxes.
+    """
+    args, kwargs = _args(step, env)
+    x = args[0] if args else None
+    if not isinstance(x, (Patch, Moved)) or not isinstance(clean, (tuple, list)):
+        return _run_dense(program, step, env, clean, b, cost)
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    if not isinstance(dim, int):
+        return _run_dense(program, step, env, clean, b, cost)
+    dim %= x.clean.dim()
+    if dim == 0 or dim in _spatial(x):
+        return _run_dense(program, step, env, clean, b, cost)
+    parts = program._call(step, (x.values, *args[1:]), kwargs)
+    return tuple(_boxed(x, p, c) for p, c in zip(parts, clean))
+
+
+def _getitem(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
+    """Indexing: ``parts[i]`` of a tuple (of patches, or a shape).
+
+    Or basic slicing of a patch along non-spatial dimensions only (``x[:, :c]``).
+    """
+    args, _ = _args(step, env)
+    container, index = args
+    if isinstance(container, (tuple, list)) and isinstance(index, int):
+        return container[index]  # an element: a patch, a size, anything
+    if isinstance(container, (Patch, Moved)) and isinstance(clean, Tensor):
+        items = list(index) if isinstance(index, tuple) else [index]
+        ndim = container.clean.dim()
+        if items and items[-1] is Ellipsis:
+            items = items[:-1] + [slice(None)] * (ndim - len(items) + 1)
+        if len(items) <= ndim and all(isinstance(i, slice) for i in items):
+            keep = {0, *_spatial(container)}
+            if all(i == slice(None) for p, i in enumerate(items) if p in keep):
+                return _boxed(container, container.values[tuple(items)], clean)
+    return _run_dense(program, step, env, clean, b, cost)
+
+
+def _expand_as(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
+    """``a.expand_as(x)`` with ``x`` a patch.
+
+    A per-channel static ``a`` becomes a patch of ``x``'s boxes; a dense ``a`` (an attention
+    gate, as in ECA) is expanded to the full shape without materialising ``x``.
+    """
+    args, _ = _args(step, env)
+    a, target = args
+    if not isinstance(target, (Patch, Moved)) or not isinstance(clean, Tensor):
+        return _run_dense(program, step, env, clean, b, cost)
+    full = (target.clean.shape[0] * target.windows, *target.clean.shape[1:])
+    if isinstance(a, _Dense) and isinstance(a.value, Tensor):
+        return _Dense(a.value.expand(full))
+    if isinstance(a, Tensor) and _local_to(a, target.clean.dim(), _spatial(target)):
+        return _boxed(target, a.expand_as(target.values), clean)
+    return _run_dense(program, step, env, clean, b, cost)
+
+
+def _repeat(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
+    """``x.repeat(...)`` of a patch along non-spatial dimensions only (MONAI's VNet)."""
+    args, kwargs = _args(step, env)
+    x = args[0] if args else None
+    sizes = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+    if (
+        not isinstance(x, (Patch, Moved))
+        or kwargs
+        or not isinstance(clean, Tensor)
+        or len(sizes) != x.clean.dim()
+        or not all(isinstance(s, int) for s in sizes)
+        or any(sizes[i] != 1 for i in (0, *_spatial(x)))
+    ):
+        return _run_dense(program, step, env, clean, b, cost)
+    return _boxed(x, x.values.repeat(*sizes), clean)
+
+
+def _crop(values: Tensor, offsets: Tensor, size: Sequence[int], n: int) -> Tensor:
+    """Per window, the box at ``offsets`` (``(B, d)``, CPU) of ``values`` ``(B * N, C, *T)``."""
+    b = offsets.shape[0]
+    out = values.reshape(b, -1, *values.shape[2:])
+    for i, length in enumerate(size):
+        index = (offsets[:, i : i + 1] + torch.arange(length)).to(values.device)
+        shape = [b] + [1] * (out.dim() - 1)
+        shape[2 + i] = length
+        target = list(out.shape)
+        target[2 + i] = length
+        out = out.gather(2 + i, index.view(shape).expand(target))
+    return out.reshape(b * n, -1, *size)
+
+
+def _deconv(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
+    """Transposed convolution (U-Net decoders).
+
+    Output ``o`` reads input ``i`` where ``o = i * stride - pad + j * dilation``: the box of
+    changed inputs ``[a, a + L)`` changes the outputs from ``a * stride - pad`` to
+    ``(a + L - 1) * stride - pad + reach``. The input context is gathered (zero outside the
+    map: a missing input adds nothing), run without padding, and each window's box is cropped
+    from the result.
+    """
+    m: Any = step.module
+    x = env[step.node.args[0]]
+    if not isinstance(x, Patch) or len(step.node.args) != 1 or step.node.kwargs:
+        return _run_dense(program, step, env, clean, b, cost)
+    d = len(x.full)
+    kernel, stride = _tup(m.kernel_size, d), _tup(m.stride, d)
+    pad, dilation = _tup(m.padding, d), _tup(m.dilation, d)
+    starts, sizes, ctx_starts, ctx_sizes, offsets = [], [], [], [], []
+    for i, out_len in enumerate(clean.shape[2:]):
+        k, s, p, dl = kernel[i], stride[i], pad[i], dilation[i]
+        reach = (k - 1) * dl
+        size = min((x.size[i] - 1) * s + reach + 1, out_len)
+        lo = (x.starts[:, i] * s - p).clamp(0, out_len - size)
+        first = torch.div(lo + p - reach, s, rounding_mode="floor")
+        starts.append(lo)
+        sizes.append(size)
+        ctx_starts.append(first)
+        ctx_sizes.append(-(-(size + reach + s - 1) // s))  # every input of the box's outputs
+        offsets.append(lo + p - first * s)
+    context = gather(x, torch.stack(ctx_starts, 1), tuple(ctx_sizes), "constant", 0.0)
+    deconv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+    full = deconv(context, m.weight, m.bias, stride, 0, 0, m.groups, dilation)
+    out = _crop(full, torch.stack(offsets, 1), sizes, x.clean.shape[0])
+    if cost is not None:
+        cost.elements(2 * context.numel() + 2 * full.numel())
+        cost.macs(full.numel() * m.weight.shape[0] // max(m.groups, 1) * math.prod(kernel))
+    return Patch(out, torch.stack(starts, 1), tuple(sizes), clean)
+
+
+def _upsample(
+    program: IncrementalProgram, step: _Step, env: _Env, clean: Any, b: int, cost: Optional[_Cost]
+) -> Any:
+    """Upsampling by an integer factor per dimension.
+
+    ``nearest`` (power-of-two factors, whose
+    source index ``floor(o / s)`` is exact in floating point) or ``linear`` / ``bilinear`` /
+    ``trilinear`` without ``align_corners``. Output ``o`` reads inputs near
+    ``(o + 0.5) / s - 0.5``; the context gets one input of margin per side, replicated at the
+    map's borders as the op's clamping does, so every output of the box is exact.
+    """
+    args, kwargs = _args(step, env)
+    x = args[0] if args else None
+    if not isinstance(x, Patch) or not isinstance(clean, Tensor):
+        return _run_dense(program, step, env, clean, b, cost)
+    if step.module is not None:
+        m: Any = step.module
+        mode, corners, factor, antialias = m.mode, m.align_corners, m.scale_factor, False
+        if len(args) != 1 or kwargs:
+            return _run_dense(program, step, env, clean, b, cost)
+    else:
+        names = ("input", "size", "scale_factor", "mode", "align_corners")
+        values = dict(zip(names, args))
+        values.update(kwargs)
+        mode, corners = values.get("mode", "nearest"), values.get("align_corners")
+        factor, antialias = values.get("scale_factor"), values.get("antialias", False)
+    d = len(x.full)
+    scales = [o // i for o, i in zip(clean.shape[2:], x.full)]
+    linear = mode in ("linear", "bilinear", "trilinear")
+    if (
+        clean.shape[:2] != x.clean.shape[:2]
+        or any(o != s * i for o, s, i in zip(clean.shape[2:], scales, x.full))
+        or antialias
+        or corners
+        or not (linear or (mode == "nearest" and all(s & (s - 1) == 0 for s in scales)))
+    ):
+        return _run_dense(program, step, env, clean, b, cost)
+    if factor is not None and any(float(f) != s for f, s in zip(_tup(factor, d), scales)):
+        return _run_dense(program, step, env, clean, b, cost)
+    margin = 1 if linear else 0
+    starts, sizes, ctx_starts, ctx_sizes = [], [], [], []
+    for i, (s, out_len) in enumerate(zip(scales, clean.shape[2:])):
+        size = min((x.size[i] + 2 * margin) * s, out_len)  # a multiple of s, as out_len is
+        lo = ((x.starts[:, i] - margin) * s).clamp(0, out_len - size)
+        starts.append(lo)
+        sizes.append(size)
+        ctx_starts.append(torch.div(lo, s, rounding_mode="floor") - margin)
+        ctx_sizes.append(size // s + 2 * margin)
+    context = gather(x, torch.stack(ctx_starts, 1), tuple(ctx_sizes), "replicate")
+    full = F.interpolate(context, scale_factor=tuple(float(s) for s in scales), mode=mode)
+    crop = tuple(slice(margin * s, margin * s + n) for s, n in zip(scales, sizes))
+    out = full[(slice(None), slice(None)) + crop]
+    if cost is not None:
+        cost.elements(2 * context.numel() + 2 * full.numel())
+    return Patch(out, torch.stack(starts, 1), tuple(sizes), clean)
+
+
 _HANDLERS: Dict[str, Callable[..., Any]] = {
     "pointwise": _pointwise,
     "conv": _conv,
@@ -1050,6 +1570,14 @@ _HANDLERS: Dict[str, Callable[..., Any]] = {
     "cat": _cat,
     "size": _size,
     "dense": _run_dense,
+    "channel": _channel,
+    "rearrange": _rearrange,
+    "split": _split,
+    "getitem": _getitem,
+    "expand_as": _expand_as,
+    "repeat": _repeat,
+    "deconv": _deconv,
+    "upsample": _upsample,
 }
 
 
