@@ -36,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from extra_attrib._engine import BUFFER_BUDGET_BYTES
 from extra_attrib._geometry import TileGeometry, perturbation_boxes
+from extra_attrib._targets import check_output
+from extra_attrib._verify import VerificationFailed, verify_incremental
 
 #: Values of the nodes run so far, keyed by ``fx.Node``. The key type is ``Any`` because fx types
 #: a node's ``args`` entries as its broad ``Argument`` union, even where they are nodes.
@@ -525,6 +528,15 @@ class IncrementalProgram:
                 continue
             dynamic.add(node)
             steps.append(self._classify(node, free))
+        # Nodes a patch can reach: the input, and any node with such an input that does not
+        # always run densely. The others hold full values only; their clean activations are
+        # not needed by a patched run (see prune).
+        self.patchable = set(self.placeholders)
+        for step in steps:
+            if step.kind not in ("static", "input", "output", "dense") and any(
+                a in self.patchable for a in step.node.all_input_nodes
+            ):
+                self.patchable.add(step.node)
         return steps
 
     def _where(self, node: fx.Node) -> str:
@@ -635,6 +647,31 @@ class IncrementalProgram:
                 env[node] = self._call(step, args, kwargs)
         return env
 
+    def output_of(self, env: _Env) -> Any:
+        """The program's output in a clean run's ``env``."""
+        return env[self.steps[-1].node]
+
+    def prune(self, env: _Env) -> int:
+        """Drop from a clean run's ``env`` what no patched run reads; return the bytes kept.
+
+        A node that only ever carries full (dense) values downstream of a global pool, a
+        linear layer, ... never needs its clean activation: a patch cannot reach it. The
+        program's output is dropped too (the sweep's outputs are its own).
+        """
+        for step in self.steps:
+            if step.kind not in ("static", "input") and step.node not in self.patchable:
+                env[step.node] = None
+        seen, total = set(), 0
+        for step in self.steps:
+            value = env.get(step.node)
+            if step.kind == "static" or not isinstance(value, Tensor):
+                continue
+            key = (value.untyped_storage().data_ptr(), value.device)
+            if key not in seen:
+                seen.add(key)
+                total += value.untyped_storage().nbytes()
+        return total
+
     def _call(self, step: _Step, args: Any, kwargs: Any) -> Any:
         """Run a node as the model does, but never in place (stored activations stay intact)."""
         node = step.node
@@ -735,18 +772,25 @@ def _avg_pool_is_local(m: nn.Module) -> bool:
 
 
 def _conv_info(m: Any) -> Tuple[Any, ...]:
+    """``(kernel, stride, left pads, dilation, mode, groups, right pads)`` of a conv module.
+
+    ``padding="same"`` pads ``total // 2`` on the left and the rest on the right, as torch
+    does (``_reversed_padding_repeated_twice``): an even kernel pads one more on the right.
+    """
     d = _dims(m)
     kernel = tuple(m.kernel_size)
     dilation = tuple(m.dilation)
     if isinstance(m.padding, str):
         if m.padding == "valid":
-            pad = (0,) * d
-        else:  # "same": torch pads (total // 2) on the left
-            pad = tuple((dl * (k - 1)) // 2 for k, dl in zip(kernel, dilation))
+            pad = right = (0,) * d
+        else:
+            total = tuple(dl * (k - 1) for k, dl in zip(kernel, dilation))
+            pad = tuple(t // 2 for t in total)
+            right = tuple(t - t // 2 for t in total)
     else:
-        pad = tuple(m.padding)
+        pad = right = tuple(m.padding)
     mode = {"zeros": "constant"}.get(m.padding_mode, m.padding_mode)
-    return kernel, tuple(m.stride), pad, dilation, mode, m.groups
+    return kernel, tuple(m.stride), pad, dilation, mode, m.groups, right
 
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -829,7 +873,7 @@ def _conv(
     weight: Any  # module attributes (typed Tensor | Module by torch) or nodes' values
     bias: Any
     if step.module is not None:
-        kernel, stride, pad, dilation, mode, groups = step.info
+        kernel, stride, pad, dilation, mode, groups, right = step.info
         x = env[step.node.args[0]]
         weight, bias = step.module.weight, step.module.bias
         if step.node.kwargs or len(step.node.args) != 1:
@@ -847,10 +891,12 @@ def _conv(
         stride = _tup(values.get("stride", 1), d)
         pad = _tup(padding, d)
         dilation = _tup(values.get("dilation", 1), d)
-        mode, groups = "constant", values.get("groups", 1)
-    if not isinstance(x, Patch) or not _padding_is_local(x, mode, kernel, pad, dilation):
+        mode, groups, right = "constant", values.get("groups", 1), pad
+    if not isinstance(x, Patch):
         return _run_dense(program, step, env, clean, b, cost)
-    starts, size, ctx_starts, ctx_size = _sliding_boxes(x, clean, kernel, stride, pad, dilation)
+    starts, size, ctx_starts, ctx_size = _sliding_boxes(
+        x, clean, kernel, stride, pad, dilation, mode, right
+    )
     context = gather(x, ctx_starts, ctx_size, mode, 0.0)
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(kernel) - 1]
     out = conv(context, weight, bias, stride, 0, dilation, groups)
@@ -860,27 +906,71 @@ def _conv(
     return Patch(out, starts, size, clean)
 
 
-def _padding_is_local(
-    x: Patch, mode: str, kernel: Sequence[int], pad: Sequence[int], dilation: Sequence[int]
-) -> bool:
-    """Whether a changed box changes only outputs near it despite the padding mode.
+def changed_span(
+    starts: Tensor, length: int, full: int, mode: str, left: int, right: int
+) -> Tuple[Tensor, Tensor]:
+    """Padded coordinates that change when ``[a, a + length)`` changes, as one span per window.
 
-    Reflect and replicate padding copy values from within ``pad`` of a border into the padding:
-    outputs reading those copies lie in the box as long as ``pad`` is at most the kernel's
-    reach. Circular padding copies one border next to the other: a box within ``pad`` of a
-    border would change outputs at the opposite border, so such chunks run densely.
+    Padding copies input values into ``[-left, 0)`` and ``[full, full + right)``: reflect
+    mirrors ``x[m]`` to ``-m`` and ``2 * (full - 1) - m``, replicate copies the end values,
+    circular wraps ``x[m]`` to ``m - full`` and ``m + full``. A changed box changes those copies
+    too; the span is the smallest interval holding the box and every changed copy (all of it
+    is recomputed, which is exact).
+
+    Args:
+        starts (Tensor): Box starts ``a``, ``(B,)`` int64, ``0 <= a <= full - length``.
+        length (int): Box length.
+        full (int): Length of the unpadded map.
+        mode (str): ``"constant"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        left (int): Left padding.
+        right (int): Right padding.
+
+    Returns:
+        (Tensor, Tensor): Span starts and (exclusive) ends, ``(B,)`` each, in padded
+        coordinates (``-left <= start``, ``end <= full + right``).
     """
-    if mode == "constant":
-        return True
-    for i, (k, p, dl) in enumerate(zip(kernel, pad, dilation)):
-        if p > (k - 1) * dl:
-            return False
-        if mode == "circular" and p > 0:
-            lo = int(x.starts[:, i].min())
-            hi = int(x.starts[:, i].max()) + x.size[i]
-            if lo < p or hi > x.full[i] - p:
-                return False
-    return True
+    a, last = starts, starts + length - 1
+    lo, hi = a.clone(), last + 1
+    if mode == "replicate":
+        lo = torch.where(a == 0, torch.full_like(a, -left), lo)
+        hi = torch.where(last == full - 1, torch.full_like(a, full + right), hi)
+    elif mode == "reflect":
+        # x[m], 1 <= m <= left, is copied to -m; x[m], full-1-right <= m <= full-2, to 2(full-1)-m
+        top = torch.minimum(last, torch.full_like(a, left))
+        lo = torch.where((last >= 1) & (a <= left) & (top >= 1), torch.minimum(lo, -top), lo)
+        bottom = torch.maximum(a, torch.full_like(a, full - 1 - right))
+        mirrored = 2 * (full - 1) - bottom + 1
+        hit = (bottom <= torch.minimum(last, torch.full_like(a, full - 2))) & (right > 0)
+        hi = torch.where(hit, torch.maximum(hi, mirrored), hi)
+    elif mode == "circular":
+        # x[m], m >= full - left, is copied to m - full; x[m], m < right, to m + full
+        first = torch.maximum(a, torch.full_like(a, full - left))
+        lo = torch.where((last >= full - left) & (left > 0), torch.minimum(lo, first - full), lo)
+        end = torch.minimum(last, torch.full_like(a, right - 1)) + full + 1
+        hi = torch.where((a <= right - 1) & (right > 0), torch.maximum(hi, end), hi)
+    elif mode != "constant":
+        raise ValueError(
+            f"padding mode {mode!r} is not one of constant, reflect, replicate, circular"
+        )
+    return lo, hi
+
+
+def output_span(
+    lo: Tensor, hi: Tensor, kernel: int, stride: int, dilation: int, pad: int, out: int
+) -> Tuple[Tensor, int]:
+    """Output box of a sliding-window op whose padded input changed on ``[lo, hi)``.
+
+    Output ``o`` reads padded inputs ``o * stride - pad + j * dilation``, ``0 <= j < kernel``.
+
+    Returns:
+        (Tensor, int): Box starts ``(B,)``, clamped inside ``[0, out - size]``, and the box size
+        (the largest over the windows).
+    """
+    reach = (kernel - 1) * dilation
+    first = (-((reach - lo - pad) // stride)).clamp(0, out - 1)  # ceil((lo + pad - reach) / s)
+    last = ((hi - 1 + pad) // stride).clamp(0, out - 1)
+    size = max(1, min(int((last - first).max()) + 1, out))
+    return first.clamp(0, out - size), size
 
 
 def _sliding_boxes(
@@ -890,13 +980,19 @@ def _sliding_boxes(
     stride: Sequence[int],
     pad: Sequence[int],
     dilation: Sequence[int],
+    mode: str = "constant",
+    right: Optional[Sequence[int]] = None,
 ) -> Tuple[Tensor, Tuple[int, ...], Tensor, Tuple[int, ...]]:
-    """Output box and input context box of a sliding-window op."""
+    """Output box and input context box of a sliding-window op.
+
+    ``pad`` is the left padding per dimension, ``right`` the right one (default: ``pad``);
+    with ``mode`` other than constant the padded copies of changed values count as changed.
+    """
+    right = pad if right is None else right
     starts, sizes, ctx_starts, ctx_sizes = [], [], [], []
     for i, out_len in enumerate(clean.shape[2:]):
-        s, n = output_box(
-            x.starts[:, i], x.size[i], kernel[i], stride[i], dilation[i], pad[i], out_len
-        )
+        lo, hi = changed_span(x.starts[:, i], x.size[i], x.full[i], mode, pad[i], right[i])
+        s, n = output_span(lo, hi, kernel[i], stride[i], dilation[i], pad[i], out_len)
         starts.append(s)
         sizes.append(n)
         ctx_starts.append(s * stride[i] - pad[i])
@@ -1187,6 +1283,12 @@ class IncrementalSweep:
         self.geometry = geometry
         with torch.no_grad():
             self.clean = program.run_clean(x.clone())
+        #: The traced program's output on the clean input, for the self-check.
+        self.clean_output = program.output_of(self.clean)
+        #: Cost of one dense forward pass, from the cost model (counted before pruning).
+        self.dense_cost = program.dense_cost(self.clean, 1)
+        #: Bytes of the clean activations the sweep keeps.
+        self.activation_bytes = program.prune(self.clean)
 
     def evaluate(self, j: int, windows: Sequence[int], windows_on_device: Tensor) -> Tensor:
         """Model outputs ``(len(windows) * N, ...)`` with the input occluded at ``windows``.
@@ -1204,7 +1306,9 @@ class IncrementalSweep:
     def run(self, j: int, boxes: List[Tuple[slice, ...]]) -> Tensor:
         """Model outputs ``(len(boxes) * N, ...)`` with the input occluded at ``boxes``."""
         with torch.no_grad():
-            return self.program.run_patched(self.clean, input_patch(self.x, self.fill, boxes))
+            out = self.program.run_patched(self.clean, input_patch(self.x, self.fill, boxes))
+        # As the dense engine checks them: a model mixing rows would give a silent wrong map.
+        return check_output(out, len(boxes) * self.x.shape[0])
 
     def reset(self, j: int) -> None:
         """Nothing to restore: the evaluator keeps no perturbed copies."""
@@ -1214,7 +1318,7 @@ class IncrementalSweep:
         cost = _Cost()
         with torch.no_grad():
             self.program.run_patched(self.clean, input_patch(self.x, self.fill, [box]), cost)
-        return self.program.dense_cost(self.clean, 1) / max(cost.total, 1.0)
+        return self.dense_cost / max(cost.total, 1.0)
 
 
 @dataclass
@@ -1240,8 +1344,16 @@ def choose_engine(
     baselines: Tuple[Tensor, ...],
     additional_forward_args: Tuple[Any, ...],
     center_box: Optional[Tuple[slice, ...]] = None,
+    geometry: Optional[TileGeometry] = None,
 ) -> EngineChoice:
     """Decide between the dense and the incremental engine.
+
+    Incremental must first pass every check: a supported model (:func:`declined_model`,
+    :class:`IncrementalProgram`), clean activations within :data:`ACTIVATION_BUDGET_BYTES`, and,
+    given ``geometry``, the self-check against the real model
+    (:func:`extra_attrib._verify.verify_incremental`). Under ``"auto"``, a failed check or any
+    exception while tracing, planning or checking chooses dense, with the reason; a forced
+    ``"incremental"`` raises a ValueError instead.
 
     Args:
         engine (str): ``"auto"``, ``"dense"`` or ``"incremental"``.
@@ -1251,36 +1363,33 @@ def choose_engine(
         additional_forward_args (tuple): Extra model arguments (incremental needs none).
         center_box (tuple of slice, optional): A typical window (one slice per non-batch
             dimension) for the cost model. Default: None (no cost check; incremental if possible)
+        geometry (TileGeometry, optional): The tiling of ``inputs[0]``, for the self-check on
+            its corner and centre windows. Default: None (no self-check)
 
     Returns:
         EngineChoice: The engine, the reason and, for incremental, the evaluator factory.
 
     Raises:
-        ValueError: ``engine="incremental"`` and the model cannot run incrementally.
+        ValueError: ``engine="incremental"`` and the model cannot run incrementally, or the
+            self-check disagrees with the model.
     """
     if engine == "dense":
         return EngineChoice("dense", "engine='dense' was requested")
     try:
-        if len(inputs) != 1:
-            raise UnsupportedModel(
-                f"incremental occlusion handles one input tensor, got {len(inputs)}"
-            )
-        if additional_forward_args:
-            raise UnsupportedModel(
-                "incremental occlusion does not take additional_forward_args (the traced model "
-                "has one input)"
-            )
-        if not inputs[0].dtype.is_floating_point:
-            raise UnsupportedModel(
-                f"the input has dtype {inputs[0].dtype}; incremental "
-                "occlusion needs a floating-point input"
-            )
-        program = program_for(forward_func, inputs[0])
-        sweep = IncrementalSweep(program, inputs, baselines)
-    except UnsupportedModel as error:
+        sweep, verified = _checked_sweep(
+            forward_func, inputs, baselines, additional_forward_args, geometry
+        )
+    except Exception as error:  # any failure of the fast path: dense works without it
+        if isinstance(error, VerificationFailed):
+            why = f"the self-check against the model failed: {error}"
+        elif isinstance(error, UnsupportedModel):
+            why = str(error)
+        else:
+            first = str(error).splitlines()[0] if str(error) else ""
+            why = f"tracing, planning or checking raised {type(error).__name__}: {first}"
         if engine == "incremental":
-            raise ValueError(f"engine='incremental' cannot run this model: {error}") from error
-        return EngineChoice("dense", f"incremental is not possible: {error}")
+            raise ValueError(f"engine='incremental' cannot run this model: {why}") from error
+        return EngineChoice("dense", f"incremental is not possible: {why}")
 
     def factory(
         _forward_func: Any,
@@ -1299,7 +1408,9 @@ def choose_engine(
         )
 
     if engine == "incremental":
-        return EngineChoice("incremental", "engine='incremental' was requested", factory)
+        return EngineChoice(
+            "incremental", f"engine='incremental' was requested; {verified}", factory
+        )
     gain = sweep.predicted_gain(center_box) if center_box is not None else math.inf
     if gain < MIN_PREDICTED_GAIN:
         return EngineChoice(
@@ -1308,8 +1419,104 @@ def choose_engine(
             f"{MIN_PREDICTED_GAIN}x threshold",
         )
     return EngineChoice(
-        "incremental", f"the cost model predicts a {gain:.2f}x speed-up over dense", factory
+        "incremental",
+        f"the cost model predicts a {gain:.2f}x speed-up over dense; {verified}",
+        factory,
     )
+
+
+#: The clean activations an incremental sweep keeps may take at most this many bytes: the same
+#: budget as the dense engine's perturbation buffers.
+ACTIVATION_BUDGET_BYTES = BUFFER_BUDGET_BYTES
+
+
+def _checked_sweep(
+    forward_func: Callable[..., Tensor],
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    geometry: Optional[TileGeometry],
+) -> Tuple[IncrementalSweep, str]:
+    """An incremental evaluator that passed every check, and what the self-check verified.
+
+    Raises:
+        UnsupportedModel: The model or the call cannot run incrementally, or its clean
+            activations exceed :data:`ACTIVATION_BUDGET_BYTES`.
+        VerificationFailed: The self-check disagrees with the model.
+    """
+    if len(inputs) != 1:
+        raise UnsupportedModel(f"incremental occlusion handles one input tensor, got {len(inputs)}")
+    if additional_forward_args:
+        raise UnsupportedModel(
+            "incremental occlusion does not take additional_forward_args (the traced model "
+            "has one input)"
+        )
+    x = inputs[0]
+    if not x.dtype.is_floating_point:
+        raise UnsupportedModel(
+            f"the input has dtype {x.dtype}; incremental occlusion needs a floating-point input"
+        )
+    declined = declined_model(forward_func)
+    if declined:
+        raise UnsupportedModel(declined)
+    program = program_for(forward_func, x)
+    if x.shape[0] > 1:
+        # One example first: the activations of the whole batch are counted before they exist.
+        fill = baselines[0].expand_as(x)[:1]
+        probe = IncrementalSweep(program, (x[:1],), (fill,))
+        _check_budget(probe.activation_bytes * x.shape[0], x.shape[0])
+        del probe
+    sweep = IncrementalSweep(program, inputs, baselines)
+    _check_budget(sweep.activation_bytes, x.shape[0])
+    if geometry is None:
+        return sweep, "not verified (no tiling given)"
+    verified = verify_incremental(
+        forward_func,
+        x,
+        baselines[0],
+        geometry,
+        sweep.clean_output,
+        lambda boxes: sweep.run(0, boxes),
+    )
+    return sweep, verified
+
+
+def _check_budget(activation_bytes: int, n: int) -> None:
+    if activation_bytes > ACTIVATION_BUDGET_BYTES:
+        raise UnsupportedModel(
+            f"the clean activations of the batch of {n} would take "
+            f"{activation_bytes / 2**20:.0f} MiB, over the "
+            f"{ACTIVATION_BUDGET_BYTES / 2**20:.0f} MiB budget (explain fewer examples per call "
+            "for incremental)"
+        )
+
+
+def declined_model(model: Any) -> str:
+    """Why a compiled or exported model runs densely ('' for a model incremental may trace).
+
+    TorchScript, ``torch.compile`` and ``torch.export`` hand over a compiled graph, not the
+    Python ``forward`` that torch.fx reads; the dense engine calls them as they are.
+    """
+    owner = getattr(model, "__self__", None)
+    module = owner if isinstance(owner, nn.Module) else model
+    if isinstance(module, torch.jit.ScriptModule) or isinstance(model, torch.jit.ScriptFunction):
+        return (
+            "the model is TorchScript (torch.jit.script or torch.jit.trace): incremental "
+            "needs the Python forward of an eager module"
+        )
+    if type(module).__name__ == "OptimizedModule" or hasattr(model, "_torchdynamo_orig_callable"):
+        return (
+            "the model is compiled with torch.compile: incremental needs the eager module "
+            "(pass model._orig_mod to use it)"
+        )
+    if isinstance(module, fx.GraphModule) and any(
+        isinstance(node.target, torch._ops.OpOverload) for node in module.graph.nodes
+    ):
+        return (
+            "the model is a graph of ATen operators (torch.export or another graph capture): "
+            "incremental needs the eager module"
+        )
+    return ""
 
 
 def central_box(geometry: TileGeometry) -> Tuple[slice, ...]:
