@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from extra_attrib._aliasing import observable_in_place_write
 from extra_attrib._engine import BUFFER_BUDGET_BYTES
 from extra_attrib._geometry import TileGeometry, perturbation_boxes
 from extra_attrib._targets import check_output
@@ -98,6 +99,16 @@ _CONSTPAD_MODULES = (
     nn.ConstantPad3d,
 )
 _BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Modules whose rules compute what torch's class computes (their forward must be torch's).
+_LOCAL_MODULES = (
+    *_POINTWISE_MODULES,
+    *_DROPOUT_MODULES,
+    *_CONV_MODULES,
+    *_MAXPOOL_MODULES,
+    *_AVGPOOL_MODULES,
+    *_CONSTPAD_MODULES,
+    *_BATCHNORM_MODULES,
+)
 #: Modules that mix the whole map (or that this module does not compute locally): run densely.
 _DENSE_MODULES = (
     nn.Linear,
@@ -500,6 +511,14 @@ class IncrementalProgram:
                 "handles models of one input tensor"
             )
         self.steps = self._plan()
+        written = observable_in_place_write(self.graph_module.graph, self._module_of)
+        if written:
+            raise UnsupportedModel(written)
+
+    def _module_of(self, node: fx.Node) -> Optional[nn.Module]:
+        return (
+            self.graph_module.get_submodule(str(node.target)) if node.op == "call_module" else None
+        )
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -551,9 +570,20 @@ class IncrementalProgram:
         gm = self.graph_module
         if node.op == "call_module":
             m = gm.get_submodule(str(node.target))
+            own = _own_forward(m) if isinstance(m, _LOCAL_MODULES) else ""
+            if own:
+                raise UnsupportedModel(f"{own} at {self._where(node)}")
+            if isinstance(m, _BATCHNORM_MODULES) and (
+                m.training or not m.track_running_stats or m.running_mean is None
+            ):
+                raise UnsupportedModel(
+                    f"{type(m).__name__} without running statistics (or in training mode) at "
+                    f"{self._where(node)} normalises with the statistics of the batch, which "
+                    "mixes the occluded copies"
+                )
             if isinstance(m, _DROPOUT_MODULES) or isinstance(m, _POINTWISE_MODULES):
                 return _Step(node, "pointwise", free, m)
-            if isinstance(m, _BATCHNORM_MODULES) and m.track_running_stats and not m.training:
+            if isinstance(m, _BATCHNORM_MODULES):
                 return _Step(node, "pointwise", free, m)
             if isinstance(m, _CONV_MODULES):
                 return _Step(node, "conv", free, m, _conv_info(m))
@@ -601,6 +631,11 @@ class IncrementalProgram:
                 return _Step(node, "pointwise", free)
             if target in _POINTWISE_FUNCTIONS:
                 return _Step(node, "pointwise", free)
+            if target is F.batch_norm and _batch_statistics(node):
+                raise UnsupportedModel(
+                    f"batch_norm with batch statistics at {self._where(node)} mixes the "
+                    "occluded copies"
+                )
             if target in _BINARY_FUNCTIONS and not node.kwargs:
                 return _Step(node, "binary", free, None, _BINARY_FUNCTIONS[target])
             if target is torch.cat:
@@ -753,6 +788,35 @@ def _as_dense(value: Any, cost: Optional[_Cost] = None) -> Any:
     if isinstance(value, _Dense):
         return value.value
     return value
+
+
+def _own_forward(m: nn.Module) -> str:
+    """Why a leaf module's ``forward`` is not the one its class's rules assume ('' if it is).
+
+    The rules for a layer (``Conv2d``, ``ReLU``, ...) compute what torch's class computes; a
+    subclass that overrides ``forward`` (``torch.ao.nn.qat.Conv2d`` fake-quantises its weight)
+    or a ``forward`` patched onto the instance computes something else.
+    """
+    if "forward" in m.__dict__:
+        return f"a forward patched onto the {type(m).__name__} instance"
+    forward = type(m).forward
+    for base in type(m).__mro__:
+        if base.__module__.startswith("torch.nn.modules") and "forward" in vars(base):
+            if vars(base)["forward"] is not forward:
+                return (
+                    f"{type(m).__name__} overrides the forward of {base.__name__} "
+                    f"({type(m).__module__})"
+                )
+            return ""
+    return ""
+
+
+def _batch_statistics(node: fx.Node) -> bool:
+    """Whether an ``F.batch_norm`` node normalises with the batch's own statistics."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training")
+    values = dict(zip(names, node.args))
+    values.update(node.kwargs)
+    return values.get("training", False) is not False or values.get("running_mean") is None
 
 
 def _dims(m: nn.Module) -> int:
@@ -1153,9 +1217,9 @@ _HANDLERS: Dict[str, Callable[..., Any]] = {
 # The evaluator the engine calls, and the choice between engines
 # --------------------------------------------------------------------------------------------
 
-_PROGRAMS: weakref.WeakKeyDictionary[Any, Dict[Tuple[Any, ...], IncrementalProgram]] = (
-    weakref.WeakKeyDictionary()
-)
+_PROGRAMS: weakref.WeakKeyDictionary[
+    Any, Dict[Tuple[Any, ...], Tuple[Tuple[Any, ...], IncrementalProgram]]
+] = weakref.WeakKeyDictionary()
 
 
 def _check_eval_mode(model: Callable[..., Tensor]) -> None:
@@ -1183,42 +1247,105 @@ def _check_eval_mode(model: Callable[..., Tensor]) -> None:
 
 
 def _trace_without_side_effects(model: Callable[..., Tensor]) -> fx.GraphModule:
-    """``fx.symbolic_trace(model)``, undoing attribute writes of the traced forward code.
+    """``fx.symbolic_trace(model)`` with stack traces, leaving no trace in the model.
 
-    Whatever the traced forward code assigned to the modules' attributes is put back (a cache or a
-    recorded input would otherwise keep an fx Proxy). Parameters and buffers are the model-state
-    guard's business.
+    Whatever the traced forward code assigned to the modules' attributes is put back, and lists,
+    dicts and sets held in attributes get their contents back (a cache, a recorded input or a
+    list it appends to would otherwise keep an fx Proxy). Parameters and buffers are the
+    model-state guard's business. Stack traces let :mod:`extra_attrib._aliasing` see augmented
+    assignments (``y += f(x)``), which fx records as out-of-place operations.
     """
     modules = list(model.modules()) if isinstance(model, nn.Module) else []
     saved = [(m, dict(m.__dict__)) for m in modules]
+    contents = [
+        (value, list(value) if isinstance(value, list) else value.copy())
+        for _, attributes in saved
+        for value in attributes.values()
+        if type(value) in (list, dict, set)
+    ]
     try:
-        return fx.symbolic_trace(model)
+        tracer = fx.Tracer()
+        tracer.record_stack_traces = True
+        graph = tracer.trace(model)
+        name = type(model).__name__ if isinstance(model, nn.Module) else "traced"
+        return fx.GraphModule(tracer.root, graph, name)
     finally:
         for m, attributes in saved:
-            for name in [n for n in m.__dict__ if n not in attributes]:
-                del m.__dict__[name]
+            for key in [n for n in m.__dict__ if n not in attributes]:
+                del m.__dict__[key]
             m.__dict__.update(attributes)
+        for container, content in contents:
+            if isinstance(container, list):
+                container[:] = content
+            elif container != content:
+                container.clear()
+                container.update(content)
+
+
+_SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)
+#: Module attributes the cache key leaves out: hooks (checked on every call) and fx's own marks.
+_UNKEYED = ("_forward_", "_backward_", "_state_dict_", "_load_state_dict_", "_non_persistent")
+
+
+def model_fingerprint(model: Any) -> Tuple[Any, ...]:
+    """What a traced program of ``model`` depends on, for the program cache's key.
+
+    Per submodule: its identity and class, its training flag, the identity of every parameter,
+    buffer and child under its name, and every other attribute: plain values (numbers, strings,
+    tuples of them) by value, anything else (tensors, functions, an instance-patched
+    ``forward``) by identity. A reassigned parameter, a changed ``padding``, a new
+    ``self.temperature`` or ``load_state_dict(..., assign=True)`` thus retraces.
+
+    Args:
+        model (Any): The model; a non-module callable gives an empty fingerprint.
+
+    Returns:
+        tuple: Hashable.
+    """
+    if not isinstance(model, nn.Module):
+        return ()
+    parts: List[Any] = []
+    for m in model.modules():
+        entries: List[Any] = [id(m), type(m), m.training]
+        for name, value in m.__dict__.items():
+            if name.startswith(_UNKEYED) or name == "training":
+                continue
+            if name in ("_parameters", "_buffers", "_modules"):
+                entries.append((name, tuple((k, id(v)) for k, v in value.items())))
+            else:
+                entries.append((name, _attribute_key(value)))
+        parts.append(tuple(entries))
+    return tuple(parts)
+
+
+def _attribute_key(value: Any) -> Any:
+    if isinstance(value, _SIMPLE):
+        return (type(value), value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _SIMPLE) for v in value):
+        return (type(value), tuple(value))
+    return ("id", id(value))
 
 
 def program_for(model: Callable[..., Tensor], x: Tensor) -> IncrementalProgram:
     """The traced program of ``model`` for inputs shaped like ``x``, cached per model and shape.
 
-    The cache key includes the identity of every submodule, so replacing a layer retraces.
+    The cache key holds :func:`model_fingerprint`: replacing a layer, reassigning a parameter or
+    changing a module's setting retraces. The engine's self-check covers what no key can see.
 
     Raises:
         UnsupportedModel: As :class:`IncrementalProgram`.
     """
     _check_eval_mode(model)
-    key: Tuple[Any, ...] = (tuple(x.shape), x.dtype, x.device)
-    if isinstance(model, nn.Module):
-        key += tuple(id(m) for m in model.modules())
+    shape: Tuple[Any, ...] = (tuple(x.shape), x.dtype, x.device)
+    fingerprint = model_fingerprint(model)
     try:
         cache = _PROGRAMS.setdefault(model, {})
     except TypeError:  # not weak-referenceable: trace every time
         return IncrementalProgram(model, x)
-    if key not in cache:
-        cache[key] = IncrementalProgram(model, x)
-    return cache[key]
+    cached = cache.get(shape)
+    if cached is None or cached[0] != fingerprint:
+        cached = cache[shape] = (fingerprint, IncrementalProgram(model, x))
+    return cached[1]
 
 
 def input_patch(x: Tensor, fill: Tensor, boxes: Sequence[Tuple[slice, ...]]) -> Patch:
