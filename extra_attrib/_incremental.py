@@ -36,7 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from extra_attrib._aliasing import observable_in_place_write
+from extra_attrib._engine import BUFFER_BUDGET_BYTES
 from extra_attrib._geometry import TileGeometry, perturbation_boxes
+from extra_attrib._targets import check_output
+from extra_attrib._verify import VerificationFailed, verify_incremental
 
 #: Values of the nodes run so far, keyed by ``fx.Node``. The key type is ``Any`` because fx types
 #: a node's ``args`` entries as its broad ``Argument`` union, even where they are nodes.
@@ -95,6 +99,16 @@ _CONSTPAD_MODULES = (
     nn.ConstantPad3d,
 )
 _BATCHNORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: Modules whose rules compute what torch's class computes (their forward must be torch's).
+_LOCAL_MODULES = (
+    *_POINTWISE_MODULES,
+    *_DROPOUT_MODULES,
+    *_CONV_MODULES,
+    *_MAXPOOL_MODULES,
+    *_AVGPOOL_MODULES,
+    *_CONSTPAD_MODULES,
+    *_BATCHNORM_MODULES,
+)
 #: Modules that mix the whole map (or that this module does not compute locally): run densely.
 _DENSE_MODULES = (
     nn.Linear,
@@ -541,6 +555,14 @@ class IncrementalProgram:
                 "handles models of one input tensor"
             )
         self.steps = self._plan()
+        written = observable_in_place_write(self.graph_module.graph, self._module_of)
+        if written:
+            raise UnsupportedModel(written)
+
+    def _module_of(self, node: fx.Node) -> Optional[nn.Module]:
+        return (
+            self.graph_module.get_submodule(str(node.target)) if node.op == "call_module" else None
+        )
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -571,6 +593,15 @@ class IncrementalProgram:
                 continue
             dynamic.add(node)
             steps.append(self._classify_more(node, free) or self._classify(node, free))
+        # Nodes a patch can reach: the input, and any node with such an input that does not
+        # always run densely. The others hold full values only; their clean activations are
+        # not needed by a patched run (see prune).
+        self.patchable = set(self.placeholders)
+        for step in steps:
+            if step.kind not in ("static", "input", "output", "dense") and any(
+                a in self.patchable for a in step.node.all_input_nodes
+            ):
+                self.patchable.add(step.node)
         return steps
 
     def _where(self, node: fx.Node) -> str:
@@ -585,9 +616,20 @@ class IncrementalProgram:
         gm = self.graph_module
         if node.op == "call_module":
             m = gm.get_submodule(str(node.target))
+            own = _own_forward(m) if isinstance(m, _LOCAL_MODULES) else ""
+            if own:
+                raise UnsupportedModel(f"{own} at {self._where(node)}")
+            if isinstance(m, _BATCHNORM_MODULES) and (
+                m.training or not m.track_running_stats or m.running_mean is None
+            ):
+                raise UnsupportedModel(
+                    f"{type(m).__name__} without running statistics (or in training mode) at "
+                    f"{self._where(node)} normalises with the statistics of the batch, which "
+                    "mixes the occluded copies"
+                )
             if isinstance(m, _DROPOUT_MODULES) or isinstance(m, _POINTWISE_MODULES):
                 return _Step(node, "pointwise", free, m)
-            if isinstance(m, _BATCHNORM_MODULES) and m.track_running_stats and not m.training:
+            if isinstance(m, _BATCHNORM_MODULES):
                 return _Step(node, "pointwise", free, m)
             if isinstance(m, _CONV_MODULES):
                 return _Step(node, "conv", free, m, _conv_info(m))
@@ -635,6 +677,11 @@ class IncrementalProgram:
                 return _Step(node, "pointwise", free)
             if target in _POINTWISE_FUNCTIONS:
                 return _Step(node, "pointwise", free)
+            if target is F.batch_norm and _batch_statistics(node):
+                raise UnsupportedModel(
+                    f"batch_norm with batch statistics at {self._where(node)} mixes the "
+                    "occluded copies"
+                )
             if target in _BINARY_FUNCTIONS and not node.kwargs:
                 return _Step(node, "binary", free, None, _BINARY_FUNCTIONS[target])
             if target is torch.cat:
@@ -741,6 +788,31 @@ class IncrementalProgram:
                 env[node] = self._call(step, args, kwargs)
         return env
 
+    def output_of(self, env: _Env) -> Any:
+        """The program's output in a clean run's ``env``."""
+        return env[self.steps[-1].node]
+
+    def prune(self, env: _Env) -> int:
+        """Drop from a clean run's ``env`` what no patched run reads; return the bytes kept.
+
+        A node that only ever carries full (dense) values downstream of a global pool, a
+        linear layer, ... never needs its clean activation: a patch cannot reach it. The
+        program's output is dropped too (the sweep's outputs are its own).
+        """
+        for step in self.steps:
+            if step.kind not in ("static", "input") and step.node not in self.patchable:
+                env[step.node] = None
+        seen, total = set(), 0
+        for step in self.steps:
+            value = env.get(step.node)
+            if step.kind == "static" or not isinstance(value, Tensor):
+                continue
+            key = (value.untyped_storage().data_ptr(), value.device)
+            if key not in seen:
+                seen.add(key)
+                total += value.untyped_storage().nbytes()
+        return total
+
     def _call(self, step: _Step, args: Any, kwargs: Any) -> Any:
         """Run a node as the model does, but never in place (stored activations stay intact)."""
         node = step.node
@@ -826,6 +898,35 @@ def _as_dense(value: Any, cost: Optional[_Cost] = None) -> Any:
     return value
 
 
+def _own_forward(m: nn.Module) -> str:
+    """Why a leaf module's ``forward`` is not the one its class's rules assume ('' if it is).
+
+    The rules for a layer (``Conv2d``, ``ReLU``, ...) compute what torch's class computes; a
+    subclass that overrides ``forward`` (``torch.ao.nn.qat.Conv2d`` fake-quantises its weight)
+    or a ``forward`` patched onto the instance computes something else.
+    """
+    if "forward" in m.__dict__:
+        return f"a forward patched onto the {type(m).__name__} instance"
+    forward = type(m).forward
+    for base in type(m).__mro__:
+        if base.__module__.startswith("torch.nn.modules") and "forward" in vars(base):
+            if vars(base)["forward"] is not forward:
+                return (
+                    f"{type(m).__name__} overrides the forward of {base.__name__} "
+                    f"({type(m).__module__})"
+                )
+            return ""
+    return ""
+
+
+def _batch_statistics(node: fx.Node) -> bool:
+    """Whether an ``F.batch_norm`` node normalises with the batch's own statistics."""
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training")
+    values = dict(zip(names, node.args))
+    values.update(node.kwargs)
+    return values.get("training", False) is not False or values.get("running_mean") is None
+
+
 def _dims(m: nn.Module) -> int:
     return int(type(m).__name__[-2])
 
@@ -843,18 +944,25 @@ def _avg_pool_is_local(m: nn.Module) -> bool:
 
 
 def _conv_info(m: Any) -> Tuple[Any, ...]:
+    """``(kernel, stride, left pads, dilation, mode, groups, right pads)`` of a conv module.
+
+    ``padding="same"`` pads ``total // 2`` on the left and the rest on the right, as torch
+    does (``_reversed_padding_repeated_twice``): an even kernel pads one more on the right.
+    """
     d = _dims(m)
     kernel = tuple(m.kernel_size)
     dilation = tuple(m.dilation)
     if isinstance(m.padding, str):
         if m.padding == "valid":
-            pad = (0,) * d
-        else:  # "same": torch pads (total // 2) on the left
-            pad = tuple((dl * (k - 1)) // 2 for k, dl in zip(kernel, dilation))
+            pad = right = (0,) * d
+        else:
+            total = tuple(dl * (k - 1) for k, dl in zip(kernel, dilation))
+            pad = tuple(t // 2 for t in total)
+            right = tuple(t - t // 2 for t in total)
     else:
-        pad = tuple(m.padding)
+        pad = right = tuple(m.padding)
     mode = {"zeros": "constant"}.get(m.padding_mode, m.padding_mode)
-    return kernel, tuple(m.stride), pad, dilation, mode, m.groups
+    return kernel, tuple(m.stride), pad, dilation, mode, m.groups, right
 
 
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -939,7 +1047,7 @@ def _conv(
     weight: Any  # module attributes (typed Tensor | Module by torch) or nodes' values
     bias: Any
     if step.module is not None:
-        kernel, stride, pad, dilation, mode, groups = step.info
+        kernel, stride, pad, dilation, mode, groups, right = step.info
         x = env[step.node.args[0]]
         weight, bias = step.module.weight, step.module.bias
         if step.node.kwargs or len(step.node.args) != 1:
@@ -957,10 +1065,12 @@ def _conv(
         stride = _tup(values.get("stride", 1), d)
         pad = _tup(padding, d)
         dilation = _tup(values.get("dilation", 1), d)
-        mode, groups = "constant", values.get("groups", 1)
-    if not isinstance(x, Patch) or not _padding_is_local(x, mode, kernel, pad, dilation):
+        mode, groups, right = "constant", values.get("groups", 1), pad
+    if not isinstance(x, Patch):
         return _run_dense(program, step, env, clean, b, cost)
-    starts, size, ctx_starts, ctx_size = _sliding_boxes(x, clean, kernel, stride, pad, dilation)
+    starts, size, ctx_starts, ctx_size = _sliding_boxes(
+        x, clean, kernel, stride, pad, dilation, mode, right
+    )
     context = gather(x, ctx_starts, ctx_size, mode, 0.0)
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(kernel) - 1]
     out = conv(context, weight, bias, stride, 0, dilation, groups)
@@ -970,27 +1080,71 @@ def _conv(
     return Patch(out, starts, size, clean)
 
 
-def _padding_is_local(
-    x: Patch, mode: str, kernel: Sequence[int], pad: Sequence[int], dilation: Sequence[int]
-) -> bool:
-    """Whether a changed box changes only outputs near it despite the padding mode.
+def changed_span(
+    starts: Tensor, length: int, full: int, mode: str, left: int, right: int
+) -> Tuple[Tensor, Tensor]:
+    """Padded coordinates that change when ``[a, a + length)`` changes, as one span per window.
 
-    Reflect and replicate padding copy values from within ``pad`` of a border into the padding:
-    outputs reading those copies lie in the box as long as ``pad`` is at most the kernel's
-    reach. Circular padding copies one border next to the other: a box within ``pad`` of a
-    border would change outputs at the opposite border, so such chunks run densely.
+    Padding copies input values into ``[-left, 0)`` and ``[full, full + right)``: reflect
+    mirrors ``x[m]`` to ``-m`` and ``2 * (full - 1) - m``, replicate copies the end values,
+    circular wraps ``x[m]`` to ``m - full`` and ``m + full``. A changed box changes those copies
+    too; the span is the smallest interval holding the box and every changed copy (all of it
+    is recomputed, which is exact).
+
+    Args:
+        starts (Tensor): Box starts ``a``, ``(B,)`` int64, ``0 <= a <= full - length``.
+        length (int): Box length.
+        full (int): Length of the unpadded map.
+        mode (str): ``"constant"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
+        left (int): Left padding.
+        right (int): Right padding.
+
+    Returns:
+        (Tensor, Tensor): Span starts and (exclusive) ends, ``(B,)`` each, in padded
+        coordinates (``-left <= start``, ``end <= full + right``).
     """
-    if mode == "constant":
-        return True
-    for i, (k, p, dl) in enumerate(zip(kernel, pad, dilation)):
-        if p > (k - 1) * dl:
-            return False
-        if mode == "circular" and p > 0:
-            lo = int(x.starts[:, i].min())
-            hi = int(x.starts[:, i].max()) + x.size[i]
-            if lo < p or hi > x.full[i] - p:
-                return False
-    return True
+    a, last = starts, starts + length - 1
+    lo, hi = a.clone(), last + 1
+    if mode == "replicate":
+        lo = torch.where(a == 0, torch.full_like(a, -left), lo)
+        hi = torch.where(last == full - 1, torch.full_like(a, full + right), hi)
+    elif mode == "reflect":
+        # x[m], 1 <= m <= left, is copied to -m; x[m], full-1-right <= m <= full-2, to 2(full-1)-m
+        top = torch.minimum(last, torch.full_like(a, left))
+        lo = torch.where((last >= 1) & (a <= left) & (top >= 1), torch.minimum(lo, -top), lo)
+        bottom = torch.maximum(a, torch.full_like(a, full - 1 - right))
+        mirrored = 2 * (full - 1) - bottom + 1
+        hit = (bottom <= torch.minimum(last, torch.full_like(a, full - 2))) & (right > 0)
+        hi = torch.where(hit, torch.maximum(hi, mirrored), hi)
+    elif mode == "circular":
+        # x[m], m >= full - left, is copied to m - full; x[m], m < right, to m + full
+        first = torch.maximum(a, torch.full_like(a, full - left))
+        lo = torch.where((last >= full - left) & (left > 0), torch.minimum(lo, first - full), lo)
+        end = torch.minimum(last, torch.full_like(a, right - 1)) + full + 1
+        hi = torch.where((a <= right - 1) & (right > 0), torch.maximum(hi, end), hi)
+    elif mode != "constant":
+        raise ValueError(
+            f"padding mode {mode!r} is not one of constant, reflect, replicate, circular"
+        )
+    return lo, hi
+
+
+def output_span(
+    lo: Tensor, hi: Tensor, kernel: int, stride: int, dilation: int, pad: int, out: int
+) -> Tuple[Tensor, int]:
+    """Output box of a sliding-window op whose padded input changed on ``[lo, hi)``.
+
+    Output ``o`` reads padded inputs ``o * stride - pad + j * dilation``, ``0 <= j < kernel``.
+
+    Returns:
+        (Tensor, int): Box starts ``(B,)``, clamped inside ``[0, out - size]``, and the box size
+        (the largest over the windows).
+    """
+    reach = (kernel - 1) * dilation
+    first = (-((reach - lo - pad) // stride)).clamp(0, out - 1)  # ceil((lo + pad - reach) / s)
+    last = ((hi - 1 + pad) // stride).clamp(0, out - 1)
+    size = max(1, min(int((last - first).max()) + 1, out))
+    return first.clamp(0, out - size), size
 
 
 def _sliding_boxes(
@@ -1000,13 +1154,19 @@ def _sliding_boxes(
     stride: Sequence[int],
     pad: Sequence[int],
     dilation: Sequence[int],
+    mode: str = "constant",
+    right: Optional[Sequence[int]] = None,
 ) -> Tuple[Tensor, Tuple[int, ...], Tensor, Tuple[int, ...]]:
-    """Output box and input context box of a sliding-window op."""
+    """Output box and input context box of a sliding-window op.
+
+    ``pad`` is the left padding per dimension, ``right`` the right one (default: ``pad``);
+    with ``mode`` other than constant the padded copies of changed values count as changed.
+    """
+    right = pad if right is None else right
     starts, sizes, ctx_starts, ctx_sizes = [], [], [], []
     for i, out_len in enumerate(clean.shape[2:]):
-        s, n = output_box(
-            x.starts[:, i], x.size[i], kernel[i], stride[i], dilation[i], pad[i], out_len
-        )
+        lo, hi = changed_span(x.starts[:, i], x.size[i], x.full[i], mode, pad[i], right[i])
+        s, n = output_span(lo, hi, kernel[i], stride[i], dilation[i], pad[i], out_len)
         starts.append(s)
         sizes.append(n)
         ctx_starts.append(s * stride[i] - pad[i])
@@ -1585,9 +1745,9 @@ _HANDLERS: Dict[str, Callable[..., Any]] = {
 # The evaluator the engine calls, and the choice between engines
 # --------------------------------------------------------------------------------------------
 
-_PROGRAMS: weakref.WeakKeyDictionary[Any, Dict[Tuple[Any, ...], IncrementalProgram]] = (
-    weakref.WeakKeyDictionary()
-)
+_PROGRAMS: weakref.WeakKeyDictionary[
+    Any, Dict[Tuple[Any, ...], Tuple[Tuple[Any, ...], IncrementalProgram]]
+] = weakref.WeakKeyDictionary()
 
 
 def _check_eval_mode(model: Callable[..., Tensor]) -> None:
@@ -1615,42 +1775,105 @@ def _check_eval_mode(model: Callable[..., Tensor]) -> None:
 
 
 def _trace_without_side_effects(model: Callable[..., Tensor]) -> fx.GraphModule:
-    """``fx.symbolic_trace(model)``, undoing attribute writes of the traced forward code.
+    """``fx.symbolic_trace(model)`` with stack traces, leaving no trace in the model.
 
-    Whatever the traced forward code assigned to the modules' attributes is put back (a cache or a
-    recorded input would otherwise keep an fx Proxy). Parameters and buffers are the model-state
-    guard's business.
+    Whatever the traced forward code assigned to the modules' attributes is put back, and lists,
+    dicts and sets held in attributes get their contents back (a cache, a recorded input or a
+    list it appends to would otherwise keep an fx Proxy). Parameters and buffers are the
+    model-state guard's business. Stack traces let :mod:`extra_attrib._aliasing` see augmented
+    assignments (``y += f(x)``), which fx records as out-of-place operations.
     """
     modules = list(model.modules()) if isinstance(model, nn.Module) else []
     saved = [(m, dict(m.__dict__)) for m in modules]
+    contents = [
+        (value, list(value) if isinstance(value, list) else value.copy())
+        for _, attributes in saved
+        for value in attributes.values()
+        if type(value) in (list, dict, set)
+    ]
     try:
-        return fx.symbolic_trace(model)
+        tracer = fx.Tracer()
+        tracer.record_stack_traces = True
+        graph = tracer.trace(model)
+        name = type(model).__name__ if isinstance(model, nn.Module) else "traced"
+        return fx.GraphModule(tracer.root, graph, name)
     finally:
         for m, attributes in saved:
-            for name in [n for n in m.__dict__ if n not in attributes]:
-                del m.__dict__[name]
+            for key in [n for n in m.__dict__ if n not in attributes]:
+                del m.__dict__[key]
             m.__dict__.update(attributes)
+        for container, content in contents:
+            if isinstance(container, list):
+                container[:] = content
+            elif container != content:
+                container.clear()
+                container.update(content)
+
+
+_SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.device)
+#: Module attributes the cache key leaves out: hooks (checked on every call) and fx's own marks.
+_UNKEYED = ("_forward_", "_backward_", "_state_dict_", "_load_state_dict_", "_non_persistent")
+
+
+def model_fingerprint(model: Any) -> Tuple[Any, ...]:
+    """What a traced program of ``model`` depends on, for the program cache's key.
+
+    Per submodule: its identity and class, its training flag, the identity of every parameter,
+    buffer and child under its name, and every other attribute: plain values (numbers, strings,
+    tuples of them) by value, anything else (tensors, functions, an instance-patched
+    ``forward``) by identity. A reassigned parameter, a changed ``padding``, a new
+    ``self.temperature`` or ``load_state_dict(..., assign=True)`` thus retraces.
+
+    Args:
+        model (Any): The model; a non-module callable gives an empty fingerprint.
+
+    Returns:
+        tuple: Hashable.
+    """
+    if not isinstance(model, nn.Module):
+        return ()
+    parts: List[Any] = []
+    for m in model.modules():
+        entries: List[Any] = [id(m), type(m), m.training]
+        for name, value in m.__dict__.items():
+            if name.startswith(_UNKEYED) or name == "training":
+                continue
+            if name in ("_parameters", "_buffers", "_modules"):
+                entries.append((name, tuple((k, id(v)) for k, v in value.items())))
+            else:
+                entries.append((name, _attribute_key(value)))
+        parts.append(tuple(entries))
+    return tuple(parts)
+
+
+def _attribute_key(value: Any) -> Any:
+    if isinstance(value, _SIMPLE):
+        return (type(value), value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _SIMPLE) for v in value):
+        return (type(value), tuple(value))
+    return ("id", id(value))
 
 
 def program_for(model: Callable[..., Tensor], x: Tensor) -> IncrementalProgram:
     """The traced program of ``model`` for inputs shaped like ``x``, cached per model and shape.
 
-    The cache key includes the identity of every submodule, so replacing a layer retraces.
+    The cache key holds :func:`model_fingerprint`: replacing a layer, reassigning a parameter or
+    changing a module's setting retraces. The engine's self-check covers what no key can see.
 
     Raises:
         UnsupportedModel: As :class:`IncrementalProgram`.
     """
     _check_eval_mode(model)
-    key: Tuple[Any, ...] = (tuple(x.shape), x.dtype, x.device)
-    if isinstance(model, nn.Module):
-        key += tuple(id(m) for m in model.modules())
+    shape: Tuple[Any, ...] = (tuple(x.shape), x.dtype, x.device)
+    fingerprint = model_fingerprint(model)
     try:
         cache = _PROGRAMS.setdefault(model, {})
     except TypeError:  # not weak-referenceable: trace every time
         return IncrementalProgram(model, x)
-    if key not in cache:
-        cache[key] = IncrementalProgram(model, x)
-    return cache[key]
+    cached = cache.get(shape)
+    if cached is None or cached[0] != fingerprint:
+        cached = cache[shape] = (fingerprint, IncrementalProgram(model, x))
+    return cached[1]
 
 
 def input_patch(x: Tensor, fill: Tensor, boxes: Sequence[Tuple[slice, ...]]) -> Patch:
@@ -1715,6 +1938,12 @@ class IncrementalSweep:
         self.geometry = geometry
         with torch.no_grad():
             self.clean = program.run_clean(x.clone())
+        #: The traced program's output on the clean input, for the self-check.
+        self.clean_output = program.output_of(self.clean)
+        #: Cost of one dense forward pass, from the cost model (counted before pruning).
+        self.dense_cost = program.dense_cost(self.clean, 1)
+        #: Bytes of the clean activations the sweep keeps.
+        self.activation_bytes = program.prune(self.clean)
 
     def evaluate(self, j: int, windows: Sequence[int], windows_on_device: Tensor) -> Tensor:
         """Model outputs ``(len(windows) * N, ...)`` with the input occluded at ``windows``.
@@ -1732,7 +1961,9 @@ class IncrementalSweep:
     def run(self, j: int, boxes: List[Tuple[slice, ...]]) -> Tensor:
         """Model outputs ``(len(boxes) * N, ...)`` with the input occluded at ``boxes``."""
         with torch.no_grad():
-            return self.program.run_patched(self.clean, input_patch(self.x, self.fill, boxes))
+            out = self.program.run_patched(self.clean, input_patch(self.x, self.fill, boxes))
+        # As the dense engine checks them: a model mixing rows would give a silent wrong map.
+        return check_output(out, len(boxes) * self.x.shape[0])
 
     def reset(self, j: int) -> None:
         """Nothing to restore: the evaluator keeps no perturbed copies."""
@@ -1742,7 +1973,7 @@ class IncrementalSweep:
         cost = _Cost()
         with torch.no_grad():
             self.program.run_patched(self.clean, input_patch(self.x, self.fill, [box]), cost)
-        return self.program.dense_cost(self.clean, 1) / max(cost.total, 1.0)
+        return self.dense_cost / max(cost.total, 1.0)
 
 
 @dataclass
@@ -1768,8 +1999,16 @@ def choose_engine(
     baselines: Tuple[Tensor, ...],
     additional_forward_args: Tuple[Any, ...],
     center_box: Optional[Tuple[slice, ...]] = None,
+    geometry: Optional[TileGeometry] = None,
 ) -> EngineChoice:
     """Decide between the dense and the incremental engine.
+
+    Incremental must first pass every check: a supported model (:func:`declined_model`,
+    :class:`IncrementalProgram`), clean activations within :data:`ACTIVATION_BUDGET_BYTES`, and,
+    given ``geometry``, the self-check against the real model
+    (:func:`extra_attrib._verify.verify_incremental`). Under ``"auto"``, a failed check or any
+    exception while tracing, planning or checking chooses dense, with the reason; a forced
+    ``"incremental"`` raises a ValueError instead.
 
     Args:
         engine (str): ``"auto"``, ``"dense"`` or ``"incremental"``.
@@ -1779,36 +2018,33 @@ def choose_engine(
         additional_forward_args (tuple): Extra model arguments (incremental needs none).
         center_box (tuple of slice, optional): A typical window (one slice per non-batch
             dimension) for the cost model. Default: None (no cost check; incremental if possible)
+        geometry (TileGeometry, optional): The tiling of ``inputs[0]``, for the self-check on
+            its corner and centre windows. Default: None (no self-check)
 
     Returns:
         EngineChoice: The engine, the reason and, for incremental, the evaluator factory.
 
     Raises:
-        ValueError: ``engine="incremental"`` and the model cannot run incrementally.
+        ValueError: ``engine="incremental"`` and the model cannot run incrementally, or the
+            self-check disagrees with the model.
     """
     if engine == "dense":
         return EngineChoice("dense", "engine='dense' was requested")
     try:
-        if len(inputs) != 1:
-            raise UnsupportedModel(
-                f"incremental occlusion handles one input tensor, got {len(inputs)}"
-            )
-        if additional_forward_args:
-            raise UnsupportedModel(
-                "incremental occlusion does not take additional_forward_args (the traced model "
-                "has one input)"
-            )
-        if not inputs[0].dtype.is_floating_point:
-            raise UnsupportedModel(
-                f"the input has dtype {inputs[0].dtype}; incremental "
-                "occlusion needs a floating-point input"
-            )
-        program = program_for(forward_func, inputs[0])
-        sweep = IncrementalSweep(program, inputs, baselines)
-    except UnsupportedModel as error:
+        sweep, verified = _checked_sweep(
+            forward_func, inputs, baselines, additional_forward_args, geometry
+        )
+    except Exception as error:  # any failure of the fast path: dense works without it
+        if isinstance(error, VerificationFailed):
+            why = f"the self-check against the model failed: {error}"
+        elif isinstance(error, UnsupportedModel):
+            why = str(error)
+        else:
+            first = str(error).splitlines()[0] if str(error) else ""
+            why = f"tracing, planning or checking raised {type(error).__name__}: {first}"
         if engine == "incremental":
-            raise ValueError(f"engine='incremental' cannot run this model: {error}") from error
-        return EngineChoice("dense", f"incremental is not possible: {error}")
+            raise ValueError(f"engine='incremental' cannot run this model: {why}") from error
+        return EngineChoice("dense", f"incremental is not possible: {why}")
 
     def factory(
         _forward_func: Any,
@@ -1827,7 +2063,9 @@ def choose_engine(
         )
 
     if engine == "incremental":
-        return EngineChoice("incremental", "engine='incremental' was requested", factory)
+        return EngineChoice(
+            "incremental", f"engine='incremental' was requested; {verified}", factory
+        )
     gain = sweep.predicted_gain(center_box) if center_box is not None else math.inf
     if gain < MIN_PREDICTED_GAIN:
         return EngineChoice(
@@ -1836,8 +2074,104 @@ def choose_engine(
             f"{MIN_PREDICTED_GAIN}x threshold",
         )
     return EngineChoice(
-        "incremental", f"the cost model predicts a {gain:.2f}x speed-up over dense", factory
+        "incremental",
+        f"the cost model predicts a {gain:.2f}x speed-up over dense; {verified}",
+        factory,
     )
+
+
+#: The clean activations an incremental sweep keeps may take at most this many bytes: the same
+#: budget as the dense engine's perturbation buffers.
+ACTIVATION_BUDGET_BYTES = BUFFER_BUDGET_BYTES
+
+
+def _checked_sweep(
+    forward_func: Callable[..., Tensor],
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    geometry: Optional[TileGeometry],
+) -> Tuple[IncrementalSweep, str]:
+    """An incremental evaluator that passed every check, and what the self-check verified.
+
+    Raises:
+        UnsupportedModel: The model or the call cannot run incrementally, or its clean
+            activations exceed :data:`ACTIVATION_BUDGET_BYTES`.
+        VerificationFailed: The self-check disagrees with the model.
+    """
+    if len(inputs) != 1:
+        raise UnsupportedModel(f"incremental occlusion handles one input tensor, got {len(inputs)}")
+    if additional_forward_args:
+        raise UnsupportedModel(
+            "incremental occlusion does not take additional_forward_args (the traced model "
+            "has one input)"
+        )
+    x = inputs[0]
+    if not x.dtype.is_floating_point:
+        raise UnsupportedModel(
+            f"the input has dtype {x.dtype}; incremental occlusion needs a floating-point input"
+        )
+    declined = declined_model(forward_func)
+    if declined:
+        raise UnsupportedModel(declined)
+    program = program_for(forward_func, x)
+    if x.shape[0] > 1:
+        # One example first: the activations of the whole batch are counted before they exist.
+        fill = baselines[0].expand_as(x)[:1]
+        probe = IncrementalSweep(program, (x[:1],), (fill,))
+        _check_budget(probe.activation_bytes * x.shape[0], x.shape[0])
+        del probe
+    sweep = IncrementalSweep(program, inputs, baselines)
+    _check_budget(sweep.activation_bytes, x.shape[0])
+    if geometry is None:
+        return sweep, "not verified (no tiling given)"
+    verified = verify_incremental(
+        forward_func,
+        x,
+        baselines[0],
+        geometry,
+        sweep.clean_output,
+        lambda boxes: sweep.run(0, boxes),
+    )
+    return sweep, verified
+
+
+def _check_budget(activation_bytes: int, n: int) -> None:
+    if activation_bytes > ACTIVATION_BUDGET_BYTES:
+        raise UnsupportedModel(
+            f"the clean activations of the batch of {n} would take "
+            f"{activation_bytes / 2**20:.0f} MiB, over the "
+            f"{ACTIVATION_BUDGET_BYTES / 2**20:.0f} MiB budget (explain fewer examples per call "
+            "for incremental)"
+        )
+
+
+def declined_model(model: Any) -> str:
+    """Why a compiled or exported model runs densely ('' for a model incremental may trace).
+
+    TorchScript, ``torch.compile`` and ``torch.export`` hand over a compiled graph, not the
+    Python ``forward`` that torch.fx reads; the dense engine calls them as they are.
+    """
+    owner = getattr(model, "__self__", None)
+    module = owner if isinstance(owner, nn.Module) else model
+    if isinstance(module, torch.jit.ScriptModule) or isinstance(model, torch.jit.ScriptFunction):
+        return (
+            "the model is TorchScript (torch.jit.script or torch.jit.trace): incremental "
+            "needs the Python forward of an eager module"
+        )
+    if type(module).__name__ == "OptimizedModule" or hasattr(model, "_torchdynamo_orig_callable"):
+        return (
+            "the model is compiled with torch.compile: incremental needs the eager module "
+            "(pass model._orig_mod to use it)"
+        )
+    if isinstance(module, fx.GraphModule) and any(
+        isinstance(node.target, torch._ops.OpOverload) for node in module.graph.nodes
+    ):
+        return (
+            "the model is a graph of ATen operators (torch.export or another graph capture): "
+            "incremental needs the eager module"
+        )
+    return ""
 
 
 def central_box(geometry: TileGeometry) -> Tuple[slice, ...]:

@@ -320,22 +320,29 @@ class TiledOcclusion(PerturbationAttribution):
         _warn_if_training(self.forward_func)
         with model_state_kept(self.forward_func):
             choice = choose_engine(
-                engine, forward_func, xs, fills, extra, central_box(geometries[0])
+                engine, forward_func, xs, fills, extra, central_box(geometries[0]), geometries[0]
             )
             self.last_engine, self.last_engine_reason = choice.engine, choice.reason
-            sweep: SweepResult = run_sweep(
-                forward_func,
-                xs,
-                fills,
-                geometries,
-                targets,
-                score_fn,
-                extra,
+            sweep_args = (forward_func, xs, fills, geometries, targets, score_fn, extra)
+            options = dict(
                 chunk_size=perturbations_per_eval,
                 show_progress=show_progress,
-                evaluator=choice.factory,
                 chunk_memo=self._chunk_memo,
             )
+            try:
+                sweep: SweepResult = run_sweep(*sweep_args, evaluator=choice.factory, **options)
+            except Exception as error:
+                if engine != "auto" or choice.factory is None:
+                    raise
+                # The fast path failed during the sweep (out of memory, an op it mishandles):
+                # auto never fails where dense works. The model is restored by the guard.
+                first = str(error).splitlines()[0] if str(error) else ""
+                self.last_engine = "dense"
+                self.last_engine_reason = (
+                    f"incremental was chosen ({choice.reason}) but raised "
+                    f"{type(error).__name__} during the sweep ({first}); ran dense"
+                )
+                sweep = run_sweep(*sweep_args, evaluator=None, **options)
         self.last_evaluations = sweep.evaluations
         self.last_perturbations = sweep.perturbations
         self.last_skipped = sweep.skipped
