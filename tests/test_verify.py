@@ -44,6 +44,17 @@ def _auto_equals_dense(model, x, tol=1e-9, target=0, window=WINDOW, k=K, **kwarg
     return tiled
 
 
+def _incremental_kept(tiled, engine="auto"):
+    """Incremental ran, or, under auto, passed its self-check and lost the timing race, now
+    or in an earlier call with the same shapes (#20)."""
+    reason = tiled.last_engine_reason
+    if tiled.last_engine == "incremental":
+        return True
+    if "earlier call" in reason:
+        return engine == "auto"
+    return engine == "auto" and "measured" in reason and "verified" in reason
+
+
 def _incremental_equals_dense_or_raises(model, x, match, tol=1e-9, window=WINDOW, k=K):
     tiled = TiledOcclusion(model)
     dense = tiled.attribute(x, target=0, window=window, k=k, engine="dense")
@@ -102,7 +113,7 @@ def test_padding_modes_and_same_padding_equal_dense(conv):
     dense = tiled.attribute(x, target=0, window=WINDOW, k=K, engine="dense")
     for engine in ("auto", "incremental"):
         got = tiled.attribute(x, target=0, window=WINDOW, k=K, engine=engine)
-        assert tiled.last_engine == "incremental", tiled.last_engine_reason
+        assert _incremental_kept(tiled, engine), tiled.last_engine_reason
         assert _error(got, dense) <= 1e-12
 
 
@@ -200,7 +211,7 @@ def test_in_place_writes_nobody_reads_again_stay_incremental():
     model = InPlaceSafe().double().eval()
     x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
     tiled = _auto_equals_dense(model, x)
-    assert tiled.last_engine == "incremental", tiled.last_engine_reason
+    assert _incremental_kept(tiled), tiled.last_engine_reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +268,7 @@ def test_a_cached_trace_follows_the_model(change):
     dense = tiled.attribute(x, target=0, window=WINDOW, k=K, engine="dense")
     for engine in ("auto", "incremental"):
         got = tiled.attribute(x, target=0, window=WINDOW, k=K, engine=engine)
-        assert tiled.last_engine == "incremental", tiled.last_engine_reason
+        assert _incremental_kept(tiled, engine), tiled.last_engine_reason
         assert _error(got, dense) <= 1e-12
 
 
