@@ -2033,10 +2033,27 @@ def choose_engine(
     """
     if engine == "dense":
         return EngineChoice("dense", "engine='dense' was requested")
+    gain = math.inf
     try:
-        sweep, verified = _checked_sweep(
-            forward_func, inputs, baselines, additional_forward_args, geometry
-        )
+        sweep = _checked_sweep(forward_func, inputs, baselines, additional_forward_args)
+        if engine == "auto" and center_box is not None:
+            gain = sweep.predicted_gain(center_box)
+        if gain < MIN_PREDICTED_GAIN:  # dense anyway: no need to check incremental
+            return EngineChoice(
+                "dense",
+                f"the cost model predicts incremental at {gain:.2f}x dense, below the "
+                f"{MIN_PREDICTED_GAIN}x threshold",
+            )
+        verified = "not verified (no tiling given)"
+        if geometry is not None:
+            verified = verify_incremental(
+                forward_func,
+                inputs[0],
+                baselines[0],
+                geometry,
+                sweep.clean_output,
+                lambda boxes: sweep.run(0, boxes),
+            )
     except Exception as error:  # any failure of the fast path: dense works without it
         if isinstance(error, VerificationFailed):
             why = f"the self-check against the model failed: {error}"
@@ -2069,13 +2086,6 @@ def choose_engine(
         return EngineChoice(
             "incremental", f"engine='incremental' was requested; {verified}", factory
         )
-    gain = sweep.predicted_gain(center_box) if center_box is not None else math.inf
-    if gain < MIN_PREDICTED_GAIN:
-        return EngineChoice(
-            "dense",
-            f"the cost model predicts incremental at {gain:.2f}x dense, below the "
-            f"{MIN_PREDICTED_GAIN}x threshold",
-        )
     # The cost model only ranks: the sweep times both engines on its own windows (#20).
     return EngineChoice(
         "measure",
@@ -2094,14 +2104,12 @@ def _checked_sweep(
     inputs: Tuple[Tensor, ...],
     baselines: Tuple[Tensor, ...],
     additional_forward_args: Tuple[Any, ...],
-    geometry: Optional[TileGeometry],
-) -> Tuple[IncrementalSweep, str]:
-    """An incremental evaluator that passed every check, and what the self-check verified.
+) -> IncrementalSweep:
+    """An incremental evaluator for a supported model whose activations fit the budget.
 
     Raises:
         UnsupportedModel: The model or the call cannot run incrementally, or its clean
             activations exceed :data:`ACTIVATION_BUDGET_BYTES`.
-        VerificationFailed: The self-check disagrees with the model.
     """
     if len(inputs) != 1:
         raise UnsupportedModel(f"incremental occlusion handles one input tensor, got {len(inputs)}")
@@ -2127,17 +2135,7 @@ def _checked_sweep(
         del probe
     sweep = IncrementalSweep(program, inputs, baselines)
     _check_budget(sweep.activation_bytes, x.shape[0])
-    if geometry is None:
-        return sweep, "not verified (no tiling given)"
-    verified = verify_incremental(
-        forward_func,
-        x,
-        baselines[0],
-        geometry,
-        sweep.clean_output,
-        lambda boxes: sweep.run(0, boxes),
-    )
-    return sweep, verified
+    return sweep
 
 
 def _check_budget(activation_bytes: int, n: int) -> None:
