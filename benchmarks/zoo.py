@@ -518,12 +518,116 @@ def check_cost(repeats: int = 1) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# Speed: dense, auto and forced incremental on realistic sizes (#20)
+# ---------------------------------------------------------------------------------------------
+
+SPEED_RESULTS = os.path.join("benchmarks", "results", "zoo_speed.md")
+
+
+def _monai_unet3d() -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(3, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).eval()
+
+
+def _timm(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10).eval()
+
+    return build
+
+
+def _tv(name: str) -> Callable[[], nn.Module]:
+    return lambda: torchvision.models.get_model(name, num_classes=10).eval()
+
+
+_IMAGE224 = ((1, 3, 224, 224), (3, 32, 32), (1, 1, 1), 0)
+#: (name, build, input shape, window, k, target): the representative subset of #20 at 224² and,
+#: for the 3D U-Net, 64³ (its target: one voxel of class 1 at the centre).
+SPEED_CASES: Tuple[Tuple[str, Callable[[], nn.Module], Tuple[int, ...], Any, Any, Any], ...] = (
+    ("resnet50", _tv("resnet50"), *_IMAGE224),
+    ("densenet121", _tv("densenet121"), *_IMAGE224),
+    ("vgg16", _tv("vgg16"), *_IMAGE224),
+    ("mobilenet_v2", _tv("mobilenet_v2"), *_IMAGE224),
+    ("convnext_tiny", _tv("convnext_tiny"), *_IMAGE224),
+    ("timm cspresnet50", _timm("cspresnet50"), *_IMAGE224),
+    ("efficientnet_b0 (SE)", _tv("efficientnet_b0"), *_IMAGE224),
+    (
+        "MONAI UNet-3d (BN)",
+        _monai_unet3d,
+        (1, 1, 64, 64, 64),
+        (1, 16, 16, 16),
+        (1, 1, 1, 1),
+        (1, 32, 32, 32),
+    ),
+)
+
+
+def speed(names: Sequence[str] = (), repeats: int = 2) -> str:
+    """Seconds of whole calls: dense, auto (deciding included) and forced incremental.
+
+    Each call uses a fresh :class:`TiledOcclusion` (no remembered chunk size or engine), so
+    ``auto`` pays for tracing, its self-check and the timing race every time. The three calls
+    are interleaved, ``repeats`` times; the table gives the fastest of each (a passing load on
+    a shared machine only slows a call down) and the speed-ups over dense.
+    """
+    lines = [
+        "| model | input | window, k | windows | dense s | auto s | incremental s | auto picks "
+        "| auto vs dense | incremental vs dense | auto vs the better |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, build, shape, window, k, target in SPEED_CASES:
+        if names and name not in names:
+            continue
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build()
+        x = torch.randn(shape)
+        with torch.no_grad():
+            model(x)
+        times: Dict[str, List[float]] = {"dense": [], "auto": [], "incremental": []}
+        picks, windows = [], 0
+        for _ in range(repeats):
+            for engine in times:
+                tiled = TiledOcclusion(model)
+                began = time.perf_counter()
+                try:
+                    tiled.attribute(x, target=target, window=window, k=k, engine=engine)
+                except ValueError:
+                    times[engine].append(float("nan"))
+                    continue
+                times[engine].append(time.perf_counter() - began)
+                windows = tiled.last_perturbations
+                if engine == "auto":
+                    picks.append(tiled.last_engine)
+        best = {e: min(t) for e, t in times.items()}
+        better = min(t for t in (best["dense"], best["incremental"]) if t == t)  # not NaN
+        lines.append(
+            f"| {name} | {'x'.join(map(str, shape[1:]))} | {window[-1]}, {k[-1]} | {windows} | "
+            f"{best['dense']:.1f} | {best['auto']:.1f} | {best['incremental']:.1f} | "
+            f"{'/'.join(picks)} | {best['dense'] / best['auto']:.2f}x | "
+            f"{best['dense'] / best['incremental']:.2f}x | {better / best['auto']:.2f}x |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="", help="comma-separated model names (default: all)")
     parser.add_argument("--families", default="", help="comma-separated families (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--check-cost", action="store_true", help="only the self-check's share")
+    parser.add_argument(
+        "--speed",
+        action="store_true",
+        help="only the speed table: dense, auto and incremental on 224² / 64³ (#20)",
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="speed: interleaved repeats")
     parser.add_argument("--out", default=RESULTS, help="markdown file to write ('' for none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -537,6 +641,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(check_cost())
         return
     wanted = {m for m in args.models.split(",") if m}
+    if args.speed:
+        text = speed(sorted(wanted), args.repeats)
+        out = SPEED_RESULTS if args.out == RESULTS else args.out
+        if out:
+            with open(out, "w") as f:
+                f.write(f"# The zoo: speed of auto against dense (#20)\n\n{header}\n\n{text}\n")
+            print(f"wrote {out}", file=sys.stderr)
+        return
     families = {f for f in args.families.split(",") if f}
     rows = []
     for case in all_cases():
