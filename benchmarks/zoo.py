@@ -528,7 +528,9 @@ SPEED_RESULTS = os.path.join("benchmarks", "results", "zoo_speed.md")
 def _monai_unet3d() -> nn.Module:
     from monai.networks.nets import UNet
 
-    return UNet(3, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2).eval()
+    return UNet(
+        3, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2, norm="batch"
+    ).eval()  # MONAI's default norm is instance norm, which mixes the whole map
 
 
 def _timm(name: str) -> Callable[[], nn.Module]:
