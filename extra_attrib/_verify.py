@@ -14,7 +14,8 @@ the largest clean output or ``rtol`` times the largest change a checked window m
 larger. Any disagreement raises :class:`VerificationFailed`, naming the check and the size of the
 difference; ``engine="auto"`` then runs densely, a forced ``engine="incremental"`` raises.
 
-Cost: one forward pass of ``1 + W`` copies of the batch (``W = 2**d + 1`` windows at most) and one
+Cost: one forward pass of ``1 + W`` copies of the batch (of its first examples where the copies
+of all would exceed the dense engine's memory budget) (``W = 2**d + 1`` windows at most) and one
 incremental chunk of ``W`` windows; a sweep has hundreds to thousands of windows
 (``benchmarks/zoo.py`` measures the share).
 """
@@ -129,6 +130,7 @@ def verify_incremental(
     geometry: TileGeometry,
     clean_output: Tensor,
     run_windows: Callable[[List[Tuple[slice, ...]]], Tensor],
+    budget_bytes: int = 256 * 2**20,
 ) -> str:
     """Check the incremental engine against the model on the clean input and a few windows.
 
@@ -139,6 +141,9 @@ def verify_incremental(
         geometry (TileGeometry): The tiling of ``x``.
         clean_output (Tensor): The traced program's output on ``x``.
         run_windows (callable): Incremental outputs ``(W * N, ...)`` for a list of ``W`` boxes.
+        budget_bytes (int, optional): Most bytes the occluded copies may take; past it only the
+            first examples (at least one) go through the model. Default: 256 MiB, the dense
+            engine's budget
 
     Returns:
         str: What was checked and the largest difference, for the engine's reason.
@@ -148,9 +153,17 @@ def verify_incremental(
     """
     n = x.shape[0]
     boxes = perturbation_boxes(geometry, check_windows(geometry))
+    # The model sees the first m examples only where the copies of all would exceed the budget
+    # (examples are independent rows; the incremental side runs all of them anyway).
+    per_example = (1 + len(boxes)) * x[0].numel() * x.element_size()
+    m = max(1, min(n, budget_bytes // max(per_example, 1)))
+    fill = fill.expand_as(x)
     with torch.no_grad():
-        real = check_output(forward_func(occluded_copies(x, fill, boxes)), (1 + len(boxes)) * n)
-    real_clean, real_windows = real[:n], real[n:]
+        copies = occluded_copies(x[:m], fill[:m], boxes)
+        real = check_output(forward_func(copies), (1 + len(boxes)) * m)
+    del copies
+    real_clean, real_windows = real[:m], real[m:]
+    clean_output = clean_output[:m] if isinstance(clean_output, Tensor) else clean_output
     atol, rtol = tolerance(real.dtype)
     scale = _largest(real_clean)
     if (
@@ -176,6 +189,8 @@ def verify_incremental(
         )
     with torch.no_grad():
         incremental = check_output(run_windows(boxes), len(boxes) * n)
+    incremental = incremental.reshape(len(boxes), n, *incremental.shape[1:])[:, :m]
+    incremental = incremental.reshape(len(boxes) * m, *incremental.shape[2:])
     if incremental.shape != real_windows.shape:
         raise VerificationFailed(
             f"the window check failed: incremental outputs have shape "

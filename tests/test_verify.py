@@ -613,3 +613,26 @@ def test_a_verified_choice_says_so():
     assert "verified against the model on the clean input and 5 windows" in (
         tiled.last_engine_reason
     )
+
+
+def test_the_check_sends_only_the_first_examples_through_the_model_past_the_budget():
+    model = InPlaceSafe().double().eval()
+    x = torch.randn(3, 2, 16, 16, dtype=torch.float64)
+    geometry = TileGeometry((2, 16, 16), WINDOW, K)
+    program = program_for(model, x)
+    sweep = incremental.IncrementalSweep(program, (x,), (torch.tensor(0.0),), geometry)
+    rows = []
+
+    def counted(batch):
+        rows.append(batch.shape[0])
+        return model(batch)
+
+    verified = incremental.verify_incremental(
+        counted, x, torch.tensor(0.0), geometry, sweep.clean_output, lambda b: sweep.run(0, b), 1
+    )
+    assert rows == [6] and "5 windows" in verified  # 1 example: clean + 5 windows
+    rows.clear()
+    incremental.verify_incremental(
+        counted, x, torch.tensor(0.0), geometry, sweep.clean_output, lambda b: sweep.run(0, b)
+    )
+    assert rows == [18]

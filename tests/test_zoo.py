@@ -18,6 +18,7 @@ CI_MODELS = (
     "BasicUNet-2d",
     "BasicUNet-3d",
     "UNet-2d",
+    "AttentionUnet-2d",  # auto runs it incrementally, after the self-check
 )
 
 
