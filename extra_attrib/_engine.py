@@ -432,13 +432,12 @@ def occlusion_sweep(
                     name, trial = race.next()
                     if trial is None and settled != name:  # the race has just settled
                         settled = name
+                        # Tuning goes on from half the race's trial size, as from a size
+                        # remembered: the smallest sizes are the slowest trials.
+                        memo = {} if plan.chunk_memo is None else plan.chunk_memo
+                        memo.setdefault(keys[name], race.trial_sizes[name])
                         planner = planners[name] = ChunkPlanner(
-                            inputs,
-                            max(busiest, 1),
-                            chunk_size,
-                            total - done,
-                            plan.chunk_memo,
-                            keys[name],
+                            inputs, max(busiest, 1), chunk_size, total - done, memo, keys[name]
                         )
                     size = planner.next_size() if trial is None else trial
                     chunk = indices[start : start + size]
