@@ -15,10 +15,16 @@ the chunk batched together:
 - Convolution and max/avg pooling gather the input context of their output box and run with
   padding 0; pointwise ops (eval BatchNorm, activations, eval Dropout) keep the box; constant
   padding shifts it; add/sub/mul/div and channel concat gather every operand on the union box.
-- Ops that mix the whole map (global pooling, Linear, flatten, normalisation over space, ...) and
-  boxes covering most of their map switch to dense: full patched maps ``(B * N, ...)`` are
-  materialised and the rest of the graph runs as in the model.
-- Any other op (attention, matmul, permutes, ...) makes the model unsupported: the caller falls
+- Today's CNNs (#20): transposed convolutions and integer upsampling gather their input context
+  and crop each window's output box; eval ``F.batch_norm`` and LayerNorm / Linear over
+  non-spatial dimensions are pointwise in space; a :class:`Moved` is a patch seen through
+  permutes, transposes, views and unsqueezes that keep the batch first and the spatial
+  dimensions in order (channels last, channel shuffle), split / chunk / sliced along channels;
+  shape facts (``x.ndim``, ``x.dtype``) and the checks built on them are static.
+- Ops that mix the whole map (global pooling, Linear over space, flatten, normalisation over
+  space, ...) and boxes covering most of their map switch to dense: full patched maps
+  ``(B * N, ...)`` are materialised and the rest of the graph runs as in the model.
+- Any other op (attention modules, einsum, ...) makes the model unsupported: the caller falls
   back to the dense engine (``engine="auto"``) or raises (``engine="incremental"``).
 
 The result equals the dense engine up to float rounding: the same ops on the same values.
