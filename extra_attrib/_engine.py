@@ -17,6 +17,7 @@ their input.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
@@ -38,6 +39,7 @@ from extra_attrib._geometry import (
     window_offsets,
     window_positions,
 )
+from extra_attrib._plan import EngineRace, SweepPlan, engine_key, synchronize, trial_size
 from extra_attrib._targets import check_output, describe_score, resolve_targets, select
 
 #: Memory the perturbation buffers may take, in bytes, when the chunk size is chosen automatically.
@@ -96,6 +98,8 @@ class SweepResult:
             evaluated hold ``score(x) - score(x)``. Otherwise None.
         targets (Tensor, optional): The flat target indices resolved on the unperturbed
             output, shape ``(N, T)``, as :func:`resolve_targets` gives them.
+        engine (str): The engine that evaluated the sweep after any race (the plan's name).
+        engine_reason (str): Why that engine: measured, remembered, or the only candidate.
     """
 
     attributions: List[Tensor]
@@ -104,6 +108,8 @@ class SweepResult:
     skipped: int
     differences: Optional[List[Tensor]] = None
     targets: Optional[Tensor] = None
+    engine: str = "dense"
+    engine_reason: str = ""
 
 
 def memory_bound(inputs: Sequence[Tensor]) -> int:
@@ -301,6 +307,7 @@ def occlusion_sweep(
     return_differences: bool = False,
     evaluator: Optional[Callable[..., Any]] = None,
     chunk_memo: Optional[Dict[Hashable, int]] = None,
+    plan: Optional[SweepPlan] = None,
 ) -> SweepResult:
     """Occlude every window of every input and average the score differences per element.
 
@@ -330,10 +337,17 @@ def occlusion_sweep(
         chunk_memo (dict, optional): Chunk sizes chosen by earlier sweeps, keyed by
             :func:`tuning_key`; read, and written when this sweep tunes. Default: None (tune
             afresh)
+        plan (SweepPlan, optional): All of the above in one object (candidate engines, chunk
+            size, windows, memos); ``chunk_size``, ``windows``, ``evaluator`` and
+            ``chunk_memo`` given as arguments take precedence over its fields. With several
+            candidate engines the first chunks time each and the sweep keeps the fastest
+            (:class:`extra_attrib._plan.EngineRace`). Default: None (the arguments alone)
 
     Returns:
         SweepResult: Attributions per input of shape ``(T, N, *S_j)`` in the scores' dtype.
     """
+    plan = _resolved_plan(plan, chunk_size, windows, evaluator, chunk_memo)
+    windows, chunk_size = plan.windows, plan.chunk_size
     n = inputs[0].shape[0]
     with torch.no_grad():
         # ``score`` receives whatever the model returns (a dict for torchvision's segmentation
@@ -359,8 +373,29 @@ def occlusion_sweep(
             active[-1] = [i for i in active[-1] if i in wanted]
     busiest = max(len(a) for a in active)
     total = sum(len(a) for a in active)
-    key = tuning_key(inputs, geometries, additional_forward_args, evaluator)
-    planner = ChunkPlanner(inputs, max(busiest, 1), chunk_size, total, chunk_memo, key)
+    keys = {
+        name: tuning_key(inputs, geometries, additional_forward_args, factory)
+        for name, factory in plan.engines.items()
+    }
+    planners = {
+        name: ChunkPlanner(inputs, max(busiest, 1), chunk_size, total, plan.chunk_memo, key)
+        for name, key in keys.items()
+    }
+    race = EngineRace(
+        list(plan.engines),
+        {
+            name: trial_size(
+                inputs, planners[name].capacity, total, plan.chunk_memo, keys[name], chunk_size
+            )
+            for name in plan.engines
+        },
+        plan.engine_memo,
+        engine_key(inputs, geometries, additional_forward_args),
+    )
+    planner = planners[race.next()[0]]
+    # The engine whose chunk planner runs the sweep after the race (set when it settles: that
+    # planner starts with the windows the race left).
+    settled: Optional[str] = race.chosen
     requested = (
         sum(g.num_perturbations for g in geometries)
         if windows is None
@@ -375,10 +410,21 @@ def occlusion_sweep(
     if bar is not None:
         bar.update(1)
     evaluations, done = 1, 0
+    runners: Dict[str, Any] = {}
+
+    def runner_for(name: str) -> Any:
+        if name not in runners:
+            runners[name] = (plan.engines[name] or DenseEvaluator)(
+                forward_func,
+                inputs,
+                baselines,
+                geometries,
+                additional_forward_args,
+                planners[name].capacity,
+            )
+        return runners[name]
+
     try:
-        runner = (evaluator or DenseEvaluator)(
-            forward_func, inputs, baselines, geometries, additional_forward_args, planner.capacity
-        )
         attributions, differences = [], []
         for j, (geometry, indices) in enumerate(zip(geometries, active)):
             on_device = torch.tensor(indices, dtype=torch.long, device=inputs[j].device)
@@ -390,22 +436,42 @@ def occlusion_sweep(
                 scores_all = base_scores.unsqueeze(0).repeat(geometry.num_perturbations, 1, 1)
                 start = 0
                 while start < len(indices):
-                    size = planner.next_size()
+                    name, trial = race.next()
+                    if trial is None and settled != name:  # the race has just settled
+                        settled = name
+                        # Tuning goes on from half the race's trial size, as from a size
+                        # remembered: the smallest sizes are the slowest trials.
+                        memo = {} if plan.chunk_memo is None else plan.chunk_memo
+                        memo.setdefault(keys[name], race.trial_sizes[name])
+                        planner = planners[name] = ChunkPlanner(
+                            inputs, max(busiest, 1), chunk_size, total - done, memo, keys[name]
+                        )
+                    size = planner.next_size() if trial is None else trial
                     chunk = indices[start : start + size]
                     where = on_device[start : start + size]  # a view: no host-device copy
+                    timed = race.racing or planner.tuning
+                    if race.racing:
+                        synchronize(inputs[j].device)
                     began = time.perf_counter()
-                    outputs = runner.evaluate(j, chunk, where)
+                    outputs = runner_for(name).evaluate(j, chunk, where)
                     scored = check_output(score_fn(outputs), len(chunk) * n, source)
                     scores_all.index_copy_(0, where, pick(scored, len(chunk)))
-                    if planner.tuning:
-                        planner.record(size, time.perf_counter() - began, len(chunk))
+                    if timed:
+                        synchronize(inputs[j].device)
+                        seconds = time.perf_counter() - began
+                        if race.racing:
+                            race.record(name, size, seconds, len(chunk))
+                        else:
+                            planner.record(size, seconds, len(chunk))
                     start += len(chunk)
                     done += len(chunk)
                     evaluations += 1
                     if bar is not None:
                         bar.total = evaluations + planner.expected_chunks(total - done)
                         bar.update(1)
-                if runner.finish(j):
+                # Every engine that ran restores its copies (and checks them): no short-circuit.
+                intact = [runner.finish(j) for runner in list(runners.values())]
+                if all(intact):
                     break
                 # The model changed its input behind autograd's back (through ``.data`` or
                 # numpy): the chunks of this input may have seen a corrupted copy. The
@@ -419,9 +485,44 @@ def occlusion_sweep(
     finally:
         if bar is not None:
             bar.close()
-    return SweepResult(
-        attributions, evaluations, done, skipped, differences if return_differences else None, index
+    chosen = race.chosen or race.next()[0]
+    reason = race.reason or (
+        "the only candidate" if len(plan.engines) == 1 else "the sweep ended during the race"
     )
+    # Notes on every candidate (e.g. incremental's self-check), whichever won.
+    note = "; ".join(plan.notes.values())
+    return SweepResult(
+        attributions,
+        evaluations,
+        done,
+        skipped,
+        differences if return_differences else None,
+        index,
+        chosen,
+        f"{reason}; {note}" if note else reason,
+    )
+
+
+def _resolved_plan(
+    plan: Optional[SweepPlan],
+    chunk_size: Optional[int],
+    windows: Optional[Sequence[Sequence[int]]],
+    evaluator: Optional[Callable[..., Any]],
+    chunk_memo: Optional[Dict[Hashable, int]],
+) -> SweepPlan:
+    """The plan, with the arguments given one by one taking precedence over its fields."""
+    plan = SweepPlan() if plan is None else dataclasses.replace(plan)
+    if chunk_size is not None:
+        plan.chunk_size = chunk_size
+    if windows is not None:
+        plan.windows = windows
+    if evaluator is not None:
+        plan.engines = {"custom": evaluator}
+    if chunk_memo is not None:
+        plan.chunk_memo = chunk_memo
+    if not plan.engines:
+        raise ValueError("plan.engines is empty: name at least one engine")
+    return plan
 
 
 class DenseEvaluator:

@@ -129,10 +129,12 @@ class _Snapshot:
                 ("buffer", state.buffers, module._buffers),
             ):
                 for name, original in saved.items():
-                    if current.get(name, _MISSING) is original:
+                    # TorchScript modules hold these in a wrapper without ``get``.
+                    present = name in current
+                    if present and current[name] is original:
                         continue
                     try:
-                        if name in current:
+                        if present:
                             # setattr, not a dict write: modules such as nn.LSTM keep derived
                             # views of their parameters up to date in __setattr__.
                             setattr(module, name, original)

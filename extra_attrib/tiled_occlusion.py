@@ -20,8 +20,9 @@ from extra_attrib._checks import check_bool, check_int, check_optional_int, is_i
 from extra_attrib._drilldown import check_refine, drilldown_sweep
 from extra_attrib._engine import SweepResult, occlusion_sweep
 from extra_attrib._geometry import TileGeometry
-from extra_attrib._incremental import central_box, choose_engine
+from extra_attrib._incremental import EngineChoice, central_box, choose_engine
 from extra_attrib._model_state import model_state_kept
+from extra_attrib._plan import SweepPlan, engine_key
 from extra_attrib._targets import ScoreType, as_target_list, score_function
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -82,6 +83,8 @@ class TiledOcclusion(PerturbationAttribution):
         self.last_engine_reason: str = ""
         # Chunk sizes tuned by earlier calls, by what they depend on (see _engine.tuning_key).
         self._chunk_memo: Dict[Hashable, int] = {}
+        # Engines measured faster by earlier calls under engine="auto" (see _plan.engine_key).
+        self._engine_memo: Dict[Hashable, str] = {}
 
     @log_usage()
     @torch.no_grad()
@@ -177,9 +180,12 @@ class TiledOcclusion(PerturbationAttribution):
                 changes (exact, for CNNs made of convolutions, pooling, BatchNorm, activations,
                 add/mul/concat; the rest of the network after a global pool, linear layer, ...
                 runs densely) and raises a ValueError naming the first operation it cannot
-                handle; ``"auto"`` uses incremental when the model is supported and a cost model
-                predicts a gain. ``last_engine`` and ``last_engine_reason`` tell what ran and
-                why. Incremental traces ``forward`` once and runs the traced layers, so Python
+                handle; ``"auto"``, where the model is supported and passes its self-check,
+                times chunks of both engines on the call's own windows and keeps the faster
+                (the timed windows count towards the map; the choice is remembered per input
+                shape, dtype, device, tiling and thread count, as the chunk size is).
+                ``last_engine`` and ``last_engine_reason`` tell what ran and why. Incremental
+                traces ``forward`` once and runs the traced layers, so Python
                 code in ``forward`` (a counter, a log) does not run per pass: use ``"dense"``
                 where it must. Default: ``"auto"``
 
@@ -324,23 +330,58 @@ class TiledOcclusion(PerturbationAttribution):
         )
         _warn_if_training(self.forward_func)
         with model_state_kept(self.forward_func):
-            choice = choose_engine(
-                engine, forward_func, xs, fills, extra, central_box(geometries[0])
-            )
+            measured = engine_key(xs, geometries, extra)
+            if engine == "auto" and self._engine_memo.get(measured) == "dense":
+                # Measured slower before on these shapes: no tracing, self-check or trials.
+                choice = EngineChoice(
+                    "dense", "the faster engine measured by an earlier call with these shapes"
+                )
+            else:
+                choice = choose_engine(
+                    engine,
+                    forward_func,
+                    xs,
+                    fills,
+                    extra,
+                    central_box(geometries[0]),
+                    geometries[0],
+                )
             self.last_engine, self.last_engine_reason = choice.engine, choice.reason
-            sweep: SweepResult = run_sweep(
-                forward_func,
-                xs,
-                fills,
-                geometries,
-                targets,
-                score_fn,
-                extra,
-                chunk_size=perturbations_per_eval,
-                show_progress=show_progress,
-                evaluator=choice.factory,
+            sweep_args = (forward_func, xs, fills, geometries, targets, score_fn, extra)
+            engines: Dict[str, Any] = {"dense": None}
+            if choice.engine == "measure":  # dense first: a tie goes to the reference engine
+                engines["incremental"] = choice.factory
+            elif choice.factory is not None:
+                engines = {"incremental": choice.factory}
+            plan = SweepPlan(
+                engines,
+                perturbations_per_eval,
                 chunk_memo=self._chunk_memo,
+                engine_memo=self._engine_memo,
+                notes={"incremental": choice.reason} if choice.factory is not None else {},
             )
+            options: Dict[str, Any] = dict(show_progress=show_progress)
+            try:
+                sweep: SweepResult = run_sweep(*sweep_args, plan=plan, **options)
+                if getattr(sweep, "engine", "") in engines:
+                    self.last_engine = sweep.engine
+                    if choice.engine == "measure":
+                        self.last_engine_reason = sweep.engine_reason
+                elif choice.engine == "measure":  # a drill-down: each of its passes raced
+                    self.last_engine = "incremental"
+            except Exception as error:
+                if engine != "auto" or choice.factory is None:
+                    raise
+                # The fast path failed during the sweep (out of memory, an op it mishandles):
+                # auto never fails where dense works. The model is restored by the guard.
+                first = str(error).splitlines()[0] if str(error) else ""
+                self.last_engine = "dense"
+                self.last_engine_reason = (
+                    f"incremental was chosen ({choice.reason}) but raised "
+                    f"{type(error).__name__} during the sweep ({first}); ran dense"
+                )
+                plan.engines = {"dense": None}
+                sweep = run_sweep(*sweep_args, plan=plan, **options)
         self.last_evaluations = sweep.evaluations
         self.last_perturbations = sweep.perturbations
         self.last_skipped = sweep.skipped

@@ -348,7 +348,8 @@ class TinyTransformer(nn.Module):
     "model,match",
     [
         (Untraceable(), "cannot trace"),
-        (TinyTransformer(), "transpose"),
+        # transpose is known now (#20); the attention module is not
+        (TinyTransformer(), "MultiheadAttention"),
     ],
 )
 def test_auto_falls_back_and_incremental_names_the_problem(model, match):
@@ -382,7 +383,7 @@ def test_auto_picks_incremental_only_when_it_pays():
         torch.randn(1, 1, 32, 32, 32), target=0, window=(1, 8, 8, 8), perturbations_per_eval=64
     )
     assert tiled.last_engine == "incremental", tiled.last_engine_reason
-    assert "speed-up" in tiled.last_engine_reason
+    assert "measured" in tiled.last_engine_reason  # timed on the sweep's windows (#20)
     # A window covering the whole input changes every activation: nothing to gain.
     tiled.attribute(torch.randn(1, 1, 8, 8, 8), target=0, window=(1, 8, 8, 8))
     assert tiled.last_engine == "dense"

@@ -1,0 +1,220 @@
+"""The incremental engine checks itself against the real model before a sweep trusts it.
+
+A traced program is a copy of the model's arithmetic, made once; the model is the truth, every
+call. Tracing can miss what Python does in ``forward`` (in-place writes through aliases, branches
+on attributes or types, ``torch.autocast``), and a rule can get a geometry wrong. So before a
+sweep uses the incremental engine, :func:`verify_incremental` compares it with the model:
+
+- the program's output on the clean input must equal the model's;
+- a few windows, every corner of the tiling plus one interior window, run through the model in
+  one batched pass and through the incremental engine in one chunk; their outputs must agree.
+
+Agreement is judged per dtype (:data:`TOLERANCES`): the difference must be within ``atol`` times
+the largest clean output or ``rtol`` times the largest change a checked window makes, whichever is
+larger. Any disagreement raises :class:`VerificationFailed`, naming the check and the size of the
+difference; ``engine="auto"`` then runs densely, a forced ``engine="incremental"`` raises.
+
+Cost: one forward pass of ``1 + W`` copies of the batch (of its first examples where the copies
+of all would exceed the dense engine's memory budget) (``W = 2**d + 1`` windows at most) and one
+incremental chunk of ``W`` windows; a sweep has hundreds to thousands of windows
+(``benchmarks/zoo.py`` measures the share).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+from torch import Tensor
+
+from extra_attrib._geometry import TileGeometry, perturbation_boxes
+from extra_attrib._targets import check_output
+
+#: Per dtype, ``(atol, rtol)``: the incremental output may differ from the model's by at most
+#: ``max(atol * largest clean output, rtol * largest change a checked window makes)``. Float
+#: rounding of the same operations on differently shaped boxes stays orders of magnitude below;
+#: the defects the check exists for (a wrong box, a dropped branch, stale weights) are far above.
+TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-11, 1e-8),
+    torch.float32: (2e-5, 1e-4),
+    torch.float16: (1e-2, 3e-2),
+    torch.bfloat16: (3e-2, 1e-1),
+}
+
+
+class VerificationFailed(ValueError):
+    """The incremental engine disagrees with the model; the message names the check."""
+
+
+def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
+    """``(atol, rtol)`` of :data:`TOLERANCES` for ``dtype`` (float32's for unlisted dtypes)."""
+    return TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+
+
+def check_windows(geometry: TileGeometry) -> List[int]:
+    """Flat indices of the windows the check runs: every corner of the grid, then the centre.
+
+    Args:
+        geometry (TileGeometry): The tiling.
+
+    Returns:
+        list of int: Distinct indices, at most ``2**d + 1``.
+
+    Example::
+
+        >>> check_windows(TileGeometry((1, 8, 8), (1, 4, 4), (1, 2, 2)))  # grid (1, 5, 5)
+        [0, 4, 20, 24, 12]
+    """
+    grid = geometry.grid
+    chosen: List[int] = []
+    ends = [sorted({0, n - 1}) for n in grid]
+    for position in itertools.product(*ends):
+        flat = _flat(position, grid)
+        if flat not in chosen:
+            chosen.append(flat)
+    centre = _flat(tuple(n // 2 for n in grid), grid)
+    if centre not in chosen:
+        chosen.append(centre)
+    return chosen
+
+
+def _flat(position: Tuple[int, ...], grid: Tuple[int, ...]) -> int:
+    flat = 0
+    for p, n in zip(position, grid):
+        flat = flat * n + p
+    return flat
+
+
+def occluded_copies(x: Tensor, fill: Tensor, boxes: List[Tuple[slice, ...]]) -> Tensor:
+    """The batch ``x`` followed by one copy per box with the box set to the baseline.
+
+    Args:
+        x (Tensor): Input ``(N, *S)``.
+        fill (Tensor): Baseline, broadcastable to ``x``.
+        boxes (list of tuple of slice): One slice per non-batch dimension each.
+
+    Returns:
+        Tensor: ``((1 + len(boxes)) * N, *S)``, clean copy first.
+    """
+    fill = fill.expand_as(x)
+    copies = x.unsqueeze(0).repeat(1 + len(boxes), *([1] * x.dim()))
+    for w, box in enumerate(boxes):
+        region = (slice(None),) + tuple(box)
+        copies[1 + w][region] = fill[region]
+    return copies.reshape(-1, *x.shape[1:])
+
+
+def largest_difference(a: Tensor, b: Tensor) -> float:
+    """Largest ``|a - b|``, with equal values (infinities too) and NaN against NaN counting 0.
+
+    A NaN or infinity on one side only counts as an infinite difference.
+    """
+    a, b = a.detach().double(), b.detach().double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    if bool(same.all()):
+        return 0.0
+    return float((a - b).abs().masked_fill(same, 0.0).nan_to_num(math.inf).max())
+
+
+def _largest(t: Tensor) -> float:
+    finite = t.detach().double().abs().nan_to_num(0.0, 0.0, 0.0)
+    return float(finite.max()) if finite.numel() else 0.0
+
+
+def verify_incremental(
+    forward_func: Callable[..., Any],
+    x: Tensor,
+    fill: Tensor,
+    geometry: TileGeometry,
+    clean_output: Tensor,
+    run_windows: Callable[[List[Tuple[slice, ...]]], Tensor],
+    budget_bytes: int = 256 * 2**20,
+) -> str:
+    """Check the incremental engine against the model on the clean input and a few windows.
+
+    Args:
+        forward_func (callable): The model.
+        x (Tensor): Input ``(N, *S)``.
+        fill (Tensor): Baseline, broadcastable to ``x``.
+        geometry (TileGeometry): The tiling of ``x``.
+        clean_output (Tensor): The traced program's output on ``x``.
+        run_windows (callable): Incremental outputs ``(W * N, ...)`` for a list of ``W`` boxes.
+        budget_bytes (int, optional): Most bytes the occluded copies may take; past it only the
+            first examples (at least one) go through the model. Default: 256 MiB, the dense
+            engine's budget
+
+    Returns:
+        str: What was checked and the largest difference, for the engine's reason.
+
+    Raises:
+        VerificationFailed: A check disagrees beyond :func:`tolerance`; the message names it.
+    """
+    n = x.shape[0]
+    boxes = perturbation_boxes(geometry, check_windows(geometry))
+    # The model sees the first m examples only where the copies of all would exceed the budget
+    # (examples are independent rows; the incremental side runs all of them anyway).
+    per_example = (1 + len(boxes)) * x[0].numel() * x.element_size()
+    m = max(1, min(n, budget_bytes // max(per_example, 1)))
+    fill = fill.expand_as(x)
+    with torch.no_grad():
+        copies = occluded_copies(x[:m], fill[:m], boxes)
+        real = check_output(forward_func(copies), (1 + len(boxes)) * m)
+    del copies
+    real_clean, real_windows = real[:m], real[m:]
+    clean_output = clean_output[:m] if isinstance(clean_output, Tensor) else clean_output
+    atol, rtol = tolerance(real.dtype)
+    scale = _largest(real_clean)
+    if (
+        not isinstance(clean_output, Tensor)
+        or clean_output.shape != real_clean.shape
+        or clean_output.dtype != real_clean.dtype
+    ):
+        got = (
+            f"{tuple(clean_output.shape)} {clean_output.dtype}"
+            if isinstance(clean_output, Tensor)
+            else type(clean_output).__name__
+        )
+        raise VerificationFailed(
+            f"the clean-output check failed: the traced program returns {got}, the model "
+            f"{tuple(real_clean.shape)} {real_clean.dtype}"
+        )
+    error = largest_difference(clean_output, real_clean)
+    if error > atol * scale:
+        raise VerificationFailed(
+            f"the clean-output check failed: the traced program differs from the model by "
+            f"{error:.3g} ({_ratio(error, scale)} of the largest output; tolerance {atol:g} "
+            f"for {real.dtype})"
+        )
+    with torch.no_grad():
+        incremental = check_output(run_windows(boxes), len(boxes) * n)
+    incremental = incremental.reshape(len(boxes), n, *incremental.shape[1:])[:, :m]
+    incremental = incremental.reshape(len(boxes) * m, *incremental.shape[2:])
+    if incremental.shape != real_windows.shape:
+        raise VerificationFailed(
+            f"the window check failed: incremental outputs have shape "
+            f"{tuple(incremental.shape)}, the model's {tuple(real_windows.shape)}"
+        )
+    effect = largest_difference(
+        real_windows.reshape(len(boxes), *real_clean.shape), real_clean.unsqueeze(0)
+    )
+    allowed = max(atol * scale, rtol * (effect if math.isfinite(effect) else 0.0))
+    window_error = largest_difference(incremental, real_windows)
+    if window_error > allowed:
+        raise VerificationFailed(
+            f"the window check failed on {len(boxes)} windows (corners and centre): incremental "
+            f"differs from the model by {window_error:.3g} ({_ratio(window_error, effect)} of "
+            f"the largest change a window makes, {_ratio(window_error, scale)} of the largest "
+            f"output; tolerance {allowed:.3g} for {real.dtype})"
+        )
+    return (
+        f"verified against the model on the clean input and {len(boxes)} windows (largest "
+        f"difference {max(error, window_error):.2g})"
+    )
+
+
+def _ratio(error: float, scale: float) -> str:
+    if scale == 0.0:
+        return "inf" if error else "0"
+    return f"{error / scale:.3g}"

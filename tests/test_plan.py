@@ -1,0 +1,127 @@
+"""The engine is chosen by measurement on the sweep's own windows (#20)."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from extra_attrib import TiledOcclusion
+from extra_attrib._engine import DenseEvaluator, occlusion_sweep
+from extra_attrib._geometry import TileGeometry
+from extra_attrib._plan import EngineRace, SweepPlan, trial_size
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_race_keeps_the_faster_engine_and_remembers_it():
+    memo = {}
+    race = EngineRace(["dense", "incremental"], {"dense": 4, "incremental": 4}, memo, "k")
+    seen = []
+    while race.racing:
+        name, size = race.next()
+        seen.append(name)
+        race.record(name, size, {"dense": 1.0, "incremental": 0.9}[name] * size, size)
+    assert seen == ["dense", "incremental", "dense", "incremental"]  # interleaved
+    assert race.chosen == "incremental" and memo == {"k": "incremental"}
+    assert "measured" in race.reason
+    again = EngineRace(["dense", "incremental"], {"dense": 4, "incremental": 4}, memo, "k")
+    assert not again.racing and again.next() == ("incremental", None)
+    assert "earlier call" in again.reason
+
+
+def test_race_ties_go_to_the_first_and_a_clearly_slower_engine_drops_out():
+    race = EngineRace(["dense", "incremental"], {"dense": 2, "incremental": 2})
+    race.record("dense", 2, 2.0, 2)
+    race.record("incremental", 2, 2.0, 2)
+    race.record("dense", 2, 2.0, 2)
+    race.record("incremental", 2, 2.0, 2)
+    assert race.chosen == "dense"
+    slow = EngineRace(["dense", "incremental"], {"dense": 2, "incremental": 2})
+    slow.record("dense", 2, 1.0, 2)
+    slow.record("incremental", 2, 5.0, 2)  # 5x slower after one chunk: no second trial
+    assert slow.chosen == "dense"
+
+
+def test_trial_chunks_are_a_small_share_of_the_sweep():
+    x = torch.zeros(1, 3, 8, 8)
+    assert trial_size([x], 64, 1000, None, None) == 8
+    assert trial_size([x], 64, 48, None, None) == 3
+    assert trial_size([x], 64, 1000, {"k": 32}, "k") == 32
+    assert trial_size([x], 64, 1000, None, None, fixed=5) == 5
+
+
+class SlowEvaluator(DenseEvaluator):
+    """The dense engine, slowed down: a stand-in for an engine the cost model overrates."""
+
+    def evaluate(self, j, windows, windows_on_device):
+        time.sleep(0.002 * len(windows))
+        return super().evaluate(j, windows, windows_on_device)
+
+
+def _sweep(plan):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(2, 2, 16, 16)
+    model(x)
+    geometry = TileGeometry((2, 16, 16), (2, 2, 2), (1, 1, 1))
+    return occlusion_sweep(
+        model, (x,), (torch.zeros(()),), [geometry], [0], lambda out: out, plan=plan
+    )
+
+
+def test_a_measurement_overrides_any_prediction_and_trials_count_towards_the_map():
+    reference = _sweep(None)
+    memo = {}
+    plan = SweepPlan({"incremental": SlowEvaluator, "dense": None}, engine_memo=memo)
+    result = _sweep(plan)
+    assert result.engine == "dense", result.engine_reason
+    assert "measured" in result.engine_reason
+    assert list(memo.values()) == ["dense"]
+    # Every window evaluated once, trials included: the same map and counts as dense alone.
+    assert result.perturbations == reference.perturbations == 64
+    torch.testing.assert_close(result.attributions[0], reference.attributions[0])
+    fast = _sweep(SweepPlan({"dense": SlowEvaluator, "incremental": None}))
+    assert fast.engine == "incremental"
+    torch.testing.assert_close(fast.attributions[0], reference.attributions[0])
+
+
+def test_plan_fields_and_one_by_one_arguments():
+    plan = SweepPlan({"dense": None}, chunk_size=3)
+    result = _sweep(plan)
+    assert result.engine == "dense" and result.engine_reason == "the only candidate"
+    assert result.evaluations == 1 + -(-64 // 3)
+    with pytest.raises(ValueError, match="plan.engines"):
+        _sweep(SweepPlan({}))
+
+
+def _net3d():
+    layers, c_in = [], 1
+    for c in (8, 16, 16):
+        layers += [nn.Conv3d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2)]
+        c_in = c
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(c_in, 2))
+
+
+def test_auto_times_both_engines_then_remembers_the_choice():
+    tiled = TiledOcclusion(_net3d().eval())
+    x = torch.randn(1, 1, 32, 32, 32)
+    dense = tiled.attribute(x, target=0, window=(1, 8, 8, 8), engine="dense")
+    auto = tiled.attribute(x, target=0, window=(1, 8, 8, 8))
+    assert tiled.last_engine in ("dense", "incremental")
+    assert "measured on this sweep's windows" in tiled.last_engine_reason
+    assert "verified" in tiled.last_engine_reason  # incremental's self-check, whoever won
+    torch.testing.assert_close(auto, dense, rtol=1e-4, atol=1e-5)
+    first = tiled.last_engine
+    tiled.attribute(x, target=0, window=(1, 8, 8, 8))
+    assert tiled.last_engine == first
+    assert "earlier call" in tiled.last_engine_reason
+    # Another shape is measured afresh.
+    tiled.attribute(torch.randn(1, 1, 24, 24, 24), target=0, window=(1, 8, 8, 8))
+    assert "earlier call" not in tiled.last_engine_reason
