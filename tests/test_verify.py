@@ -625,3 +625,29 @@ def test_the_check_sends_only_the_first_examples_through_the_model_past_the_budg
         counted, x, torch.tensor(0.0), geometry, sweep.clean_output, lambda b: sweep.run(0, b)
     )
     assert rows == [18]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(0, 4),
+    st.integers(5, 20),
+    st.data(),
+)
+def test_output_span_holds_every_output_reading_the_span(kernel, stride, dilation, pad, size, data):
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        return
+    lo = data.draw(st.integers(-pad, size + pad - 1))
+    hi = data.draw(st.integers(lo + 1, size + pad))
+    start, got = incremental.output_span(
+        torch.tensor([lo]), torch.tensor([hi]), kernel, stride, dilation, pad, out
+    )
+    first = int(start[0])
+    assert 0 <= first and first + got <= out
+    for o in range(out):
+        reads = {o * stride - pad + j * dilation for j in range(kernel)}
+        if reads & set(range(lo, hi)):
+            assert first <= o < first + got, (o, first, got)
