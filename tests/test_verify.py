@@ -651,3 +651,26 @@ def test_output_span_holds_every_output_reading_the_span(kernel, stride, dilatio
         reads = {o * stride - pad + j * dilation for j in range(kernel)}
         if reads & set(range(lo, hi)):
             assert first <= o < first + got, (o, first, got)
+
+
+class DictOfTensors(nn.Module):
+    """A dict whose tensor entry forward overwrites: tracing must restore it, not compare it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = Head(3)
+        self.cache = {"last": torch.zeros(2, 2)}
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.cache["last"] = y
+        return self.head(y)
+
+
+def test_tracing_restores_a_dict_of_tensors_it_overwrote():
+    model = DictOfTensors().double().eval()
+    before = model.cache["last"]
+    x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
+    program_for(model, x)
+    assert model.cache["last"] is before
