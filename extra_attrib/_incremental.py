@@ -27,7 +27,10 @@ the chunk batched together:
 - Any other op (attention modules, einsum, ...) makes the model unsupported: the caller falls
   back to the dense engine (``engine="auto"``) or raises (``engine="incremental"``).
 
-The result equals the dense engine up to float rounding: the same ops on the same values.
+The result equals the dense engine up to float rounding: the same ops on the same values. The
+trace is a copy of the model's arithmetic, so :func:`choose_engine` checks it against the real
+model on every call before a sweep uses it (:mod:`extra_attrib._verify`), and refuses in-place
+writes that a later node would observe (:mod:`extra_attrib._aliasing`).
 """
 
 from __future__ import annotations
@@ -1813,7 +1816,7 @@ def _trace_without_side_effects(model: Callable[..., Tensor]) -> fx.GraphModule:
         for container, content in contents:
             if isinstance(container, list):
                 container[:] = content
-            elif container != content:
+            else:  # no comparison: values may be tensors or proxies
                 container.clear()
                 container.update(content)
 

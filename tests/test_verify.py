@@ -636,3 +636,52 @@ def test_the_check_sends_only_the_first_examples_through_the_model_past_the_budg
         counted, x, torch.tensor(0.0), geometry, sweep.clean_output, lambda b: sweep.run(0, b)
     )
     assert rows == [18]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(1, 5),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(0, 4),
+    st.integers(5, 20),
+    st.data(),
+)
+def test_output_span_holds_every_output_reading_the_span(kernel, stride, dilation, pad, size, data):
+    out = (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        return
+    lo = data.draw(st.integers(-pad, size + pad - 1))
+    hi = data.draw(st.integers(lo + 1, size + pad))
+    start, got = incremental.output_span(
+        torch.tensor([lo]), torch.tensor([hi]), kernel, stride, dilation, pad, out
+    )
+    first = int(start[0])
+    assert 0 <= first and first + got <= out
+    for o in range(out):
+        reads = {o * stride - pad + j * dilation for j in range(kernel)}
+        if reads & set(range(lo, hi)):
+            assert first <= o < first + got, (o, first, got)
+
+
+class DictOfTensors(nn.Module):
+    """A dict whose tensor entry forward overwrites: tracing must restore it, not compare it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = Head(3)
+        self.cache = {"last": torch.zeros(2, 2)}
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.cache["last"] = y
+        return self.head(y)
+
+
+def test_tracing_restores_a_dict_of_tensors_it_overwrote():
+    model = DictOfTensors().double().eval()
+    before = model.cache["last"]
+    x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
+    program_for(model, x)
+    assert model.cache["last"] is before
