@@ -79,12 +79,15 @@ class IncrementalSweep:
         """Always True: the evaluator keeps no perturbed copies a model could corrupt."""
         return True
 
-    def run(self, j: int, boxes: List[Tuple[slice, ...]]) -> Tensor:
+    def run(self, j: int, boxes: List[Tuple[slice, ...]]) -> Any:
         """Model outputs ``(len(boxes) * N, ...)`` with the input occluded at ``boxes``."""
         with torch.no_grad():
             out = self.program.run_patched(self.clean, input_patch(self.x, self.fill, boxes))
-        # As the dense engine checks them: a model mixing rows would give a silent wrong map.
-        return check_output(out, len(boxes) * self.x.shape[0])
+        # As the dense engine checks them: a model mixing rows would give a silent wrong map. A
+        # dict or tuple output is checked after ``score``, as the dense engine does.
+        if isinstance(out, Tensor):
+            check_output(out, len(boxes) * self.x.shape[0])
+        return out
 
     def reset(self, j: int) -> None:
         """Nothing to restore: the evaluator keeps no perturbed copies."""
