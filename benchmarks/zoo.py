@@ -37,7 +37,7 @@ import torchvision
 from torch import nn
 
 from extra_attrib import TiledOcclusion
-from extra_attrib import _incremental as incremental
+from extra_attrib._incremental import _sweep as incremental_sweep
 
 RESULTS = os.path.join("benchmarks", "results", "zoo.md")
 #: ``auto`` must equal dense within this fraction of the map's scale in float32 ...
@@ -349,7 +349,7 @@ class _CheckTimer:
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._original = getattr(incremental, "verify_incremental", None)
+        self._original = getattr(incremental_sweep, "verify_incremental", None)
 
     def __enter__(self) -> _CheckTimer:
         if self._original is not None:
@@ -362,12 +362,12 @@ class _CheckTimer:
                 finally:
                     self.seconds += time.perf_counter() - began
 
-            incremental.verify_incremental = timed
+            incremental_sweep.verify_incremental = timed
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._original is not None:
-            incremental.verify_incremental = self._original
+            incremental_sweep.verify_incremental = self._original
 
 
 def run_case(case: Case, seed: int = 0) -> Row:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-import extra_attrib._incremental as incremental
 from extra_attrib import TiledOcclusion
+from extra_attrib._incremental import _program, _rules, _rules_moved
 
 
 @pytest.fixture(autouse=True)
@@ -38,14 +38,15 @@ def _both(model, x, window, k=1, targets=(0,), monkeypatch=None, **kwargs):
     dense = tiled.attribute_multi(x, list(targets), window=window, k=k, engine="dense", **kwargs)
     ran_dense = []
     if monkeypatch is not None:
-        original = incremental._run_dense
+        original = _rules._run_dense
 
         def spy(program, step, *args):
             ran_dense.append(step.node.name)
             return original(program, step, *args)
 
-        monkeypatch.setattr(incremental, "_run_dense", spy)
-        monkeypatch.setitem(incremental._HANDLERS, "dense", spy)
+        monkeypatch.setattr(_rules, "_run_dense", spy)
+        monkeypatch.setattr(_rules_moved, "_run_dense", spy)
+        monkeypatch.setitem(_program._HANDLERS, "dense", spy)
     incr = tiled.attribute_multi(
         x, list(targets), window=window, k=k, engine="incremental", **kwargs
     )

@@ -18,7 +18,7 @@ from extra_attrib import TiledOcclusion
 from extra_attrib import _incremental as incremental
 from extra_attrib._geometry import TileGeometry
 from extra_attrib._incremental import changed_span, program_for
-from extra_attrib._verify import check_windows, largest_difference
+from extra_attrib._incremental._verify import check_windows, largest_difference
 
 WINDOW, K = (2, 6, 6), (1, 2, 2)
 
@@ -491,7 +491,7 @@ def test_batchnorm_without_running_statistics_is_refused():
 def test_clean_activations_over_budget_choose_dense(monkeypatch):
     model = InPlaceSafe().double().eval()
     x = torch.randn(4, 2, 16, 16, dtype=torch.float64)
-    monkeypatch.setattr(incremental, "ACTIVATION_BUDGET_BYTES", 3 * 16 * 16 * 8 * 4)
+    monkeypatch.setattr(incremental._sweep, "ACTIVATION_BUDGET_BYTES", 3 * 16 * 16 * 8 * 4)
     tiled = _auto_equals_dense(model, x)
     assert tiled.last_engine == "dense" and "budget" in tiled.last_engine_reason
     with pytest.raises(ValueError, match="budget"):
@@ -530,7 +530,7 @@ def test_any_exception_while_checking_falls_back(monkeypatch):
     def broken(*args, **kwargs):
         raise IndexError("a rule's bug")
 
-    monkeypatch.setattr(incremental, "verify_incremental", broken)
+    monkeypatch.setattr(incremental._sweep, "verify_incremental", broken)
     tiled = _auto_equals_dense(model, x)
     assert "raised IndexError: a rule's bug" in tiled.last_engine_reason
     with pytest.raises(ValueError, match="a rule's bug"):

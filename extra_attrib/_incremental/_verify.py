@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from extra_attrib._geometry import TileGeometry, perturbation_boxes
 from extra_attrib._targets import check_output
@@ -128,8 +129,8 @@ def verify_incremental(
     x: Tensor,
     fill: Tensor,
     geometry: TileGeometry,
-    clean_output: Tensor,
-    run_windows: Callable[[List[Tuple[slice, ...]]], Tensor],
+    clean_output: Any,
+    run_windows: Callable[[List[Tuple[slice, ...]]], Any],
     budget_bytes: int = 256 * 2**20,
 ) -> str:
     """Check the incremental engine against the model on the clean input and a few windows.
@@ -139,7 +140,7 @@ def verify_incremental(
         x (Tensor): Input ``(N, *S)``.
         fill (Tensor): Baseline, broadcastable to ``x``.
         geometry (TileGeometry): The tiling of ``x``.
-        clean_output (Tensor): The traced program's output on ``x``.
+        clean_output (Tensor, dict or tuple): The traced program's output on ``x``.
         run_windows (callable): Incremental outputs ``(W * N, ...)`` for a list of ``W`` boxes.
         budget_bytes (int, optional): Most bytes the occluded copies may take; past it only the
             first examples (at least one) go through the model. Default: 256 MiB, the dense
@@ -160,58 +161,112 @@ def verify_incremental(
     fill = fill.expand_as(x)
     with torch.no_grad():
         copies = occluded_copies(x[:m], fill[:m], boxes)
-        real = check_output(forward_func(copies), (1 + len(boxes)) * m)
+        real, real_where = _tensors(forward_func(copies), (1 + len(boxes)) * m, "the model")
     del copies
-    real_clean, real_windows = real[:m], real[m:]
-    clean_output = clean_output[:m] if isinstance(clean_output, Tensor) else clean_output
-    atol, rtol = tolerance(real.dtype)
-    scale = _largest(real_clean)
-    if (
-        not isinstance(clean_output, Tensor)
-        or clean_output.shape != real_clean.shape
-        or clean_output.dtype != real_clean.dtype
-    ):
-        got = (
-            f"{tuple(clean_output.shape)} {clean_output.dtype}"
-            if isinstance(clean_output, Tensor)
-            else type(clean_output).__name__
-        )
+    clean, clean_where = _flatten(clean_output)
+    if clean_where != real_where:
         raise VerificationFailed(
-            f"the clean-output check failed: the traced program returns {got}, the model "
+            f"the clean-output check failed: the traced program returns {clean_where}, the "
+            f"model {real_where}"
+        )
+    errors = [_check_clean(c, r[:m], m) for c, r in zip(clean, real)]
+    with torch.no_grad():
+        incremental, where = _tensors(run_windows(boxes), len(boxes) * n, "the incremental engine")
+    if where != real_where:
+        raise VerificationFailed(
+            f"the window check failed: incremental outputs are {where}, the model's {real_where}"
+        )
+    for i, r in zip(incremental, real):
+        errors.append(_check_windows(i, r[:m], r[m:], len(boxes), n, m))
+    return (
+        f"verified against the model on the clean input and {len(boxes)} windows (largest "
+        f"difference {max(errors):.2g})"
+    )
+
+
+def _tensors(output: Any, rows: int, who: str) -> Tuple[List[Tensor], List[str]]:
+    """The tensors of an output (a tensor, or a dict/tuple of them) and where each sits.
+
+    Raises:
+        VerificationFailed: A part is not a tensor.
+        ValueError: A tensor's first dimension is not ``rows`` (the windows of the check cannot
+            be told apart in it; the dense engine refuses such a model too).
+    """
+    leaves, where = _flatten(output)
+    for leaf, at in zip(leaves, where):
+        if not isinstance(leaf, Tensor):
+            raise VerificationFailed(
+                f"the output check failed: {who} returns {type(leaf).__name__} at {at}; every "
+                "output must be a tensor with one row per example"
+            )
+        check_output(leaf, rows, who)
+    return leaves, where
+
+
+def _flatten(output: Any) -> Tuple[List[Any], List[str]]:
+    """The parts of an output and where each sits (``["['out']"]`` for a dict's ``out``).
+
+    Where, not the container's type: the traced program returns fx's immutable dict where the
+    model returns an ``OrderedDict``.
+    """
+    pairs = tree_flatten_with_path(output)[0]
+    return [leaf for _, leaf in pairs], [keystr(path) or "the output" for path, _ in pairs]
+
+
+def _check_clean(clean_output: Any, real_clean: Tensor, m: int) -> float:
+    """The clean-output check of one output tensor's first ``m`` rows; returns the difference."""
+    if not isinstance(clean_output, Tensor):
+        raise VerificationFailed(
+            f"the clean-output check failed: the traced program returns "
+            f"{type(clean_output).__name__} where the model returns a tensor"
+        )
+    clean_output = clean_output[:m]
+    if clean_output.shape != real_clean.shape or clean_output.dtype != real_clean.dtype:
+        raise VerificationFailed(
+            f"the clean-output check failed: the traced program returns "
+            f"{tuple(clean_output.shape)} {clean_output.dtype}, the model "
             f"{tuple(real_clean.shape)} {real_clean.dtype}"
         )
+    atol, _ = tolerance(real_clean.dtype)
+    scale = _largest(real_clean)
     error = largest_difference(clean_output, real_clean)
     if error > atol * scale:
         raise VerificationFailed(
             f"the clean-output check failed: the traced program differs from the model by "
             f"{error:.3g} ({_ratio(error, scale)} of the largest output; tolerance {atol:g} "
-            f"for {real.dtype})"
+            f"for {real_clean.dtype})"
         )
-    with torch.no_grad():
-        incremental = check_output(run_windows(boxes), len(boxes) * n)
-    incremental = incremental.reshape(len(boxes), n, *incremental.shape[1:])[:, :m]
-    incremental = incremental.reshape(len(boxes) * m, *incremental.shape[2:])
+    return error
+
+
+def _check_windows(
+    incremental: Tensor, real_clean: Tensor, real_windows: Tensor, w: int, n: int, m: int
+) -> float:
+    """The window check of one output tensor; returns its largest difference.
+
+    ``incremental`` holds ``w * n`` rows, window-major; the model's ``real_windows`` the
+    ``w * m`` rows of the first ``m`` examples.
+    """
+    incremental = incremental.reshape(w, n, *incremental.shape[1:])[:, :m]
+    incremental = incremental.reshape(w * m, *incremental.shape[2:])
     if incremental.shape != real_windows.shape:
         raise VerificationFailed(
             f"the window check failed: incremental outputs have shape "
             f"{tuple(incremental.shape)}, the model's {tuple(real_windows.shape)}"
         )
-    effect = largest_difference(
-        real_windows.reshape(len(boxes), *real_clean.shape), real_clean.unsqueeze(0)
-    )
+    atol, rtol = tolerance(real_windows.dtype)
+    scale = _largest(real_clean)
+    effect = largest_difference(real_windows.reshape(w, *real_clean.shape), real_clean.unsqueeze(0))
     allowed = max(atol * scale, rtol * (effect if math.isfinite(effect) else 0.0))
     window_error = largest_difference(incremental, real_windows)
     if window_error > allowed:
         raise VerificationFailed(
-            f"the window check failed on {len(boxes)} windows (corners and centre): incremental "
+            f"the window check failed on {w} windows (corners and centre): incremental "
             f"differs from the model by {window_error:.3g} ({_ratio(window_error, effect)} of "
             f"the largest change a window makes, {_ratio(window_error, scale)} of the largest "
-            f"output; tolerance {allowed:.3g} for {real.dtype})"
+            f"output; tolerance {allowed:.3g} for {real_windows.dtype})"
         )
-    return (
-        f"verified against the model on the clean input and {len(boxes)} windows (largest "
-        f"difference {max(error, window_error):.2g})"
-    )
+    return window_error
 
 
 def _ratio(error: float, scale: float) -> str:
