@@ -389,6 +389,21 @@ def _done(out_dir: str) -> set:
     return done
 
 
+def assign_workers(n: int, heavy_every: int, workers: int, heavy_cost: float = 4.0) -> List[int]:
+    """Which worker explains each position: the least loaded so far (a heavy image costs more).
+
+    Every worker advances through the positions in order, so a run stopped early has explained
+    about a prefix of the balanced order.
+    """
+    load = [0.0] * workers
+    out = []
+    for position in range(n):
+        rank = min(range(workers), key=lambda r: (load[r], r))
+        load[rank] += heavy_cost if position % heavy_every == 0 else 1.0
+        out.append(rank)
+    return out
+
+
 def worker(rank: int, workers: int, s: Settings, out_dir: str) -> None:
     """Explain this worker's share of the kept composites, appending one JSON line per image."""
     torch.set_num_threads(1)
@@ -401,8 +416,9 @@ def worker(rank: int, workers: int, s: Settings, out_dir: str) -> None:
     done = _done(out_dir)
     methods = make_methods(s)
     path = os.path.join(out_dir, f"part{rank}.jsonl")
+    share = assign_workers(len(kept), s.heavy_every, workers)
     for position, item in enumerate(kept):
-        if position % workers != rank or item["index"] in done:
+        if share[position] != rank or item["index"] in done:
             continue
         t0 = time.perf_counter()
         row, maps = explain_one(model, methods, sources, item, position, s)

@@ -149,3 +149,13 @@ def test_tiny_end_to_end_run_and_report(tmp_path, sources, monkeypatch):
     assert "**Images explained: 2 of 3 kept composites**" in text and "cut short" in text
     assert "Paired differences against the best Occlusion" in text
     assert (tmp_path / "localisation_quick.png").exists()
+
+
+def test_workers_share_the_cost_and_every_image():
+    share = bench.assign_workers(40, heavy_every=4, workers=2)
+    assert sorted(set(share)) == [0, 1]
+    cost = [0.0, 0.0]
+    for position, rank in enumerate(share):
+        cost[rank] += 4.0 if position % 4 == 0 else 1.0
+    assert abs(cost[0] - cost[1]) <= 4.0
+    assert bench.assign_workers(5, 1, 1) == [0] * 5
