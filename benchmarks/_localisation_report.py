@@ -314,9 +314,7 @@ def write_report(
                     continue
                 d = paired(rows, m.key, ref, score, metric)
                 better = "↓" if metric in LOWER_IS_BETTER else "↑"
-                cells.append(
-                    f"{fmt_ci(d, diff=True, better=better)} (vs {labels[ref].split(',')[0]})"
-                )
+                cells.append(f"{fmt_ci(d, diff=True, better=better)} (vs {labels[ref]})")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     # By scale.
@@ -326,7 +324,12 @@ def write_report(
             lines += [
                 f"## By object scale: {dict(METRICS)[metric]}, {SCORE_NAMES[score]}",
                 "",
-                "| method | " + " | ".join(f"{v} px (w/obj {w / v:.2g})" for v in scales) + " |",
+                "| method | "
+                + " | ".join(
+                    f"{v} px (w/obj {w / v:.2g}, {sum(r['scale'] == v for r in rows)} images)"
+                    for v in scales
+                )
+                + " |",
                 "|---|" + "---|" * len(scales),
             ]
             for m in methods:
