@@ -1,0 +1,524 @@
+"""Does tiling localise better than Occlusion on a real network, and when? (#22)
+
+Run ``python -m benchmarks.localisation`` (``--quick`` for a smoke run of about 2 minutes).
+
+EfficientNet-Lite0 (ImageNet weights, offline) explains composites: a real object cut from a real
+photo (cat, espresso, tripod, moped, palace, daisy) pasted at a random position and at one of four
+sizes (1/8 to 1/2 of the image side) onto a real texture or scene (see
+:mod:`benchmarks._localisation_data`). A composite is kept only if the model predicts the
+object's class; that class is the target. Each method explains it with two scores (raw logit and
+log-probability); the maps (channels summed) are scored by the pointing game, relevance mass and
+relevance rank inside the pasted box, and, on every ``heavy_every``-th image, by deletion and
+insertion AUC. Paired differences against the best Occlusion at no more model evaluations come
+with percentile-bootstrap 95 % intervals.
+
+Per-image results are appended to ``<out>/part<worker>.jsonl`` as they come, so a run that is
+stopped still leaves a report (``--report-only`` rebuilds it) and a rerun resumes where it
+stopped. Occlusion at window ``v`` and stride ``v`` is computed as ``TiledOcclusion(window=v,
+k=1)``, which equals Captum's ``Occlusion`` (``tests/test_localisation_bench.py`` checks it on
+a small model, and the package's own tests on many); Captum's overlapping Occlusion is Captum's
+own class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from captum.attr import NoiseTunnel, Occlusion, Saliency
+from torch import Tensor, nn
+
+from benchmarks import _localisation_data as data
+from extra_attrib import FusionGrad, TiledOcclusion
+from extra_attrib.evaluation import area_under_curve, perturbation_curve
+
+SCORES = ("raw", "logprob")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    seed: int = 0
+    n_images: int = 300  # kept composites to explain
+    max_candidates: int = 2400  # composites generated (and classified) at most, over all scales
+    window: int = 56
+    ks: Tuple[int, ...] = (2, 4)
+    refine: float = 0.25  # drill-down fraction (with the largest k)
+    nt_samples: int = 4
+    nt_stdev: float = 0.2  # 10 % of the input range [-1, 1]
+    nt_k: int = 2
+    fg: Tuple[int, int] = (4, 4)  # FusionGrad(Saliency) n, m
+    fg_std: float = 0.02  # weight noise; 0.2 destroys EfficientNet-Lite0's predictions
+    heavy_every: int = 4  # the expensive methods and deletion/insertion on every n-th image
+    curve_steps: int = 10
+    rows: int = 4  # rows per forward pass of the deletion/insertion curves
+    captum_rows: int = 8  # perturbations per forward pass of Captum's Occlusion
+    n_examples: int = 4  # composites whose maps are kept for the example figure
+
+
+QUICK = dataclasses.replace(
+    Settings(), n_images=4, max_candidates=24, window=112, heavy_every=2, nt_samples=2, fg=(2, 2)
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------
+
+
+class LogProb(nn.Module):
+    """The model's log-probabilities (for the gradient methods)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log_softmax(self.model(x), dim=1)
+
+
+def both_scores(out: Tensor) -> Tensor:
+    """Raw outputs and log-probabilities side by side: ``(N, 2C)``, one sweep for both."""
+    return torch.cat([out, torch.log_softmax(out, dim=1)], dim=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    heavy: bool  # only on every heavy_every-th image
+    kind: str  # "occlusion" (an Occlusion reference), "tiled", "captum", "gradient"
+    run: Callable[[nn.Module, Tensor, int, int], Tuple[Dict[str, Tensor], int]]
+
+
+def _tiled_runner(window: int, k: int, refine: Optional[float] = None) -> Callable:
+    cache: Dict[int, TiledOcclusion] = {}  # one object per model: it keeps its tuned chunk size
+
+    def run(model: nn.Module, x: Tensor, target: int, seed: int) -> Tuple[Dict[str, Tensor], int]:
+        tiled = cache.setdefault(id(model), TiledOcclusion(model))
+        classes = model_classes(model, x)
+        maps = tiled.attribute_multi(
+            x,
+            [target, classes + target],
+            window=(3, window, window),
+            k=(1, k, k),
+            score=both_scores,
+            refine=refine,
+        )
+        return {"raw": maps[0, 0], "logprob": maps[1, 0]}, tiled.last_perturbations + 1
+
+    return run
+
+
+def _captum_runner(window: int, stride: int, rows: int) -> Callable:
+    def run(model: nn.Module, x: Tensor, target: int, seed: int) -> Tuple[Dict[str, Tensor], int]:
+        def two(z: Tensor) -> Tensor:  # (B, 2): raw and log-prob of the target, one sweep
+            out = model(z)
+            return torch.stack([out[:, target], torch.log_softmax(out, 1)[:, target]], 1)
+
+        maps = Occlusion(two).attribute(
+            x,
+            sliding_window_shapes=(3, window, window),
+            strides=(3, stride, stride),
+            baselines=0.0,
+            perturbations_per_eval=rows,
+        )
+        side = x.shape[-1]
+        per_dim = (side - window) // stride + 1
+        return {"raw": maps[0], "logprob": maps[1]}, per_dim**2 + 1
+
+    return run
+
+
+def _saliency(model: nn.Module, x: Tensor, target: int, seed: int) -> Tuple[Dict[str, Tensor], int]:
+    maps = {
+        "raw": Saliency(model).attribute(x, target=target)[0],
+        "logprob": Saliency(LogProb(model)).attribute(x, target=target)[0],
+    }
+    return maps, 1
+
+
+def _noise_tunnel(window: int, k: int, samples: int, stdev: float) -> Callable:
+    def run(model: nn.Module, x: Tensor, target: int, seed: int) -> Tuple[Dict[str, Tensor], int]:
+        tiled = TiledOcclusion(model)
+        maps, evals = {}, 0
+        for name, score in (("raw", "raw"), ("logprob", "log_softmax")):
+            torch.manual_seed(seed)  # the same noise for both scores
+            maps[name] = NoiseTunnel(tiled).attribute(
+                x,
+                nt_type="smoothgrad",
+                nt_samples=samples,
+                stdevs=stdev,
+                target=target,
+                window=(3, window, window),
+                k=(1, k, k),
+                score=score,
+            )[0]
+            # One call explains the nt_samples noisy copies as one batch: rows = samples x passes.
+            evals = samples * (tiled.last_perturbations + 1)
+        return maps, evals
+
+    return run
+
+
+def _fusion_grad(n: int, m: int, std: float) -> Callable:
+    def run(model: nn.Module, x: Tensor, target: int, seed: int) -> Tuple[Dict[str, Tensor], int]:
+        maps = {}
+        for name, forward in (("raw", model), ("logprob", LogProb(model))):
+            torch.manual_seed(seed)
+            fg = FusionGrad(Saliency(forward), model=model)
+            maps[name] = fg.attribute(x, target=target, n=n, m=m, std=std)[0]
+        return maps, n * m
+
+    return run
+
+
+_CLASSES: Dict[int, int] = {}
+
+
+def model_classes(model: nn.Module, x: Tensor) -> int:
+    """Number of classes (ImageNet: 1000), from one forward pass per model."""
+    if id(model) not in _CLASSES:
+        with torch.no_grad():
+            _CLASSES[id(model)] = int(model(x[:1]).shape[1])
+    return _CLASSES[id(model)]
+
+
+def make_methods(s: Settings) -> List[Method]:
+    w = s.window
+    out = [
+        Method("occ_w", f"Occlusion({w}, stride {w})", False, "occlusion", _tiled_runner(w, 1)),
+    ]
+    for k in s.ks:
+        v = w // k
+        out.append(
+            Method(
+                f"occ_w{k}", f"Occlusion({v}, stride {v})", False, "occlusion", _tiled_runner(v, 1)
+            )
+        )
+    for k in s.ks:
+        out.append(
+            Method(f"tiled{k}", f"TiledOcclusion({w}, k={k})", False, "tiled", _tiled_runner(w, k))
+        )
+    out.append(Method("saliency", "Saliency", False, "gradient", _saliency))
+    for k in s.ks:
+        out.append(
+            Method(
+                f"captum{k}",
+                f"Captum Occlusion({w}, stride {w // k})",
+                True,
+                "captum",
+                _captum_runner(w, w // k, s.captum_rows),
+            )
+        )
+    k_max = max(s.ks)
+    out.append(
+        Method(
+            "drill",
+            f"TiledOcclusion({w}, k={k_max}, refine={s.refine})",
+            True,
+            "tiled",
+            _tiled_runner(w, k_max, s.refine),
+        )
+    )
+    out.append(
+        Method(
+            "nt_tiled",
+            f"NoiseTunnel(TiledOcclusion({w}, k={s.nt_k})), {s.nt_samples} samples",
+            True,
+            "tiled",
+            _noise_tunnel(w, s.nt_k, s.nt_samples, s.nt_stdev),
+        )
+    )
+    n, m = s.fg
+    out.append(
+        Method(
+            "fusiongrad",
+            f"FusionGrad(Saliency), n={n}, m={m}, std={s.fg_std}",
+            True,
+            "gradient",
+            _fusion_grad(n, m, s.fg_std),
+        )
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@torch.no_grad()
+def select_composites(
+    model: nn.Module, sources: data.Sources, s: Settings, batch: int = 8
+) -> Dict[str, Any]:
+    """Generate composites per scale until each scale has its share of ``n_images`` kept.
+
+    Each scale's stream (indices ``j, j + 4, ...``) is generated in order until ``n_images / 4``
+    are kept or ``max_candidates / 4`` are generated; the kept ones come in round-robin order
+    over the scales (see :func:`~benchmarks._localisation_data.balanced_order`).
+    """
+    n_scales = len(data.SCALES)
+    quota = -(-s.n_images // n_scales)
+    cap = -(-s.max_candidates // n_scales)
+    kept: List[Dict[str, Any]] = []
+    candidates: List[Dict[str, Any]] = []
+    made = [0] * n_scales
+    got = [0] * n_scales
+    while True:
+        todo = [j for j in range(n_scales) if got[j] < quota and made[j] < cap]
+        if not todo:
+            break
+        indices = []
+        for j in todo:
+            take = min(batch, cap - made[j])
+            indices += [j + n_scales * (made[j] + i) for i in range(take)]
+            made[j] += take
+        layouts = [data.make_layout(i, sources, s.seed) for i in indices]
+        x = data.to_model_input(torch.stack([data.render(lay, sources)[0] for lay in layouts]))
+        predicted = model(x).argmax(1).tolist()
+        for lay, p, t in zip(layouts, predicted, data.select_kept(predicted, layouts)):
+            row = {"index": lay.index, "obj": lay.obj, "scale": lay.scale, "predicted": p}
+            candidates.append(row)
+            j = data.SCALES.index(lay.scale)
+            if t is not None and got[j] < quota:
+                kept.append({**row, "target": t})
+                got[j] += 1
+    return {"kept": data.balanced_order(kept), "candidates": candidates}
+
+
+# --------------------------------------------------------------------------------------------
+# One image
+# --------------------------------------------------------------------------------------------
+
+
+def explain_one(
+    model: nn.Module,
+    methods: Sequence[Method],
+    sources: data.Sources,
+    item: Dict[str, Any],
+    position: int,
+    s: Settings,
+) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """All methods on one composite: its metrics (JSON-able) and its maps."""
+    lay = data.make_layout(item["index"], sources, s.seed)
+    unit, box = data.render(lay, sources)
+    x = data.to_model_input(unit)[None]
+    target = int(item["target"])
+    heavy = position % s.heavy_every == 0
+    row: Dict[str, Any] = {
+        "index": lay.index,
+        "position": position,
+        "obj": lay.obj,
+        "scale": lay.scale,
+        "background": lay.background,
+        "target": target,
+        "area": float(box.float().mean()),
+        "heavy": heavy,
+        "methods": {},
+    }
+    maps_kept: Dict[str, np.ndarray] = {}
+    raw_maps = {}
+    for method in methods:
+        if method.heavy and not heavy:
+            continue
+        t0 = time.perf_counter()
+        maps, evals = method.run(model, x, target, s.seed + lay.index)
+        seconds = time.perf_counter() - t0
+        entry: Dict[str, Any] = {"evals": evals, "seconds": seconds}
+        for score in SCORES:
+            a = maps[score].double().sum(0)
+            entry[score] = {name: fn(a, box) for name, fn in data.METRICS.items()}
+            maps_kept[f"{method.key}/{score}"] = a.float().numpy()
+        raw_maps[method.key] = maps["raw"].sum(0)
+        row["methods"][method.key] = entry
+    if heavy:
+        keys = list(raw_maps)
+        stacked = torch.stack([raw_maps[k] for k in keys])[:, None].float()
+        areas = curves(model, x, stacked, target, s)
+        for j, key in enumerate(keys):
+            row["methods"][key]["deletion"] = float(areas["deletion"][j])
+            row["methods"][key]["insertion"] = float(areas["insertion"][j])
+    return row, maps_kept
+
+
+def curves(model: nn.Module, x: Tensor, maps: Tensor, target: int, s: Settings) -> Dict[str, Any]:
+    """Deletion (to the grey occlusion baseline) and insertion (from a blur) areas, raw logit.
+
+    The raw logit rather than the probability: on composites the probability of the object's
+    class is often small and falls to about 0 at the first deletion step for every map.
+    """
+    areas = {}
+    for mode, baseline in (("deletion", 0.0), ("insertion", "blur")):
+        curve = perturbation_curve(
+            model,
+            x.expand(len(maps), -1, -1, -1),
+            maps,
+            target=torch.full((len(maps),), target),
+            mode=mode,
+            n_steps=s.curve_steps,
+            baseline=baseline,
+            score="raw",
+            batch_size=s.rows,
+            generator=torch.Generator().manual_seed(s.seed),
+        )
+        areas[mode] = area_under_curve(curve).numpy()
+    return areas
+
+
+def _done(out_dir: str) -> set:
+    done = set()
+    for name in os.listdir(out_dir):
+        if name.startswith("part") and name.endswith(".jsonl"):
+            with open(os.path.join(out_dir, name)) as f:
+                for line in f:
+                    if line.strip():
+                        done.add(json.loads(line)["index"])
+    return done
+
+
+def assign_workers(n: int, heavy_every: int, workers: int, heavy_cost: float = 4.0) -> List[int]:
+    """Which worker explains each position: the least loaded so far (a heavy image costs more).
+
+    Every worker advances through the positions in order, so a run stopped early has explained
+    about a prefix of the balanced order.
+    """
+    load = [0.0] * workers
+    out = []
+    for position in range(n):
+        rank = min(range(workers), key=lambda r: (load[r], r))
+        load[rank] += heavy_cost if position % heavy_every == 0 else 1.0
+        out.append(rank)
+    return out
+
+
+def worker(rank: int, workers: int, s: Settings, out_dir: str) -> None:
+    """Explain this worker's share of the kept composites, appending one JSON line per image."""
+    torch.set_num_threads(1)
+    from extra_attrib import imagenet
+
+    model = imagenet.load_efficientnet_lite0()
+    sources = data.load_sources()
+    with open(os.path.join(out_dir, "kept.json")) as f:
+        kept = json.load(f)["kept"]
+    done = _done(out_dir)
+    methods = make_methods(s)
+    path = os.path.join(out_dir, f"part{rank}.jsonl")
+    share = assign_workers(len(kept), s.heavy_every, workers)
+    for position, item in enumerate(kept):
+        if share[position] != rank or item["index"] in done:
+            continue
+        t0 = time.perf_counter()
+        row, maps = explain_one(model, methods, sources, item, position, s)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if position < s.n_examples:
+            np.savez_compressed(os.path.join(out_dir, f"maps{item['index']}.npz"), **maps)
+        log(
+            f"worker {rank}: image {position + 1}/{len(kept)} ({item['obj']}, {item['scale']} px"
+            f"{', heavy' if row['heavy'] else ''}) in {time.perf_counter() - t0:.1f} s"
+        )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run, about 2 minutes")
+    parser.add_argument("--images", type=int, help="kept composites to explain")
+    parser.add_argument("--heavy-every", type=int, help="expensive methods on every n-th image")
+    parser.add_argument("--workers", type=int, default=1, help="processes (1 thread each)")
+    parser.add_argument(
+        "--out",
+        help="folder for the per-image results; a rerun resumes there (default: "
+        "benchmarks/results/localisation_runs; --quick: a temporary folder)",
+    )
+    parser.add_argument(
+        "--report",
+        help="results markdown (default: benchmarks/results/localisation.md; --quick: in --out)",
+    )
+    parser.add_argument("--media", help="folder for the figures (default: media/; --quick: --out)")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report only")
+    parser.add_argument("--note", default="", help="a line for the report (e.g. machine load)")
+    args = parser.parse_args(argv)
+    s = QUICK if args.quick else Settings()
+    if args.images is not None:
+        s = dataclasses.replace(
+            s, n_images=args.images, max_candidates=max(s.max_candidates, 8 * args.images)
+        )
+    if args.heavy_every is not None:
+        s = dataclasses.replace(s, heavy_every=args.heavy_every)
+    if args.workers < 1:
+        raise ValueError(f"--workers={args.workers} must be at least 1")
+    if args.quick:  # a smoke run leaves nothing in the repository
+        out_dir = args.out or tempfile.mkdtemp(prefix="localisation_quick_")
+        report = args.report or os.path.join(out_dir, "localisation_quick.md")
+    else:
+        out_dir = args.out or os.path.join("benchmarks", "results", "localisation_runs")
+        report = args.report or os.path.join("benchmarks", "results", "localisation.md")
+    os.makedirs(out_dir, exist_ok=True)
+    media = args.media or (out_dir if args.quick else "media")
+    from benchmarks import _localisation_report as rep
+
+    if not args.report_only:
+        torch.set_num_threads(1)
+        t0 = time.perf_counter()
+        settings_path = os.path.join(out_dir, "settings.json")
+        if not os.path.exists(os.path.join(out_dir, "kept.json")):
+            from extra_attrib import imagenet
+
+            model = imagenet.load_efficientnet_lite0()
+            sources = data.load_sources()
+            selection = select_composites(model, sources, s)
+            with open(os.path.join(out_dir, "kept.json"), "w") as f:
+                json.dump(selection, f)
+            log(
+                f"kept {len(selection['kept'])} of {len(selection['candidates'])} composites "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
+        with open(settings_path, "w") as f:
+            json.dump(
+                {
+                    **dataclasses.asdict(s),
+                    "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "workers": args.workers,
+                    "machine": rep.machine_line(),
+                },
+                f,
+            )
+        if args.workers == 1:
+            worker(0, 1, s, out_dir)
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            procs = [
+                ctx.Process(target=worker, args=(r, args.workers, s, out_dir))
+                for r in range(args.workers)
+            ]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+        log(f"explained in {time.perf_counter() - t0:.0f} s")
+    rep.write_report(
+        out_dir,
+        report,
+        media,
+        quick=args.quick,
+        note=args.note,
+        command=" ".join(["python -m benchmarks.localisation", *sys.argv[1:]]),
+    )
+    log(f"wrote {report}")
+
+
+if __name__ == "__main__":
+    main()
