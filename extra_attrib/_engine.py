@@ -100,6 +100,8 @@ class SweepResult:
             output, shape ``(N, T)``, as :func:`resolve_targets` gives them.
         engine (str): The engine that evaluated the sweep after any race (the plan's name).
         engine_reason (str): Why that engine: measured, remembered, or the only candidate.
+        reused (int): Of the ``perturbations``, windows not evaluated by the sweep: their model
+            outputs came with the plan (:attr:`SweepPlan.precomputed`, the self-check's).
     """
 
     attributions: List[Tensor]
@@ -110,6 +112,7 @@ class SweepResult:
     targets: Optional[Tensor] = None
     engine: str = "dense"
     engine_reason: str = ""
+    reused: int = 0
 
 
 def memory_bound(inputs: Sequence[Tensor]) -> int:
@@ -371,6 +374,13 @@ def occlusion_sweep(
         if windows is not None:
             wanted = set(windows[j])
             active[-1] = [i for i in active[-1] if i in wanted]
+    # Windows whose model outputs came with the plan (the self-check's): scored, not evaluated.
+    reused = _precomputed_scores(
+        plan, inputs, baselines, geometries, additional_forward_args, active, score_fn, pick
+    )
+    for j, (windows_j, _) in reused.items():
+        precomputed = set(windows_j)
+        active[j] = [i for i in active[j] if i not in precomputed]
     busiest = max(len(a) for a in active)
     total = sum(len(a) for a in active)
     keys = {
@@ -401,7 +411,7 @@ def occlusion_sweep(
         if windows is None
         else sum(len(set(w)) for w in windows)
     )
-    skipped = requested - total
+    skipped = requested - total - sum(len(w) for w, _ in reused.values())
 
     # No bar object at all without progress: even a disabled tqdm costs host time per chunk.
     bar = (
@@ -434,6 +444,9 @@ def occlusion_sweep(
                 # itself is not finite, as the forward pass gives. Layout (P, N, T): a chunk's
                 # scores are one index_copy_, the differences one subtraction at the end.
                 scores_all = base_scores.unsqueeze(0).repeat(geometry.num_perturbations, 1, 1)
+                if j in reused:
+                    windows_j, scores_j = reused[j]
+                    scores_all[torch.tensor(windows_j, device=scores_all.device)] = scores_j
                 start = 0
                 while start < len(indices):
                     name, trial = race.next()
@@ -491,16 +504,50 @@ def occlusion_sweep(
     )
     # Notes on every candidate (e.g. incremental's self-check), whichever won.
     note = "; ".join(plan.notes.values())
+    scored_only = sum(len(w) for w, _ in reused.values())
     return SweepResult(
         attributions,
         evaluations,
-        done,
+        done + scored_only,
         skipped,
         differences if return_differences else None,
         index,
         chosen,
         f"{reason}; {note}" if note else reason,
+        scored_only,
     )
+
+
+def _precomputed_scores(
+    plan: SweepPlan,
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    geometries: Sequence[TileGeometry],
+    additional_forward_args: Tuple[Any, ...],
+    active: List[List[int]],
+    score_fn: Callable[[Any], Tensor],
+    pick: _TargetPicker,
+) -> Dict[int, Tuple[List[int], Tensor]]:
+    """Per input, the windows of ``plan.precomputed`` this sweep would evaluate, and their scores.
+
+    Only where the outputs belong to this sweep (same input, baseline and tiling, see
+    :meth:`extra_attrib._plan.PrecomputedWindows.matches`) and only windows in ``active`` (not
+    skipped as unchanged, among the windows asked for). Scores ``(R, N, T)`` go through
+    ``score_fn`` and the target picker as an evaluated chunk's do.
+    """
+    pre = plan.precomputed
+    if pre is None or not pre.matches(inputs, baselines, geometries, additional_forward_args):
+        return {}
+    wanted = set(active[0])
+    rows = [w for w, window in enumerate(pre.windows) if window in wanted]
+    if not rows:
+        return {}
+    n = inputs[0].shape[0]
+    with torch.no_grad():
+        scored = check_output(score_fn(pre.outputs), len(pre.windows) * n, describe_score(score_fn))
+    picked = pick(scored, len(pre.windows))
+    chosen = picked.index_select(0, torch.tensor(rows, device=picked.device))
+    return {0: ([pre.windows[w] for w in rows], chosen)}
 
 
 def _resolved_plan(

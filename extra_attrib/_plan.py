@@ -29,6 +29,61 @@ RACE_SHARE = 1 / 16
 
 
 @dataclass
+class PrecomputedWindows:
+    """Model outputs of some windows, computed before the sweep, that count towards the map.
+
+    The incremental engine's self-check runs a few windows through the real model
+    (:func:`extra_attrib._incremental.verify_incremental`); those outputs are the exact dense
+    values of those windows (the model is the truth), so a sweep over the same batch, baseline
+    and tiling scores them with its own ``score_fn`` and target picker and does not evaluate
+    those windows again (#18, #20).
+
+    Attributes:
+        x (Tensor): The input ``(N, *S)``; a sweep reuses the outputs only when its first (and
+            only) input is this very tensor, unchanged since (its version counter).
+        fill (Tensor): Its baseline, as given (also matched by identity).
+        geometry (TileGeometry): The tiling of ``x``.
+        windows (list of int): Flat window indices, in the outputs' order.
+        outputs (Tensor, dict or tuple): The model's outputs, ``len(windows) * N`` rows,
+            window-major (copy ``w`` of the batch is rows ``w * N`` to ``(w + 1) * N``), as an
+            evaluator's ``evaluate`` returns them.
+    """
+
+    x: torch.Tensor
+    fill: torch.Tensor
+    geometry: Any
+    windows: List[int]
+    outputs: Any
+    #: Version counters of ``x`` and ``fill`` when the outputs were made: an in-place change
+    #: since then makes them stale.
+    versions: Tuple[int, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.versions = (self.x._version, self.fill._version)
+
+    def matches(
+        self,
+        inputs: Sequence[torch.Tensor],
+        baselines: Sequence[torch.Tensor],
+        geometries: Sequence[Any],
+        args: Sequence[Any],
+    ) -> bool:
+        """Whether these outputs belong to a sweep over ``inputs``, ``baselines``, ``geometries``.
+
+        A drill-down's sub-batch, another call's tensors, tensors changed in place since, or a
+        call with extra arguments do not.
+        """
+        return (
+            len(inputs) == 1
+            and not args
+            and inputs[0] is self.x
+            and baselines[0] is self.fill
+            and geometries[0] == self.geometry
+            and (inputs[0]._version, baselines[0]._version) == self.versions
+        )
+
+
+@dataclass
 class SweepPlan:
     """How a sweep evaluates its windows.
 
@@ -47,6 +102,9 @@ class SweepPlan:
             read and written. Default: None
         notes (dict): Per engine, words about it for the result's reason (e.g. what its
             self-check verified). Default: empty
+        precomputed (PrecomputedWindows, optional): Model outputs of some windows of this
+            sweep's input, scored instead of evaluated where they match the sweep
+            (:meth:`PrecomputedWindows.matches`). Default: None
     """
 
     engines: Dict[str, Optional[Callable[..., Any]]] = field(
@@ -57,6 +115,7 @@ class SweepPlan:
     chunk_memo: Optional[Dict[Hashable, int]] = None
     engine_memo: Optional[Dict[Hashable, str]] = None
     notes: Dict[str, str] = field(default_factory=dict)
+    precomputed: Optional[PrecomputedWindows] = None
 
 
 def engine_key(

@@ -359,6 +359,8 @@ class TiledOcclusion(PerturbationAttribution):
                 chunk_memo=self._chunk_memo,
                 engine_memo=self._engine_memo,
                 notes={"incremental": choice.reason} if choice.factory is not None else {},
+                # The self-check's model outputs on its windows count towards the map (#18).
+                precomputed=choice.checked,
             )
             options: Dict[str, Any] = dict(show_progress=show_progress)
             try:

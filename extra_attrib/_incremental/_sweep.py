@@ -19,6 +19,7 @@ from extra_attrib._incremental._boxes import input_patch
 from extra_attrib._incremental._ops import UnsupportedModel, _Cost
 from extra_attrib._incremental._program import program_for
 from extra_attrib._incremental._verify import VerificationFailed, verify_incremental
+from extra_attrib._plan import PrecomputedWindows
 from extra_attrib._targets import check_output
 
 if TYPE_CHECKING:
@@ -110,11 +111,14 @@ class EngineChoice:
         reason (str): Why, in words.
         factory (callable or None): For incremental, builds the evaluator the sweep calls
             (same signature as the dense engine's ``DenseEvaluator``).
+        checked (PrecomputedWindows or None): The real model's outputs on the self-check's
+            windows, where it ran the whole batch: the sweep reuses them (#18, #20).
     """
 
     engine: str
     reason: str
     factory: Optional[Callable[..., Any]] = None
+    checked: Optional[PrecomputedWindows] = None
 
 
 def choose_engine(
@@ -167,6 +171,7 @@ def choose_engine(
                 f"{MIN_PREDICTED_GAIN}x threshold",
             )
         verified = "not verified (no tiling given)"
+        kept: List[PrecomputedWindows] = []
         if geometry is not None:
             verified = verify_incremental(
                 forward_func,
@@ -175,6 +180,7 @@ def choose_engine(
                 geometry,
                 sweep.clean_output,
                 lambda boxes: sweep.run(0, boxes),
+                keep=kept,
             )
     except Exception as error:  # any failure of the fast path: dense works without it
         if isinstance(error, VerificationFailed):
@@ -204,15 +210,17 @@ def choose_engine(
             program_for(forward_func, sweep_inputs[0]), sweep_inputs, sweep_baselines, geometries[0]
         )
 
+    checked = kept[0] if kept else None
     if engine == "incremental":
         return EngineChoice(
-            "incremental", f"engine='incremental' was requested; {verified}", factory
+            "incremental", f"engine='incremental' was requested; {verified}", factory, checked
         )
     # The cost model only ranks: the sweep times both engines on its own windows (#20).
     return EngineChoice(
         "measure",
         f"the cost model predicts {gain:.2f}x; incremental's self-check: {verified}",
         factory,
+        checked,
     )
 
 

@@ -16,21 +16,28 @@ difference; ``engine="auto"`` then runs densely, a forced ``engine="incremental"
 
 Cost: one forward pass of ``1 + W`` copies of the batch (of its first examples where the copies
 of all would exceed the dense engine's memory budget) (``W = 2**d + 1`` windows at most) and one
-incremental chunk of ``W`` windows; a sweep has hundreds to thousands of windows
-(``benchmarks/zoo.py`` measures the share).
+incremental chunk of ``W`` windows. The model's outputs on the ``W`` windows are the exact dense
+values of those windows: where the check ran the whole batch, it hands them on
+(:class:`extra_attrib._plan.PrecomputedWindows`) and the sweep scores them instead of
+evaluating those windows again (#18, #20). The saving is what the chosen engine would spend on
+``W`` windows: nearly the whole check where dense wins, little where incremental is much faster.
+Net of it, ``python -m benchmarks.zoo --check-cost`` measured 2.4 % of an ``auto`` call for
+ResNet18 at 224² (961 windows), 9.3 % for VGG11 there and 18 % for a 3D CNN on 64³ (729 windows,
+incremental 10x faster), on a shared machine (``benchmarks/results/zoo.md``).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import keystr, tree_flatten_with_path
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
 from extra_attrib._geometry import TileGeometry, perturbation_boxes
+from extra_attrib._plan import PrecomputedWindows
 from extra_attrib._targets import check_output
 
 #: Per dtype, ``(atol, rtol)``: the incremental output may differ from the model's by at most
@@ -132,6 +139,7 @@ def verify_incremental(
     clean_output: Any,
     run_windows: Callable[[List[Tuple[slice, ...]]], Any],
     budget_bytes: int = 256 * 2**20,
+    keep: Optional[List[PrecomputedWindows]] = None,
 ) -> str:
     """Check the incremental engine against the model on the clean input and a few windows.
 
@@ -145,6 +153,10 @@ def verify_incremental(
         budget_bytes (int, optional): Most bytes the occluded copies may take; past it only the
             first examples (at least one) go through the model. Default: 256 MiB, the dense
             engine's budget
+        keep (list, optional): Where the check passes and the model saw every example, a
+            :class:`extra_attrib._plan.PrecomputedWindows` with the model's outputs on the
+            checked windows is appended to it, for the sweep to reuse; nothing is appended
+            where only the first examples went through the model. Default: None (nothing kept)
 
     Returns:
         str: What was checked and the largest difference, for the engine's reason.
@@ -153,15 +165,17 @@ def verify_incremental(
         VerificationFailed: A check disagrees beyond :func:`tolerance`; the message names it.
     """
     n = x.shape[0]
-    boxes = perturbation_boxes(geometry, check_windows(geometry))
+    windows = check_windows(geometry)
+    boxes = perturbation_boxes(geometry, windows)
     # The model sees the first m examples only where the copies of all would exceed the budget
     # (examples are independent rows; the incremental side runs all of them anyway).
     per_example = (1 + len(boxes)) * x[0].numel() * x.element_size()
     m = max(1, min(n, budget_bytes // max(per_example, 1)))
-    fill = fill.expand_as(x)
+    given_fill, fill = fill, fill.expand_as(x)
     with torch.no_grad():
         copies = occluded_copies(x[:m], fill[:m], boxes)
-        real, real_where = _tensors(forward_func(copies), (1 + len(boxes)) * m, "the model")
+        output = forward_func(copies)
+        real, real_where = _tensors(output, (1 + len(boxes)) * m, "the model")
     del copies
     clean, clean_where = _flatten(clean_output)
     if clean_where != real_where:
@@ -178,10 +192,20 @@ def verify_incremental(
         )
     for i, r in zip(incremental, real):
         errors.append(_check_windows(i, r[:m], r[m:], len(boxes), n, m))
+    if keep is not None and m == n:
+        # Rows m onwards are the windows' copies. Copied: a model may write its next output into
+        # the tensor it returned (the sweep's clean pass runs before these are scored).
+        outputs = tree_map(_after(m), output)
+        keep.append(PrecomputedWindows(x, given_fill, geometry, windows, outputs))
     return (
         f"verified against the model on the clean input and {len(boxes)} windows (largest "
         f"difference {max(errors):.2g})"
     )
+
+
+def _after(m: int) -> Callable[[Any], Any]:
+    """Drops the first ``m`` rows (the clean copy) of a tensor, copying the rest."""
+    return lambda t: t[m:].clone()
 
 
 def _tensors(output: Any, rows: int, who: str) -> Tuple[List[Tensor], List[str]]:
