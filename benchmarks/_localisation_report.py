@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from benchmarks import _localisation_data as data
+from benchmarks._quality_report import cpu_name
 
 METRICS = (
     ("pointing", "pointing ↑"),
@@ -27,15 +28,7 @@ SCORE_NAMES = {"raw": "raw logit", "logprob": "log-probability"}
 
 
 def machine_line() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import captum
 
     load = os.getloadavg()[0]

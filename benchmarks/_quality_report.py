@@ -85,16 +85,21 @@ def fmt_time(sec: float) -> str:
     return f"{sec * 1e3:.0f} ms" if sec < 1 else f"{sec:.1f} s"
 
 
-def machine() -> str:
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo where there is one)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu
+
+
+def machine() -> str:
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     import captum
     import quantus
