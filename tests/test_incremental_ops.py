@@ -51,7 +51,12 @@ def _both(model, x, window, k=1, targets=(0,), monkeypatch=None, **kwargs):
         x, list(targets), window=window, k=k, engine="incremental", **kwargs
     )
     assert tiled.last_engine == "incremental", tiled.last_engine_reason
-    scale = dense.abs().max().item()
+    # Relative to the map, or to the scores where the map is far smaller than them (a random
+    # EfficientNet at 32² gives maps of 1e-13 from scores of 1e-1: their rounding, 1e-15, depends
+    # on the chunk sizes the tuner picks, and is no engine error).
+    with torch.no_grad():
+        outputs = model(x).abs().max().item()
+    scale = max(dense.abs().max().item(), 1e-6 * outputs)
     torch.testing.assert_close(incr, dense, rtol=1e-9, atol=1e-9 * scale)
     return ran_dense
 
