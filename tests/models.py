@@ -28,3 +28,14 @@ class TwoInput(nn.Module):
 
     def forward(self, xa, xb, scale=1.0):
         return self.a(xa) * scale + self.b(xb) ** 2
+
+
+def init_bn(model):
+    """Non-trivial BatchNorm statistics and affine parameters, so BatchNorm is not the identity."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model

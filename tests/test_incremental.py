@@ -19,6 +19,7 @@ from extra_attrib._incremental import (
     output_box,
     program_for,
 )
+from tests.models import init_bn
 
 
 @pytest.fixture(autouse=True)
@@ -242,17 +243,6 @@ def test_3d_cnn_over_a_volume(k):
     _both(_net3d(), x, window=(1, 8, 8, 8), k=(1, k, k, k), targets=(0, 1))
 
 
-def _init_bn(model):
-    # Non-trivial BatchNorm statistics, so BatchNorm is not the identity.
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model
-
-
 def _small_head(model):
     # VGG's 25088x4096 classifier would dominate the test's time; the head runs densely anyway.
     if isinstance(model, torchvision.models.VGG):
@@ -271,14 +261,14 @@ def _small_head(model):
     ],
 )
 def test_torchvision_models(name, size, window):
-    model = _small_head(_init_bn(getattr(torchvision.models, name)(num_classes=5)))
+    model = _small_head(init_bn(getattr(torchvision.models, name)(num_classes=5)))
     x = torch.randn(2, 3, size, size)
     _both(model, x, window=(3, window, window), k=(1, 2, 2), targets=(0, 4))
 
 
 @pytest.mark.parametrize("name", ["resnet50", "densenet121", "vgg16"])
 def test_larger_torchvision_models(name):
-    model = _small_head(_init_bn(getattr(torchvision.models, name)(num_classes=3)))
+    model = _small_head(init_bn(getattr(torchvision.models, name)(num_classes=3)))
     x = torch.randn(1, 3, 32, 32)
     _both(model, x, window=(3, 16, 16), k=(1, 2, 2), targets=(0,))
 
@@ -293,7 +283,7 @@ def test_efficientnet_lite0_demo_model():
 
 
 def test_attribute_and_perturbations_per_eval():
-    model = _init_bn(torchvision.models.resnet18(num_classes=5)).eval()
+    model = init_bn(torchvision.models.resnet18(num_classes=5)).eval()
     x = torch.randn(2, 3, 32, 32)
     tiled = TiledOcclusion(model)
     expected = tiled.attribute(
@@ -397,7 +387,7 @@ def test_bad_engine_is_named():
 
 
 def test_trace_is_cached_per_shape_and_model_left_untouched():
-    model = _init_bn(torchvision.models.resnet18(num_classes=5)).eval()
+    model = init_bn(torchvision.models.resnet18(num_classes=5)).eval()
     x = torch.randn(1, 3, 32, 32)
     assert program_for(model, x) is program_for(model, x.clone())
     assert program_for(model, x) is not program_for(model, torch.randn(1, 3, 40, 40))

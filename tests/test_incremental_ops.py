@@ -9,6 +9,7 @@ from torch import nn
 
 from extra_attrib import TiledOcclusion
 from extra_attrib._incremental import _program, _rules, _rules_moved
+from tests.models import init_bn
 
 
 @pytest.fixture(autouse=True)
@@ -19,20 +20,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _init_bn(model):
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return model
-
-
 def _both(model, x, window, k=1, targets=(0,), monkeypatch=None, **kwargs):
     """Dense and incremental attributions agree to 1e-9 relative (float64); returns the names
     of the nodes that ran densely in the incremental sweep."""
-    model = _init_bn(model).eval().double()
+    model = init_bn(model).eval().double()
     x = x.double()
     tiled = TiledOcclusion(model)
     dense = tiled.attribute_multi(x, list(targets), window=window, k=k, engine="dense", **kwargs)
