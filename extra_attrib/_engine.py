@@ -352,10 +352,17 @@ def occlusion_sweep(
     plan = _resolved_plan(plan, chunk_size, windows, evaluator, chunk_memo)
     windows, chunk_size = plan.windows, plan.chunk_size
     n = inputs[0].shape[0]
+    pre = plan.precomputed
+    if pre is not None and not pre.matches(inputs, baselines, geometries, additional_forward_args):
+        pre = None
     with torch.no_grad():
         # ``score`` receives whatever the model returns (a dict for torchvision's segmentation
-        # models); only the scores must be a tensor with one row per example.
-        raw = forward_func(*(x.clone() for x in inputs), *additional_forward_args)
+        # models); only the scores must be a tensor with one row per example. The self-check's
+        # pass already gave the model's clean output of these very inputs: no second pass.
+        if pre is not None and pre.clean is not None:
+            raw = pre.clean
+        else:
+            raw = forward_func(*(x.clone() for x in inputs), *additional_forward_args)
         source = describe_score(score_fn)
         scored = check_output(score_fn(raw), n, source)
     index = resolve_targets(targets, scored, raw)
@@ -401,6 +408,7 @@ def occlusion_sweep(
         },
         plan.engine_memo,
         engine_key(inputs, geometries, additional_forward_args),
+        pre.timings if pre is not None else None,
     )
     planner = planners[race.next()[0]]
     # The engine whose chunk planner runs the sweep after the race (set when it settles: that

@@ -26,6 +26,11 @@ RACE_ROWS = 8
 #: A trial chunk holds at most this fraction of the sweep's windows, so that the trials of a
 #: slower engine cost a small part of the sweep.
 RACE_SHARE = 1 / 16
+#: Where the self-check already timed both engines on its windows and one was at least this much
+#: faster per window, the race settles on it without trial chunks: trials of an engine that much
+#: slower would be the whole cost of deciding. Closer calls are raced as usual; a close race
+#: costs little, since the slower engine's trials are only a little slower.
+PRIOR_DECISIVE = 1.3
 
 
 @dataclass
@@ -47,6 +52,11 @@ class PrecomputedWindows:
         outputs (Tensor, dict or tuple): The model's outputs, ``len(windows) * N`` rows,
             window-major (copy ``w`` of the batch is rows ``w * N`` to ``(w + 1) * N``), as an
             evaluator's ``evaluate`` returns them.
+        clean (Tensor, dict or tuple, optional): The model's output on ``x`` itself, from the
+            same pass; the sweep uses it instead of a clean pass of its own. Default: None
+        timings (dict, optional): Seconds per window of each engine that ran these windows
+            (``"dense"``, ``"incremental"``), a first measurement for the engine race.
+            Default: None
     """
 
     x: torch.Tensor
@@ -54,6 +64,8 @@ class PrecomputedWindows:
     geometry: Any
     windows: List[int]
     outputs: Any
+    clean: Any = None
+    timings: Optional[Dict[str, float]] = None
     #: Version counters of ``x`` and ``fill`` when the outputs were made: an in-place change
     #: since then makes them stale.
     versions: Tuple[int, int] = field(init=False)
@@ -147,6 +159,10 @@ class EngineRace:
         trial_sizes (dict): Windows per trial chunk, by engine.
         memo (dict, optional): Earlier choices, read and written. Default: None
         key (hashable, optional): This sweep's entry in ``memo``. Default: None
+        prior (dict, optional): Seconds per window of each engine measured before the sweep
+            (the self-check's windows). Where it covers every candidate and one is
+            :data:`PRIOR_DECISIVE` times faster than all others, the race settles on it at
+            once; otherwise it is ignored (a chunk of another size, run first). Default: None
     """
 
     def __init__(
@@ -155,6 +171,7 @@ class EngineRace:
         trial_sizes: Dict[str, int],
         memo: Optional[Dict[Hashable, str]] = None,
         key: Hashable = None,
+        prior: Optional[Dict[str, float]] = None,
     ) -> None:
         self.names = list(names)
         self.trial_sizes = trial_sizes
@@ -168,6 +185,22 @@ class EngineRace:
         elif memo is not None and memo.get(key) in self.names:
             self.chosen = memo[key]
             self.reason = "the faster engine measured by an earlier call with these shapes"
+        elif prior is not None and all(prior.get(n, 0.0) > 0.0 for n in self.names):
+            self._settle_by_prior({n: prior[n] for n in self.names})
+
+    def _settle_by_prior(self, prior: Dict[str, float]) -> None:
+        fastest = min(prior, key=prior.__getitem__)
+        if all(prior[n] >= PRIOR_DECISIVE * prior[fastest] for n in prior if n != fastest):
+            self.chosen = fastest
+            others = ", ".join(
+                f"{prior[fastest] / prior[n]:.2f}x the time of {n}" for n in prior if n != fastest
+            )
+            self.reason = (
+                f"measured on the self-check's windows: {fastest} took {others} per window, "
+                f"a clear lead (at least {PRIOR_DECISIVE}x), so no trial chunks were run"
+            )
+            if self._memo is not None:
+                self._memo[self._key] = fastest
 
     @property
     def racing(self) -> bool:

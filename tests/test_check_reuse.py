@@ -91,7 +91,8 @@ def test_sweep_scores_checked_windows_instead_of_evaluating(d, k, n):
     torch.testing.assert_close(
         with_reuse.attributions[0], dense.attributions[0], rtol=0, atol=1e-12
     )
-    assert plain.rows - reused.rows == w * n
+    # The check's windows and its clean copy (the sweep's clean pass) are not evaluated again.
+    assert plain.rows - reused.rows == (w + 1) * n
     assert with_reuse.reused == w and dense.reused == 0
     assert with_reuse.perturbations == dense.perturbations == geometry.num_perturbations
 

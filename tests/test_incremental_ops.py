@@ -44,10 +44,11 @@ def _both(model, x, window, k=1, targets=(0,), monkeypatch=None, **kwargs):
     assert tiled.last_engine == "incremental", tiled.last_engine_reason
     # Relative to the map, or to the scores where the map is far smaller than them (a random
     # EfficientNet at 32² gives maps of 1e-13 from scores of 1e-1: their rounding, 1e-15, depends
-    # on the chunk sizes the tuner picks, and is no engine error).
+    # on the chunk sizes the tuner picks and on the batch of the clean pass, which the
+    # self-check's pass gives; it is no engine error).
     with torch.no_grad():
         outputs = model(x).abs().max().item()
-    scale = max(dense.abs().max().item(), 1e-6 * outputs)
+    scale = max(dense.abs().max().item(), 1e-5 * outputs)
     torch.testing.assert_close(incr, dense, rtol=1e-9, atol=1e-9 * scale)
     return ran_dense
 

@@ -49,6 +49,23 @@ def test_race_ties_go_to_the_first_and_a_clearly_slower_engine_drops_out():
     assert slow.chosen == "dense"
 
 
+def test_a_clear_lead_on_the_self_checks_windows_settles_the_race_without_trials():
+    names, sizes = ["dense", "incremental"], {"dense": 4, "incremental": 4}
+    memo = {}
+    race = EngineRace(names, sizes, memo, "k", prior={"dense": 1.0, "incremental": 0.5})
+    assert not race.racing and race.chosen == "incremental" and memo == {"k": "incremental"}
+    assert "self-check's windows" in race.reason and "no trial chunks" in race.reason
+    assert EngineRace(names, sizes, prior={"dense": 1.0, "incremental": 2.0}).chosen == "dense"
+    # A close call (under PRIOR_DECISIVE) or a prior missing an engine: a race as usual.
+    for prior in ({"dense": 1.0, "incremental": 0.9}, {"incremental": 0.1}, {}):
+        close = EngineRace(names, sizes, prior=prior)
+        assert close.racing and close.next() == ("dense", 4)
+    # A remembered choice is not overridden by the prior.
+    memo = {"k": "dense"}
+    remembered = EngineRace(names, sizes, memo, "k", prior={"dense": 1.0, "incremental": 0.1})
+    assert remembered.chosen == "dense" and "earlier call" in remembered.reason
+
+
 def test_trial_chunks_are_a_small_share_of_the_sweep():
     x = torch.zeros(1, 3, 8, 8)
     assert trial_size([x], 64, 1000, None, None) == 8
@@ -115,7 +132,8 @@ def test_auto_times_both_engines_then_remembers_the_choice():
     dense = tiled.attribute(x, target=0, window=(1, 8, 8, 8), engine="dense")
     auto = tiled.attribute(x, target=0, window=(1, 8, 8, 8))
     assert tiled.last_engine in ("dense", "incremental")
-    assert "measured on this sweep's windows" in tiled.last_engine_reason
+    # Timed on the self-check's windows (a clear lead) or on trial chunks of the sweep.
+    assert "measured on" in tiled.last_engine_reason
     assert "verified" in tiled.last_engine_reason  # incremental's self-check, whoever won
     torch.testing.assert_close(auto, dense, rtol=1e-4, atol=1e-5)
     first = tiled.last_engine
@@ -125,3 +143,47 @@ def test_auto_times_both_engines_then_remembers_the_choice():
     # Another shape is measured afresh.
     tiled.attribute(torch.randn(1, 1, 24, 24, 24), target=0, window=(1, 8, 8, 8))
     assert "earlier call" not in tiled.last_engine_reason
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    ).eval()
+
+
+def test_auto_does_not_try_incremental_where_the_sweep_cannot_pay_for_it(monkeypatch):
+    from extra_attrib._incremental import _sweep
+
+    model, x = _small_cnn(), torch.randn(1, 3, 16, 16)
+    built = []
+    original = _sweep.IncrementalSweep.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(_sweep.IncrementalSweep, "__init__", spy)
+    # 4 windows: whatever the cost model says, trying costs more than it could save.
+    tiled = TiledOcclusion(model)
+    dense = tiled.attribute(x, target=0, window=(3, 8, 8), engine="dense")
+    auto = tiled.attribute(x, target=0, window=(3, 8, 8))
+    assert tiled.last_engine == "dense"
+    assert "too few windows to pay for trying incremental" in tiled.last_engine_reason
+    torch.testing.assert_close(auto, dense, rtol=0, atol=0)
+    # The cost model's prediction is remembered with the trace: a later call (a fresh object
+    # too) decides without the clean pass.
+    built.clear()
+    TiledOcclusion(model).attribute(x, target=0, window=(3, 8, 8))
+    assert built == []
+    # Where trying is allowed, the same call checks and times incremental.
+    monkeypatch.setattr(_sweep, "TRY_PAYBACK", 0.0)
+    tiled.attribute(x, target=0, window=(3, 8, 8))
+    assert "self-check" in tiled.last_engine_reason
+    assert built

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,9 @@ class IncrementalProgram:
                 "handles models of one input tensor"
             )
         self.steps = self._plan()
+        #: The cost model's predicted gains, by input shape, dtype and window box: they depend
+        #: on the geometry only, so a later call need not run the clean pass to know them.
+        self.gains: Dict[Hashable, float] = {}
         written = observable_in_place_write(self.graph_module.graph, self._module_of)
         if written:
             raise UnsupportedModel(written)

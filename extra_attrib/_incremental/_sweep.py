@@ -18,7 +18,11 @@ from extra_attrib._geometry import TileGeometry, perturbation_boxes
 from extra_attrib._incremental._boxes import input_patch
 from extra_attrib._incremental._ops import UnsupportedModel, _Cost
 from extra_attrib._incremental._program import program_for
-from extra_attrib._incremental._verify import VerificationFailed, verify_incremental
+from extra_attrib._incremental._verify import (
+    VerificationFailed,
+    check_windows,
+    verify_incremental,
+)
 from extra_attrib._plan import PrecomputedWindows
 from extra_attrib._targets import check_output
 
@@ -30,6 +34,13 @@ if TYPE_CHECKING:
 #: speed-up: the model over-predicts (31 of 32 zoo models at 96², by up to 2.4x), so below 1
 #: incremental is hopeless. Above it, the sweep times both engines and keeps the faster (#20).
 MIN_PREDICTED_GAIN = 1.0
+#: ``engine="auto"`` also skips incremental where the sweep is too short to pay for trying it:
+#: the self-check runs its ``W`` windows (and the clean pass) incrementally as well, which is
+#: wasted where dense wins. Unless the cost model's best case saves at least this many times
+#: those ``W + 1`` evaluations over the tiling's windows, dense runs without a check or race:
+#: on a 49-window call at 64² (ResNet18, DenseNet121, AlexNet) trying cost 30-40 % of a dense
+#: call for an engine that lost anyway (#20).
+TRY_PAYBACK = 2.0
 
 
 class IncrementalSweep:
@@ -160,16 +171,36 @@ def choose_engine(
     if engine == "dense":
         return EngineChoice("dense", "engine='dense' was requested")
     gain = math.inf
+    sweep: Optional[IncrementalSweep] = None
     try:
-        sweep = _checked_sweep(forward_func, inputs, baselines, additional_forward_args)
+        program = _supported_program(forward_func, inputs, additional_forward_args)
         if engine == "auto" and center_box is not None:
-            gain = sweep.predicted_gain(center_box)
+            x = inputs[0]
+            box = tuple((b.start, b.stop, b.step) for b in center_box)  # slices: unhashable
+            known = (tuple(x.shape), x.dtype, tuple(baselines[0].shape), box)
+            if known not in program.gains:
+                sweep = _budgeted_sweep(program, inputs, baselines)
+                program.gains[known] = sweep.predicted_gain(center_box)
+            gain = program.gains[known]
         if gain < MIN_PREDICTED_GAIN:  # dense anyway: no need to check incremental
             return EngineChoice(
                 "dense",
                 f"the cost model predicts incremental at {gain:.2f}x dense, below the "
                 f"{MIN_PREDICTED_GAIN}x threshold",
             )
+        if engine == "auto" and center_box is not None and geometry is not None:
+            windows = geometry.num_perturbations
+            saving = windows * (1.0 - 1.0 / gain)
+            trying = len(check_windows(geometry)) + 1
+            if saving < TRY_PAYBACK * trying:
+                return EngineChoice(
+                    "dense",
+                    f"too few windows to pay for trying incremental: at the cost model's "
+                    f"{gain:.2f}x it would save {saving:.1f} of {windows} window evaluations, "
+                    f"under {TRY_PAYBACK:g}x the {trying} that its self-check costs",
+                )
+        if sweep is None:
+            sweep = _budgeted_sweep(program, inputs, baselines)
         verified = "not verified (no tiling given)"
         kept: List[PrecomputedWindows] = []
         if geometry is not None:
@@ -229,17 +260,15 @@ def choose_engine(
 ACTIVATION_BUDGET_BYTES = BUFFER_BUDGET_BYTES
 
 
-def _checked_sweep(
+def _supported_program(
     forward_func: Callable[..., Tensor],
     inputs: Tuple[Tensor, ...],
-    baselines: Tuple[Tensor, ...],
     additional_forward_args: Tuple[Any, ...],
-) -> IncrementalSweep:
-    """An incremental evaluator for a supported model whose activations fit the budget.
+) -> IncrementalProgram:
+    """The traced program of a model and call that incremental can run (no clean pass yet).
 
     Raises:
-        UnsupportedModel: The model or the call cannot run incrementally, or its clean
-            activations exceed :data:`ACTIVATION_BUDGET_BYTES`.
+        UnsupportedModel: The model or the call cannot run incrementally.
     """
     if len(inputs) != 1:
         raise UnsupportedModel(f"incremental occlusion handles one input tensor, got {len(inputs)}")
@@ -256,7 +285,18 @@ def _checked_sweep(
     declined = declined_model(forward_func)
     if declined:
         raise UnsupportedModel(declined)
-    program = program_for(forward_func, x)
+    return program_for(forward_func, x)
+
+
+def _budgeted_sweep(
+    program: IncrementalProgram, inputs: Tuple[Tensor, ...], baselines: Tuple[Tensor, ...]
+) -> IncrementalSweep:
+    """The evaluator (its clean pass run) where the clean activations fit the budget.
+
+    Raises:
+        UnsupportedModel: The clean activations exceed :data:`ACTIVATION_BUDGET_BYTES`.
+    """
+    x = inputs[0]
     if x.shape[0] > 1:
         # One example first: the activations of the whole batch are counted before they exist.
         fill = baselines[0].expand_as(x)[:1]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
 from extra_attrib._geometry import TileGeometry, perturbation_boxes
-from extra_attrib._plan import PrecomputedWindows
+from extra_attrib._plan import PrecomputedWindows, synchronize
 from extra_attrib._targets import check_output
 
 #: Per dtype, ``(atol, rtol)``: the incremental output may differ from the model's by at most
@@ -174,7 +175,11 @@ def verify_incremental(
     given_fill, fill = fill, fill.expand_as(x)
     with torch.no_grad():
         copies = occluded_copies(x[:m], fill[:m], boxes)
+        synchronize(x.device)
+        began = time.perf_counter()
         output = forward_func(copies)
+        synchronize(x.device)
+        model_seconds = time.perf_counter() - began
         real, real_where = _tensors(output, (1 + len(boxes)) * m, "the model")
     del copies
     clean, clean_where = _flatten(clean_output)
@@ -185,7 +190,12 @@ def verify_incremental(
         )
     errors = [_check_clean(c, r[:m], m) for c, r in zip(clean, real)]
     with torch.no_grad():
-        incremental, where = _tensors(run_windows(boxes), len(boxes) * n, "the incremental engine")
+        synchronize(x.device)
+        began = time.perf_counter()
+        ran = run_windows(boxes)
+        synchronize(x.device)
+        incremental_seconds = time.perf_counter() - began
+        incremental, where = _tensors(ran, len(boxes) * n, "the incremental engine")
     if where != real_where:
         raise VerificationFailed(
             f"the window check failed: incremental outputs are {where}, the model's {real_where}"
@@ -196,11 +206,23 @@ def verify_incremental(
         # Rows m onwards are the windows' copies. Copied: a model may write its next output into
         # the tensor it returned (the sweep's clean pass runs before these are scored).
         outputs = tree_map(_after(m), output)
-        keep.append(PrecomputedWindows(x, given_fill, geometry, windows, outputs))
+        # Both engines just ran these windows: a first measurement of each, per window (the
+        # model's pass also carried the clean copy), for the sweep's engine race (#20).
+        timings = {
+            "dense": model_seconds / (1 + len(boxes)),
+            "incremental": incremental_seconds / len(boxes),
+        }
+        clean = tree_map(_before(m), output)
+        keep.append(PrecomputedWindows(x, given_fill, geometry, windows, outputs, clean, timings))
     return (
         f"verified against the model on the clean input and {len(boxes)} windows (largest "
         f"difference {max(errors):.2g})"
     )
+
+
+def _before(m: int) -> Callable[[Any], Any]:
+    """Keeps the first ``m`` rows (the clean copy) of a tensor, copied."""
+    return lambda t: t[:m].clone()
 
 
 def _after(m: int) -> Callable[[Any], Any]:
