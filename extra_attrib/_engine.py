@@ -409,6 +409,7 @@ def occlusion_sweep(
         plan.engine_memo,
         engine_key(inputs, geometries, additional_forward_args),
         pre.timings if pre is not None else None,
+        prior_winners=("incremental",),
     )
     planner = planners[race.next()[0]]
     # The engine whose chunk planner runs the sweep after the race (set when it settles: that

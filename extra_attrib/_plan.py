@@ -160,9 +160,13 @@ class EngineRace:
         memo (dict, optional): Earlier choices, read and written. Default: None
         key (hashable, optional): This sweep's entry in ``memo``. Default: None
         prior (dict, optional): Seconds per window of each engine measured before the sweep
-            (the self-check's windows). Where it covers every candidate and one is
-            :data:`PRIOR_DECISIVE` times faster than all others, the race settles on it at
-            once; otherwise it is ignored (a chunk of another size, run first). Default: None
+            (the self-check's windows). Where it covers every candidate and one of
+            ``prior_winners`` is :data:`PRIOR_DECISIVE` times faster than all others, the race
+            settles on it at once; otherwise it is ignored. Default: None
+        prior_winners (sequence of str, optional): The engines a prior may settle on.
+            The self-check's incremental chunk is that engine's first (its kernels cold, the
+            chunk smaller than tuned), so it can only make incremental look slower: its lead
+            is trustworthy, its deficit is not and goes to a race. Default: None (any)
     """
 
     def __init__(
@@ -172,6 +176,7 @@ class EngineRace:
         memo: Optional[Dict[Hashable, str]] = None,
         key: Hashable = None,
         prior: Optional[Dict[str, float]] = None,
+        prior_winners: Optional[Sequence[str]] = None,
     ) -> None:
         self.names = list(names)
         self.trial_sizes = trial_sizes
@@ -186,10 +191,12 @@ class EngineRace:
             self.chosen = memo[key]
             self.reason = "the faster engine measured by an earlier call with these shapes"
         elif prior is not None and all(prior.get(n, 0.0) > 0.0 for n in self.names):
-            self._settle_by_prior({n: prior[n] for n in self.names})
+            self._settle_by_prior({n: prior[n] for n in self.names}, prior_winners)
 
-    def _settle_by_prior(self, prior: Dict[str, float]) -> None:
+    def _settle_by_prior(self, prior: Dict[str, float], winners: Optional[Sequence[str]]) -> None:
         fastest = min(prior, key=prior.__getitem__)
+        if winners is not None and fastest not in winners:
+            return
         if all(prior[n] >= PRIOR_DECISIVE * prior[fastest] for n in prior if n != fastest):
             self.chosen = fastest
             others = ", ".join(

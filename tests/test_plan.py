@@ -56,6 +56,13 @@ def test_a_clear_lead_on_the_self_checks_windows_settles_the_race_without_trials
     assert not race.racing and race.chosen == "incremental" and memo == {"k": "incremental"}
     assert "self-check's windows" in race.reason and "no trial chunks" in race.reason
     assert EngineRace(names, sizes, prior={"dense": 1.0, "incremental": 2.0}).chosen == "dense"
+    # Only the engines the prior may favour: the incremental check's chunk was its first.
+    winners = ("incremental",)
+    faster, slower = {"dense": 2.0, "incremental": 1.0}, {"dense": 1.0, "incremental": 2.0}
+    trusted = EngineRace(names, sizes, prior=faster, prior_winners=winners)
+    assert trusted.chosen == "incremental"
+    deficit = EngineRace(names, sizes, prior=slower, prior_winners=winners)
+    assert deficit.racing
     # A close call (under PRIOR_DECISIVE) or a prior missing an engine: a race as usual.
     for prior in ({"dense": 1.0, "incremental": 0.9}, {"incremental": 0.1}, {}):
         close = EngineRace(names, sizes, prior=prior)
