@@ -344,7 +344,7 @@ class TiledOcclusion(PerturbationAttribution):
                     fills,
                     extra,
                     central_box(geometries[0]),
-                    geometries[0],
+                    geometries,
                 )
             self.last_engine, self.last_engine_reason = choice.engine, choice.reason
             sweep_args = (forward_func, xs, fills, geometries, targets, score_fn, extra)
