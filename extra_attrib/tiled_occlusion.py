@@ -450,6 +450,8 @@ def _failures_blamed_on_rows(
                 "of the batch; a per-example tensor needs one row per example"
             ) from error
 
+    # The same computation (only failures are reworded): what the incremental engine traces.
+    forward.computes = forward_func  # type: ignore[attr-defined]
     return forward
 
 

@@ -296,7 +296,7 @@ def choose_engine(
             return sweep
         return IncrementalSweep(
             program_for(
-                forward_func,
+                traced_model(forward_func),
                 (*sweep_inputs, *sweep_args),
                 _batched(sweep_inputs, sweep_args),
             ),
@@ -378,17 +378,20 @@ def _verify_inputs(
         if not sweep.incremental(j):
             said.append(f"input {j} runs dense ({sweep.program.declined[j]})")
             continue
-        words = verify_incremental(
-            _others_clean(forward_func, inputs, args, j, 1 + len(check_windows(g))),
-            x,
-            b,
-            g,
-            sweep.clean_output,
-            lambda boxes, j=j: sweep.run(j, boxes),  # type: ignore[misc]
-            keep=kept,
-            index=j,
-            context=(*inputs, *args),
-        )
+        try:
+            words = verify_incremental(
+                _others_clean(forward_func, inputs, args, j, 1 + len(check_windows(g))),
+                x,
+                b,
+                g,
+                sweep.clean_output,
+                lambda boxes, j=j: sweep.run(j, boxes),  # type: ignore[misc]
+                keep=kept,
+                index=j,
+                context=(*inputs, *args),
+            )
+        except VerificationFailed as error:
+            raise VerificationFailed(f"input {j}: {error}") from error
         said.append(f"input {j} {words}")
     return "; ".join(said)
 
@@ -449,12 +452,12 @@ def _checked_sweep(
         raise UnsupportedModel(
             f"the input has dtype {x.dtype}; incremental occlusion needs a floating-point input"
         )
-    declined = declined_model(forward_func)
+    declined = declined_model(traced_model(forward_func))
     if declined:
         raise UnsupportedModel(declined)
     tensors = (*inputs, *additional_forward_args)
     batched = _batched(inputs, additional_forward_args)
-    program = program_for(forward_func, tensors, batched)
+    program = program_for(traced_model(forward_func), tensors, batched)
     n = x.shape[0]
     if n > 1:
         # One example first: the activations of the whole batch are counted before they exist.
@@ -473,6 +476,15 @@ def _checked_sweep(
     )
     _check_budget(sweep.activation_bytes, n)
     return sweep
+
+
+def traced_model(forward_func: Callable[..., Any]) -> Callable[..., Any]:
+    """What the engine traces for ``forward_func``: the model a package wrapper calls.
+
+    A wrapper that computes the same as the model and only rewords its failures names it in
+    ``computes``; anything else is traced as it is. The self-check calls ``forward_func``.
+    """
+    return getattr(forward_func, "computes", forward_func)
 
 
 def _check_budget(activation_bytes: int, n: int) -> None:
