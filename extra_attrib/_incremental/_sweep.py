@@ -458,6 +458,13 @@ def _checked_sweep(
     tensors = (*inputs, *additional_forward_args)
     batched = _batched(inputs, additional_forward_args)
     program = program_for(traced_model(forward_func), tensors, batched)
+    if all(program.declined[: len(inputs)]):  # the extra arguments are never occluded
+        raise UnsupportedModel(
+            "no input can be swept incrementally: "
+            + "; ".join(
+                f"input {i}: {why}" for i, why in enumerate(program.declined[: len(inputs)])
+            )
+        )
     n = x.shape[0]
     if n > 1:
         # One example first: the activations of the whole batch are counted before they exist.
