@@ -403,3 +403,27 @@ def test_drilldown_over_two_inputs_equals_dense():
     incremental, dense, tiled = _both(model, (x, m), target=2, window=8, k=2, refine=0.3)
     assert tiled.last_engine == "incremental"
     _close(incremental, dense)
+
+
+class FunctionalWeights(nn.Module):
+    """Functional convolutions whose weights have as many rows as the batch (4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 2, 3, 3))
+        self.v = nn.Parameter(torch.randn(4, 1, 3, 3))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, m):
+        y = F.conv2d(x, self.w, padding=1) + F.conv2d(m, self.v, padding=1)
+        return self.head(F.adaptive_avg_pool2d(F.relu(y), 1).flatten(1))
+
+
+def test_constants_with_as_many_rows_as_the_batch_are_not_repeated():
+    # Only values computed from an input are repeated for the copies of the batch; a weight
+    # of N rows is a constant.
+    model = _make(FunctionalWeights)
+    x, m = _r(4, 2, 8, 8), _r(4, 1, 8, 8)
+    incremental, dense, tiled = _both(model, (x, m), target=0, window=4, k=2)
+    assert tiled.last_engine == "incremental", tiled.last_engine_reason
+    _close(incremental, dense)

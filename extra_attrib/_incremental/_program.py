@@ -208,6 +208,8 @@ class IncrementalProgram:
                 ):
                     reach.add(step.node)
             self.reach.append(reach)
+        #: The nodes whose values carry the batch (the others are constants).
+        self.dynamic = dynamic
         # Nodes a patch can reach: the inputs, and any node with such an input that does not
         # always run densely; and the clean values a node reached by one input reads from the
         # others. The others hold full values only; their clean activations are not needed by
@@ -221,7 +223,9 @@ class IncrementalProgram:
         output = steps[-1].node
         for reach in self.reach:
             for node in [*reach, output]:
-                self.patchable.update(a for a in node.all_input_nodes if a not in reach)
+                self.patchable.update(
+                    a for a in node.all_input_nodes if a not in reach and a in dynamic
+                )
         return steps
 
     def _where(self, node: fx.Node) -> str:
@@ -489,12 +493,13 @@ class IncrementalProgram:
             if step.kind == "input":
                 env[node] = patch
             elif step.kind == "output":
-                outer = [a for a in node.all_input_nodes if a not in reach]
+                outer = [a for a in node.all_input_nodes if a not in reach and a in self.dynamic]
                 for a in outer:
                     env[a] = _lifted(clean[a], [], b, n)
                 return fx.node.map_arg(node.args[0], lambda a: _as_dense(env[a], cost))
             else:
-                outer = [a for a in node.all_input_nodes if a not in reach]
+                # The other inputs' values (constants and shape facts stay as they are).
+                outer = [a for a in node.all_input_nodes if a not in reach and a in self.dynamic]
                 if outer:
                     changed = [env[a] for a in node.all_input_nodes if a in reach]
                     for a in outer:
