@@ -13,7 +13,7 @@ median). Every call's maps are compared with the first dense call's (largest dif
 to the map's largest value). One thread unless ``--threads`` says otherwise.
 
 Run from the repository root: ``PYTHONPATH=$PWD python -m benchmarks.multi_input_speed``
-(about 3 minutes at 128² on a 2-core CPU; ``--size 224`` about four times that). The table is
+(about 20 s at 128² on a 2-core CPU, about 3 minutes with ``--size 224``). The table is
 printed; ``--out PATH`` also writes it as Markdown.
 """
 
