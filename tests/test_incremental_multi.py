@@ -427,3 +427,38 @@ def test_constants_with_as_many_rows_as_the_batch_are_not_repeated():
     incremental, dense, tiled = _both(model, (x, m), target=0, window=4, k=2)
     assert tiled.last_engine == "incremental", tiled.last_engine_reason
     _close(incremental, dense)
+
+
+class GatedByVector(nn.Module):
+    """An image trunk whose features are gated per channel by a per-example vector (FiLM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.gate = nn.Linear(5, 4)
+        self.shift = nn.Linear(5, 1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, v):
+        g = torch.sigmoid(self.gate(v))[:, :, None, None]
+        y = F.relu(self.conv1(x)) * g + self.shift(v)[:, :, None, None]
+        return self.head(F.adaptive_avg_pool2d(self.conv2(y), 2).flatten(1))
+
+
+def test_a_gate_from_the_vector_keeps_the_image_boxes(monkeypatch):
+    model = _make(GatedByVector)
+    x, v = _r(2, 2, 12, 12), _r(2, 5)
+    seen = []
+    binary = _program._HANDLERS["binary"]
+
+    def spy(program, step, env, clean, b, cost):
+        out = binary(program, step, env, clean, b, cost)
+        seen.append(type(out).__name__)
+        return out
+
+    monkeypatch.setitem(_program._HANDLERS, "binary", spy)
+    incremental, dense, tiled = _both(model, (x, v), target=1, window=((2, 4, 4), (1,)), k=(2, 1))
+    assert tiled.last_engine == "incremental", tiled.last_engine_reason
+    assert seen and set(seen) == {"Patch"}  # the product and the sum stay boxes
+    _close(incremental, dense)

@@ -503,7 +503,7 @@ class IncrementalProgram:
                 if outer:
                     changed = [env[a] for a in node.all_input_nodes if a in reach]
                     for a in outer:
-                        env[a] = _lifted(clean[a], changed, b, n)
+                        env[a] = _lifted(clean[a], changed, b, n, step.kind == "binary")
                 out = _HANDLERS[step.kind](self, step, env, clean[node], b, cost)
                 for a in outer:
                     env[a] = clean[a]
@@ -538,23 +538,22 @@ def _shape_reason(x: Tensor) -> str:
     )
 
 
-def _lifted(value: Any, changed: Sequence[Any], b: int, n: int) -> Any:
+def _lifted(value: Any, changed: Sequence[Any], b: int, n: int, broadcast: bool = False) -> Any:
     """A clean value of the other inputs as the ``B`` windows of a chunk see it.
 
     Every perturbed copy of the batch holds the same clean value, as the dense engine repeats
     an input it does not occlude. On the boxes of a changed operand of the same layout, a
     :class:`Patch` of those boxes holding the clean values (so a sum or a concatenation stays
-    a box); otherwise the full value repeated for the ``B`` copies. A value without ``N`` rows
-    (a shape, a constant) is left as it is.
+    a box), also for an operand of a ``broadcast`` op (add, mul, ...) with one element per
+    example (and channel) broadcast over space; otherwise the full value repeated for the ``B``
+    copies. A value without ``N`` rows (a shape, a constant) is left as it is.
     """
     if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != n:
         return value
     for other in changed:
-        if (
-            isinstance(other, Patch)
-            and value.dim() == other.clean.dim()
-            and tuple(value.shape[2:]) == other.full
-        ):
+        if not isinstance(other, Patch) or value.dim() != other.clean.dim():
+            continue
+        if tuple(value.shape[2:]) == other.full:
             boxes = [
                 value[
                     (slice(None), slice(None), *(slice(s, s + k) for s, k in zip(st, other.size)))
@@ -563,6 +562,14 @@ def _lifted(value: Any, changed: Sequence[Any], b: int, n: int) -> Any:
             ]
             values = torch.stack(boxes).reshape(b * n, *value.shape[1:2], *other.size)
             return Patch(values, other.starts, other.size, value)
+        channels = other.clean.shape[1]
+        if broadcast and value.shape[1] in (1, channels) and all(s == 1 for s in value.shape[2:]):
+            # An operand of add/mul/... with one value per example (and channel) broadcast
+            # over space (a gate or shift computed from a vector, FiLM): on any box it is
+            # itself, so the sum or product stays a box.
+            full = value.expand(n, channels, *other.full)
+            rows = value.repeat(b, *([1] * (value.dim() - 1)))
+            return Patch(rows.expand(-1, channels, *other.size), other.starts, other.size, full)
     return _Dense(value.repeat(b, *([1] * (value.dim() - 1))))
 
 
