@@ -16,6 +16,7 @@ from extra_attrib import TiledOcclusion
 from extra_attrib._engine import occlusion_sweep
 from extra_attrib._geometry import TileGeometry
 from extra_attrib._incremental import _program, choose_engine, program_for
+from extra_attrib._incremental import _sweep as incremental_sweep
 from extra_attrib._incremental._verify import check_windows
 from extra_attrib._plan import PrecomputedWindows, SweepPlan
 from tests.models import init_bn
@@ -462,3 +463,41 @@ def test_a_gate_from_the_vector_keeps_the_image_boxes(monkeypatch):
     assert tiled.last_engine == "incremental", tiled.last_engine_reason
     assert seen and set(seen) == {"Patch"}  # the product and the sum stay boxes
     _close(incremental, dense)
+
+
+class IntegerMask(nn.Module):
+    """An image and an integer mask, cast inside the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x, mask):
+        y = self.conv(x) * mask.to(x.dtype)
+        return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_integer_input_runs_dense_and_the_image_incrementally():
+    model = _make(IntegerMask)
+    x, mask = _r(2, 2, 8, 8), torch.randint(1, 3, (2, 1, 8, 8))
+    incremental, dense, tiled = _both(model, (x, mask), target=1, window=4, k=2)
+    assert tiled.last_engine == "incremental", tiled.last_engine_reason
+    assert "input 1 runs dense" in tiled.last_engine_reason
+    assert "torch.int64" in tiled.last_engine_reason
+    _close(incremental, dense)
+
+
+def test_clean_activations_of_every_input_count_towards_the_budget(monkeypatch):
+    model = _make(TwoImages)
+    x, m = _r(2, 3, 16, 16), _r(2, 1, 16, 16)
+    fills = (torch.tensor(0.0),) * 2
+    small = _program.IncrementalProgram(model, (x[:1], m[:1]))
+    one = incremental_sweep.IncrementalSweep(small, (x[:1], m[:1]), fills)
+    one_input_only = incremental_sweep.IncrementalSweep(
+        program_for(model.a, x[:1]), (x[:1],), (fills[0],)
+    )
+    assert one.activation_bytes > one_input_only.activation_bytes
+    monkeypatch.setattr(incremental_sweep, "ACTIVATION_BUDGET_BYTES", one.activation_bytes)
+    choice = choose_engine("auto", model, (x, m), fills, ())
+    assert choice.engine == "dense" and "budget" in choice.reason

@@ -399,6 +399,11 @@ class IncrementalProgram:
 
     def run_clean(self, *xs: Tensor) -> _Env:
         """Run the graph on the clean inputs (one per placeholder), keeping every node's value."""
+        if len(xs) != len(self.placeholders):
+            raise ValueError(
+                f"xs has {len(xs)} tensors; the traced model takes {len(self.placeholders)} "
+                "(the inputs, then the tensor extra arguments)"
+            )
         env: _Env = {}
         values = dict(zip(self.placeholders, xs))
         for step in self.steps:
