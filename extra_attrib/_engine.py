@@ -39,7 +39,14 @@ from extra_attrib._geometry import (
     window_offsets,
     window_positions,
 )
-from extra_attrib._plan import EngineRace, SweepPlan, engine_key, synchronize, trial_size
+from extra_attrib._plan import (
+    EngineRace,
+    PrecomputedWindows,
+    SweepPlan,
+    engine_key,
+    synchronize,
+    trial_size,
+)
 from extra_attrib._targets import check_output, describe_score, resolve_targets, select
 
 #: Memory the perturbation buffers may take, in bytes, when the chunk size is chosen automatically.
@@ -352,9 +359,14 @@ def occlusion_sweep(
     plan = _resolved_plan(plan, chunk_size, windows, evaluator, chunk_memo)
     windows, chunk_size = plan.windows, plan.chunk_size
     n = inputs[0].shape[0]
-    pre = plan.precomputed
-    if pre is not None and not pre.matches(inputs, baselines, geometries, additional_forward_args):
-        pre = None
+    # The self-check's passes (one per input it checked) that belong to this very call.
+    given = plan.precomputed
+    checked = [
+        p
+        for p in ([given] if isinstance(given, PrecomputedWindows) else list(given or ()))
+        if p.matches(inputs, baselines, geometries, additional_forward_args)
+    ]
+    pre = checked[0] if checked else None
     with torch.no_grad():
         # ``score`` receives whatever the model returns (a dict for torchvision's segmentation
         # models); only the scores must be a tensor with one row per example. The self-check's
@@ -408,7 +420,8 @@ def occlusion_sweep(
         },
         plan.engine_memo,
         engine_key(inputs, geometries, additional_forward_args),
-        pre.timings if pre is not None else None,
+        # The race times the first input's chunks: the first input's check is its prior.
+        pre.timings if pre is not None and pre.index == 0 else None,
         prior_winners=("incremental",),
     )
     planner = planners[race.next()[0]]
@@ -544,19 +557,24 @@ def _precomputed_scores(
     skipped as unchanged, among the windows asked for). Scores ``(R, N, T)`` go through
     ``score_fn`` and the target picker as an evaluated chunk's do.
     """
-    pre = plan.precomputed
-    if pre is None or not pre.matches(inputs, baselines, geometries, additional_forward_args):
-        return {}
-    wanted = set(active[0])
-    rows = [w for w, window in enumerate(pre.windows) if window in wanted]
-    if not rows:
-        return {}
-    n = inputs[0].shape[0]
-    with torch.no_grad():
-        scored = check_output(score_fn(pre.outputs), len(pre.windows) * n, describe_score(score_fn))
-    picked = pick(scored, len(pre.windows))
-    chosen = picked.index_select(0, torch.tensor(rows, device=picked.device))
-    return {0: ([pre.windows[w] for w in rows], chosen)}
+    given = plan.precomputed
+    found: Dict[int, Tuple[List[int], Tensor]] = {}
+    for pre in [given] if isinstance(given, PrecomputedWindows) else list(given or ()):
+        if not pre.matches(inputs, baselines, geometries, additional_forward_args):
+            continue
+        wanted = set(active[pre.index])
+        rows = [w for w, window in enumerate(pre.windows) if window in wanted]
+        if not rows or pre.index in found:
+            continue
+        n = inputs[0].shape[0]
+        with torch.no_grad():
+            scored = check_output(
+                score_fn(pre.outputs), len(pre.windows) * n, describe_score(score_fn)
+            )
+        picked = pick(scored, len(pre.windows))
+        chosen = picked.index_select(0, torch.tensor(rows, device=picked.device))
+        found[pre.index] = ([pre.windows[w] for w in rows], chosen)
+    return found
 
 
 def _resolved_plan(

@@ -11,7 +11,7 @@ count towards the map, so deciding costs only the trials' excess over the faster
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -52,6 +52,10 @@ class PrecomputedWindows:
         outputs (Tensor, dict or tuple): The model's outputs, ``len(windows) * N`` rows,
             window-major (copy ``w`` of the batch is rows ``w * N`` to ``(w + 1) * N``), as an
             evaluator's ``evaluate`` returns them.
+        index (int): Which input of the sweep ``x`` is (several inputs, #20). Default: 0
+        context (tuple): Every input and extra argument of the call the outputs were made in,
+            matched by identity (the other inputs were clean in those windows). Default:
+            ``(x,)``
         clean (Tensor, dict or tuple, optional): The model's output on ``x`` itself, from the
             same pass; the sweep uses it instead of a clean pass of its own. Default: None
         timings (dict, optional): Seconds per window of each engine that ran these windows
@@ -64,14 +68,21 @@ class PrecomputedWindows:
     geometry: Any
     windows: List[int]
     outputs: Any
+    index: int = 0
+    context: Tuple[Any, ...] = ()
     clean: Any = None
     timings: Optional[Dict[str, float]] = None
     #: Version counters of ``x`` and ``fill`` when the outputs were made: an in-place change
     #: since then makes them stale.
     versions: Tuple[int, int] = field(init=False)
+    #: Version counters of the tensors of ``context``, likewise.
+    context_versions: Tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
+        if not self.context:
+            self.context = (self.x,)
         self.versions = (self.x._version, self.fill._version)
+        self.context_versions = _versions(self.context)
 
     def matches(
         self,
@@ -85,14 +96,21 @@ class PrecomputedWindows:
         A drill-down's sub-batch, another call's tensors, tensors changed in place since, or a
         call with extra arguments do not.
         """
+        j = self.index
+        given = (*inputs, *args)
         return (
-            len(inputs) == 1
-            and not args
-            and inputs[0] is self.x
-            and baselines[0] is self.fill
-            and geometries[0] == self.geometry
-            and (inputs[0]._version, baselines[0]._version) == self.versions
+            len(given) == len(self.context)
+            and all(a is b for a, b in zip(given, self.context))
+            and inputs[j] is self.x
+            and baselines[j] is self.fill
+            and geometries[j] == self.geometry
+            and (inputs[j]._version, baselines[j]._version) == self.versions
+            and _versions(given) == self.context_versions
         )
+
+
+def _versions(values: Sequence[Any]) -> Tuple[int, ...]:
+    return tuple(v._version if isinstance(v, torch.Tensor) else -1 for v in values)
 
 
 @dataclass
@@ -114,9 +132,10 @@ class SweepPlan:
             read and written. Default: None
         notes (dict): Per engine, words about it for the result's reason (e.g. what its
             self-check verified). Default: empty
-        precomputed (PrecomputedWindows, optional): Model outputs of some windows of this
-            sweep's input, scored instead of evaluated where they match the sweep
-            (:meth:`PrecomputedWindows.matches`). Default: None
+        precomputed (PrecomputedWindows or sequence of them, optional): Model outputs of
+            some windows of this sweep's inputs (one per input at most), scored instead of
+            evaluated where they match the sweep (:meth:`PrecomputedWindows.matches`).
+            Default: None
     """
 
     engines: Dict[str, Optional[Callable[..., Any]]] = field(
@@ -127,7 +146,7 @@ class SweepPlan:
     chunk_memo: Optional[Dict[Hashable, int]] = None
     engine_memo: Optional[Dict[Hashable, str]] = None
     notes: Dict[str, str] = field(default_factory=dict)
-    precomputed: Optional[PrecomputedWindows] = None
+    precomputed: Union[None, PrecomputedWindows, Sequence[PrecomputedWindows]] = None
 
 
 def engine_key(

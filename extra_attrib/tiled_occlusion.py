@@ -184,7 +184,10 @@ class TiledOcclusion(PerturbationAttribution):
                 times chunks of both engines on the call's own windows and keeps the faster
                 (the timed windows count towards the map; the choice is remembered per input
                 shape, dtype, device, tiling and thread count, as the chunk size is).
-                ``last_engine`` and ``last_engine_reason`` tell what ran and why. Incremental
+                ``last_engine`` and ``last_engine_reason`` tell what ran and why. With
+                several inputs, each is occluded with the others clean and gets its own boxes;
+                one that is not ``(N, C, *spatial)`` or whose path reaches an operation
+                without a rule runs densely in the same call. Incremental
                 traces ``forward`` once and runs the traced layers, so Python
                 code in ``forward`` (a counter, a log) does not run per pass: use ``"dense"``
                 where it must. Default: ``"auto"``
@@ -344,7 +347,7 @@ class TiledOcclusion(PerturbationAttribution):
                     fills,
                     extra,
                     central_box(geometries[0]),
-                    geometries[0],
+                    geometries,
                 )
             self.last_engine, self.last_engine_reason = choice.engine, choice.reason
             sweep_args = (forward_func, xs, fills, geometries, targets, score_fn, extra)
@@ -450,6 +453,8 @@ def _failures_blamed_on_rows(
                 "of the batch; a per-example tensor needs one row per example"
             ) from error
 
+    # The same computation (only failures are reworded): what the incremental engine traces.
+    forward.computes = forward_func  # type: ignore[attr-defined]
     return forward
 
 

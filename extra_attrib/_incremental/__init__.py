@@ -21,6 +21,10 @@ the chunk batched together:
   permutes, transposes, views and unsqueezes that keep the batch first and the spatial
   dimensions in order (channels last, channel shuffle), split / chunk / sliced along channels;
   shape facts (``x.ndim``, ``x.dtype``) and the checks built on them are static.
+- Several inputs (#20): one placeholder per tensor; each swept input's patch starts at its own
+  placeholder, and what depends only on the other inputs keeps its clean activations, read on
+  the boxes where it meets a patch (a per-example gate broadcast over space included). An input
+  that is not spatial, or whose path reaches an unknown op, is swept densely through the model.
 - Ops that mix the whole map (global pooling, Linear over space, flatten, normalisation over
   space, ...) and boxes covering most of their map switch to dense: full patched maps
   ``(B * N, ...)`` are materialised and the rest of the graph runs as in the model.

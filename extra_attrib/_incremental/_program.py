@@ -10,7 +10,19 @@ from __future__ import annotations
 import math
 import operator
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Tuple, cast
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Hashable,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    cast,
+)
 
 import torch
 import torch.nn.functional as F
@@ -82,23 +94,39 @@ DENSE_FRACTION = 0.6
 
 
 class IncrementalProgram:
-    """A model traced for incremental evaluation at one input shape.
+    """A model traced for incremental evaluation at one set of input shapes.
+
+    A model of several tensors (``forward(image, mask)``, an image and a per-example vector,
+    tensor ``additional_forward_args``) has one placeholder each. Each swept input gets its own
+    boxes: its patch starts at its own placeholder while the activations that depend only on the
+    other inputs are the clean run's (#20). An input whose path reaches an operation the engine
+    does not know, or that is not ``(N, C, *spatial)`` floating point, is not incremental
+    (:attr:`declined`); the caller sweeps it densely through the model.
 
     Args:
-        model (callable): The model (an ``nn.Module`` or a traceable function of one tensor).
-        example (Tensor): An input ``(N, C, *S)`` of the shape that will be explained.
+        model (callable): The model (an ``nn.Module`` or a traceable function of tensors).
+        example (Tensor or tuple of Tensor): The tensors the model is called with, of the shapes
+            that will be explained: ``(N, C, *S)`` for an input to sweep incrementally.
+        batched (sequence of bool, optional): Per tensor of ``example``, whether it carries the
+            batch (repeated with each perturbed copy, as an input is); the others are constants.
+            Default: None (all of them)
 
     Raises:
-        UnsupportedModel: The model cannot be traced, or has an operation this module does not
-            know; the message names it and where it sits.
+        UnsupportedModel: The model cannot be traced, takes another number of tensors, no
+            tensor can be swept incrementally, or (for one tensor) it has an operation this
+            module does not know; the message names it and where it sits.
     """
 
-    def __init__(self, model: Callable[..., Tensor], example: Tensor) -> None:
-        if example.dim() < 3:
-            raise UnsupportedModel(
-                f"the input has shape {tuple(example.shape)}: incremental occlusion needs "
-                "(N, C, *spatial) with 1 to 3 spatial dimensions"
-            )
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        example: Any,
+        batched: Optional[Sequence[bool]] = None,
+    ) -> None:
+        examples: Tuple[Tensor, ...] = (example,) if isinstance(example, Tensor) else tuple(example)
+        self.batched = [True] * len(examples) if batched is None else list(batched)
+        if len(examples) == 1 and examples[0].dim() < 3:
+            raise UnsupportedModel(_shape_reason(examples[0]))
         _check_eval_mode(model)
         try:
             self.graph_module = _trace_without_side_effects(model)
@@ -108,18 +136,42 @@ class IncrementalProgram:
                 f"{str(error).splitlines()[0] if str(error) else ''})"
             ) from error
         self.placeholders = [n for n in self.graph_module.graph.nodes if n.op == "placeholder"]
-        if len(self.placeholders) != 1:
+        if len(self.placeholders) != len(examples):
             raise UnsupportedModel(
-                f"the traced model takes {len(self.placeholders)} inputs; incremental occlusion "
-                "handles models of one input tensor"
+                f"the traced model takes {len(self.placeholders)} inputs, the call gives "
+                f"{len(examples)} tensors; incremental occlusion needs one placeholder per "
+                "tensor"
             )
+        #: Why an operation cannot run incrementally, by node (where a node's rule failed).
+        self.unknown: Dict[fx.Node, str] = {}
         self.steps = self._plan()
+        if len(examples) == 1 and self.unknown:
+            raise UnsupportedModel(next(iter(self.unknown.values())))
         #: The cost model's predicted gains, by input shape, dtype and window box: they depend
         #: on the geometry only, so a later call need not run the clean pass to know them.
         self.gains: Dict[Hashable, float] = {}
         written = observable_in_place_write(self.graph_module.graph, self._module_of)
         if written:
             raise UnsupportedModel(written)
+        #: Per tensor: why it cannot be swept incrementally ('' where it can).
+        self.declined = [self._declined(i, x) for i, x in enumerate(examples)]
+        if all(self.declined):
+            raise UnsupportedModel(
+                "no input can be swept incrementally: "
+                + "; ".join(f"input {i}: {why}" for i, why in enumerate(self.declined))
+            )
+
+    def _declined(self, i: int, x: Tensor) -> str:
+        if not self.batched[i]:
+            return "a constant argument (not one row per example)"
+        if x.dim() < 3 or x.dim() > 5:
+            return _shape_reason(x)
+        if not x.dtype.is_floating_point:
+            return f"dtype {x.dtype}; incremental occlusion needs a floating-point input"
+        for node, why in self.unknown.items():
+            if node in self.reach[i]:
+                return why
+        return ""
 
     def _module_of(self, node: fx.Node) -> Optional[nn.Module]:
         return (
@@ -131,7 +183,7 @@ class IncrementalProgram:
     def _plan(self) -> List[_Step]:
         gm = self.graph_module
         nodes = list(gm.graph.nodes)
-        dynamic = set(self.placeholders)
+        dynamic = {p for p, batched in zip(self.placeholders, self.batched) if batched}
         last_use: Dict[fx.Node, fx.Node] = {}
         for node in nodes:
             for arg in node.all_input_nodes:
@@ -143,7 +195,7 @@ class IncrementalProgram:
         for node in nodes:
             free = [v for v in frees.get(node, []) if v in dynamic]
             if node.op == "placeholder":
-                steps.append(_Step(node, "input", free))
+                steps.append(_Step(node, "input" if node in dynamic else "static", free))
                 continue
             if node.op == "output":
                 steps.append(_Step(node, "output", free))
@@ -154,16 +206,41 @@ class IncrementalProgram:
                 steps.append(_Step(node, "static", free))
                 continue
             dynamic.add(node)
-            steps.append(self._classify_more(node, free) or self._classify(node, free))
-        # Nodes a patch can reach: the input, and any node with such an input that does not
-        # always run densely. The others hold full values only; their clean activations are
-        # not needed by a patched run (see prune).
+            try:
+                steps.append(self._classify_more(node, free) or self._classify(node, free))
+            except UnsupportedModel as error:
+                # Only the inputs whose path reaches it are declined (several inputs, #20).
+                self.unknown[node] = str(error)
+                steps.append(_Step(node, "unknown", free))
+        # Per input, the nodes its changes reach; the others keep their clean values in its
+        # sweep (they depend on the other inputs only).
+        self.reach: List[Set[fx.Node]] = []
+        for placeholder in self.placeholders:
+            reach: Set[fx.Node] = {placeholder} if placeholder in dynamic else set()
+            for step in steps:
+                if step.kind not in ("static", "output") and any(
+                    a in reach for a in step.node.all_input_nodes
+                ):
+                    reach.add(step.node)
+            self.reach.append(reach)
+        #: The nodes whose values carry the batch (the others are constants).
+        self.dynamic = dynamic
+        # Nodes a patch can reach: the inputs, and any node with such an input that does not
+        # always run densely; and the clean values a node reached by one input reads from the
+        # others. The others hold full values only; their clean activations are not needed by
+        # a patched run (see prune).
         self.patchable = set(self.placeholders)
         for step in steps:
             if step.kind not in ("static", "input", "output", "dense") and any(
                 a in self.patchable for a in step.node.all_input_nodes
             ):
                 self.patchable.add(step.node)
+        output = steps[-1].node
+        for reach in self.reach:
+            for node in [*reach, output]:
+                self.patchable.update(
+                    a for a in node.all_input_nodes if a not in reach and a in dynamic
+                )
         return steps
 
     def _where(self, node: fx.Node) -> str:
@@ -335,13 +412,19 @@ class IncrementalProgram:
 
     # -- running ----------------------------------------------------------------------------
 
-    def run_clean(self, x: Tensor) -> _Env:
-        """Run the graph on the clean input, keeping every node's value."""
+    def run_clean(self, *xs: Tensor) -> _Env:
+        """Run the graph on the clean inputs (one per placeholder), keeping every node's value."""
+        if len(xs) != len(self.placeholders):
+            raise ValueError(
+                f"xs has {len(xs)} tensors; the traced model takes {len(self.placeholders)} "
+                "(the inputs, then the tensor extra arguments)"
+            )
         env: _Env = {}
+        values = dict(zip(self.placeholders, xs))
         for step in self.steps:
             node = step.node
             if node.op == "placeholder":
-                env[node] = x
+                env[node] = values[node]
             elif node.op == "output":
                 env[node] = fx.node.map_arg(node.args[0], lambda a: env[a])
             else:
@@ -404,25 +487,46 @@ class IncrementalProgram:
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         raise RuntimeError(f"unexpected node {node.op}")  # pragma: no cover
 
-    def run_patched(self, clean: _Env, patch: Patch, cost: Optional[_Cost] = None) -> Any:
-        """Run the graph for a chunk of windows whose input differs from ``clean`` by ``patch``.
+    def run_patched(
+        self, clean: _Env, patch: Patch, cost: Optional[_Cost] = None, index: int = 0
+    ) -> Any:
+        """Run the graph for a chunk of windows whose input ``index`` differs by ``patch``.
+
+        The other inputs are clean: nodes that depend on them only keep their clean values,
+        which a node reached by ``patch`` reads on its boxes (:func:`_lifted`).
 
         Returns:
             The model output for the ``B * N`` rows, window-major.
         """
+        if self.declined[index]:
+            why = self.declined[index]
+            raise UnsupportedModel(f"input {index} cannot run incrementally: {why}")
         env: _Env = {}
         b = patch.windows
+        reach = self.reach[index]
+        n = patch.clean.shape[0]
         for step in self.steps:
             node = step.node
-            if step.kind == "static":
+            if step.kind == "static" or (node not in reach and step.kind != "output"):
                 env[node] = clean[node]
                 continue
             if step.kind == "input":
                 env[node] = patch
             elif step.kind == "output":
+                outer = [a for a in node.all_input_nodes if a not in reach and a in self.dynamic]
+                for a in outer:
+                    env[a] = _lifted(clean[a], [], b, n)
                 return fx.node.map_arg(node.args[0], lambda a: _as_dense(env[a], cost))
             else:
+                # The other inputs' values (constants and shape facts stay as they are).
+                outer = [a for a in node.all_input_nodes if a not in reach and a in self.dynamic]
+                if outer:
+                    changed = [env[a] for a in node.all_input_nodes if a in reach]
+                    for a in outer:
+                        env[a] = _lifted(clean[a], changed, b, n, step.kind == "binary")
                 out = _HANDLERS[step.kind](self, step, env, clean[node], b, cost)
+                for a in outer:
+                    env[a] = clean[a]
                 if isinstance(out, (Patch, Moved)) and (
                     math.prod(out.size) >= DENSE_FRACTION * math.prod(out.full)
                 ):
@@ -445,6 +549,48 @@ class IncrementalProgram:
                 total.macs(_macs(self, step, clean, value))
                 total.elements(value.numel())
         return total.total * windows
+
+
+def _shape_reason(x: Tensor) -> str:
+    return (
+        f"the input has shape {tuple(x.shape)}: incremental occlusion needs "
+        "(N, C, *spatial) with 1 to 3 spatial dimensions"
+    )
+
+
+def _lifted(value: Any, changed: Sequence[Any], b: int, n: int, broadcast: bool = False) -> Any:
+    """A clean value of the other inputs as the ``B`` windows of a chunk see it.
+
+    Every perturbed copy of the batch holds the same clean value, as the dense engine repeats
+    an input it does not occlude. On the boxes of a changed operand of the same layout, a
+    :class:`Patch` of those boxes holding the clean values (so a sum or a concatenation stays
+    a box), also for an operand of a ``broadcast`` op (add, mul, ...) with one element per
+    example (and channel) broadcast over space; otherwise the full value repeated for the ``B``
+    copies. A value without ``N`` rows (a shape, a constant) is left as it is.
+    """
+    if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != n:
+        return value
+    for other in changed:
+        if not isinstance(other, Patch) or value.dim() != other.clean.dim():
+            continue
+        if tuple(value.shape[2:]) == other.full:
+            boxes = [
+                value[
+                    (slice(None), slice(None), *(slice(s, s + k) for s, k in zip(st, other.size)))
+                ]
+                for st in other.starts.tolist()
+            ]
+            values = torch.stack(boxes).reshape(b * n, *value.shape[1:2], *other.size)
+            return Patch(values, other.starts, other.size, value)
+        channels = other.clean.shape[1]
+        if broadcast and value.shape[1] in (1, channels) and all(s == 1 for s in value.shape[2:]):
+            # An operand of add/mul/... with one value per example (and channel) broadcast
+            # over space (a gate or shift computed from a vector, FiLM): on any box it is
+            # itself, so the sum or product stays a box.
+            full = value.expand(n, channels, *other.full)
+            rows = value.repeat(b, *([1] * (value.dim() - 1)))
+            return Patch(rows.expand(-1, channels, *other.size), other.starts, other.size, full)
+    return _Dense(value.repeat(b, *([1] * (value.dim() - 1))))
 
 
 def _own_forward(m: nn.Module) -> str:
@@ -607,23 +753,33 @@ def _attribute_key(value: Any) -> Any:
     return ("id", id(value))
 
 
-def program_for(model: Callable[..., Tensor], x: Tensor) -> IncrementalProgram:
-    """The traced program of ``model`` for inputs shaped like ``x``, cached per model and shape.
+def program_for(
+    model: Callable[..., Tensor], x: Any, batched: Optional[Sequence[bool]] = None
+) -> IncrementalProgram:
+    """The traced program of ``model`` for tensors shaped like ``x``, cached per model and shape.
 
-    The cache key holds :func:`model_fingerprint`: replacing a layer, reassigning a parameter or
-    changing a module's setting retraces. The engine's self-check covers what no key can see.
+    ``x`` is one tensor or a tuple of them (several inputs, tensor extra arguments); the cache
+    key holds every tensor's shape, dtype and device, which of them carry the batch
+    (``batched``, as in :class:`IncrementalProgram`) and :func:`model_fingerprint`: replacing a
+    layer, reassigning a parameter or changing a module's setting retraces. The engine's
+    self-check covers what no key can see.
 
     Raises:
         UnsupportedModel: As :class:`IncrementalProgram`.
     """
     _check_eval_mode(model)
-    shape: Tuple[Any, ...] = (tuple(x.shape), x.dtype, x.device)
+    xs: Tuple[Tensor, ...] = (x,) if isinstance(x, Tensor) else tuple(x)
+    flags = tuple([True] * len(xs) if batched is None else batched)
+    shape: Tuple[Any, ...] = (
+        tuple((tuple(t.shape), t.dtype, t.device) for t in xs),
+        flags,
+    )
     fingerprint = model_fingerprint(model)
     try:
         cache = _PROGRAMS.setdefault(model, {})
     except TypeError:  # not weak-referenceable: trace every time
-        return IncrementalProgram(model, x)
+        return IncrementalProgram(model, xs, flags)
     cached = cache.get(shape)
     if cached is None or cached[0] != fingerprint:
-        cached = cache[shape] = (fingerprint, IncrementalProgram(model, x))
+        cached = cache[shape] = (fingerprint, IncrementalProgram(model, xs, flags))
     return cached[1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import Tensor, fx, nn
@@ -47,14 +47,23 @@ class IncrementalSweep:
     """Drop-in for the dense engine's evaluator: model outputs for chunks of windows.
 
     Implements the evaluator interface of :class:`extra_attrib._engine.DenseEvaluator`
-    (``evaluate`` and ``finish``).
+    (``evaluate`` and ``finish``). With several inputs, each swept input gets its own boxes and
+    the others stay clean (#20); an input the program declines (not spatial, or its path
+    reaches an operation the engine does not know) is swept by the dense engine, through the
+    model itself.
 
     Args:
         program (IncrementalProgram): The traced model.
-        inputs (tuple of Tensor): One input ``(N, C, *S)``.
-        baselines (tuple of Tensor): Its baseline, broadcastable to it.
-        geometry (TileGeometry, optional): Its tiling, needed by :meth:`evaluate`.
-            Default: None
+        inputs (tuple of Tensor): The inputs, ``(N, C, *S)`` for each incremental one.
+        baselines (tuple of Tensor): One per input, broadcastable to it.
+        geometry (TileGeometry or sequence of TileGeometry, optional): The tiling of each input
+            (one for a single input), needed by :meth:`evaluate`. Default: None
+        forward_func (callable, optional): The model, for the inputs swept densely.
+            Default: None (every input must be incremental)
+        additional_forward_args (tuple, optional): Extra tensor arguments of the model, clean
+            constants for the program. Default: ``()``
+        capacity (int, optional): Windows per chunk at most, for the dense engine's buffers.
+            Default: None (64)
     """
 
     def __init__(
@@ -62,15 +71,28 @@ class IncrementalSweep:
         program: IncrementalProgram,
         inputs: Tuple[Tensor, ...],
         baselines: Tuple[Tensor, ...],
-        geometry: Optional[TileGeometry] = None,
+        geometry: Union[None, TileGeometry, Sequence[TileGeometry]] = None,
+        forward_func: Optional[Callable[..., Any]] = None,
+        additional_forward_args: Tuple[Any, ...] = (),
+        capacity: Optional[int] = None,
     ) -> None:
-        (x,), (b,) = inputs, baselines
         self.program = program
-        self.x = x
-        self.fill = b.expand_as(x)
-        self.geometry = geometry
+        self.inputs = tuple(inputs)
+        self.baselines = tuple(baselines)
+        self.fills = [b.expand_as(x) for x, b in zip(inputs, baselines)]
+        self.args = tuple(additional_forward_args)
+        self.geometries: Optional[List[TileGeometry]] = None
+        self.geometry = geometry  # the setter takes one tiling or one per input
+        self.forward_func = forward_func
+        self.capacity = capacity
+        self._dense: Any = None
+        first = next(j for j, why in enumerate(program.declined[: len(inputs)]) if not why)
+        #: The first input swept incrementally, and its baseline.
+        self.x, self.fill = inputs[first], self.fills[first]
         with torch.no_grad():
-            self.clean = program.run_clean(x.clone())
+            self.clean = program.run_clean(
+                *(x.clone() for x in inputs), *(_clone(a) for a in self.args)
+            )
         #: The traced program's output on the clean input, for the self-check.
         self.clean_output = program.output_of(self.clean)
         #: Cost of one dense forward pass, from the cost model (counted before pruning).
@@ -78,38 +100,89 @@ class IncrementalSweep:
         #: Bytes of the clean activations the sweep keeps.
         self.activation_bytes = program.prune(self.clean)
 
-    def evaluate(self, j: int, windows: Sequence[int], windows_on_device: Tensor) -> Tensor:
-        """Model outputs ``(len(windows) * N, ...)`` with the input occluded at ``windows``.
+    @property
+    def geometry(self) -> Optional[TileGeometry]:
+        """The tiling of the first input (None before it is known)."""
+        return None if self.geometries is None else self.geometries[0]
 
-        ``windows`` are flat window indices of :attr:`geometry`.
+    @geometry.setter
+    def geometry(self, value: Union[None, TileGeometry, Sequence[TileGeometry]]) -> None:
+        if value is None or isinstance(value, TileGeometry):
+            self.geometries = None if value is None else [value]
+        else:
+            self.geometries = list(value)
+
+    def incremental(self, j: int) -> bool:
+        """Whether input ``j`` is swept incrementally (else densely, through the model)."""
+        return not self.program.declined[j]
+
+    def evaluate(self, j: int, windows: Sequence[int], windows_on_device: Tensor) -> Any:
+        """Model outputs ``(len(windows) * N, ...)`` with input ``j`` occluded at ``windows``.
+
+        ``windows`` are flat window indices of input ``j``'s tiling.
         """
-        if self.geometry is None:
+        if self.geometries is None:
             raise RuntimeError("IncrementalSweep.evaluate needs the geometry")
-        return self.run(j, perturbation_boxes(self.geometry, windows))
+        if not self.incremental(j):
+            return self._dense_engine().evaluate(j, windows, windows_on_device)
+        return self.run(j, perturbation_boxes(self.geometries[j], windows))
+
+    def _dense_engine(self) -> Any:
+        if self._dense is None:
+            if self.forward_func is None or self.geometries is None:
+                raise RuntimeError(
+                    "IncrementalSweep needs forward_func for the inputs it sweeps densely"
+                )
+            from extra_attrib._engine import DenseEvaluator
+
+            self._dense = DenseEvaluator(
+                self.forward_func,
+                self.inputs,
+                self.baselines,
+                self.geometries,
+                self.args,
+                self.capacity or 64,
+            )
+        return self._dense
 
     def finish(self, j: int) -> bool:
-        """Always True: the evaluator keeps no perturbed copies a model could corrupt."""
-        return True
+        """True unless a densely swept input's copies were corrupted by the model.
+
+        The incremental inputs keep no perturbed copies a model could corrupt.
+        """
+        return True if self._dense is None else bool(self._dense.finish(j))
 
     def run(self, j: int, boxes: List[Tuple[slice, ...]]) -> Any:
-        """Model outputs ``(len(boxes) * N, ...)`` with the input occluded at ``boxes``."""
+        """Model outputs ``(len(boxes) * N, ...)`` with input ``j`` occluded at ``boxes``."""
+        x = self.inputs[j]
         with torch.no_grad():
-            out = self.program.run_patched(self.clean, input_patch(self.x, self.fill, boxes))
+            patch = input_patch(x, self.fills[j], boxes)
+            out = self.program.run_patched(self.clean, patch, index=j)
         # As the dense engine checks them: a model mixing rows would give a silent wrong map. A
         # dict or tuple output is checked after ``score``, as the dense engine does.
         if isinstance(out, Tensor):
-            check_output(out, len(boxes) * self.x.shape[0])
+            check_output(out, len(boxes) * x.shape[0])
         return out
 
     def reset(self, j: int) -> None:
         """Nothing to restore: the evaluator keeps no perturbed copies."""
 
-    def predicted_gain(self, box: Tuple[slice, ...]) -> float:
-        """Dense cost over incremental cost of one window at ``box`` (from the cost model)."""
+    def predicted_gain(self, box: Tuple[slice, ...], j: int = 0) -> float:
+        """Dense cost over incremental cost of one window of input ``j`` at ``box``.
+
+        From the cost model; 1 for an input swept densely.
+        """
+        if not self.incremental(j):
+            return 1.0
         cost = _Cost()
         with torch.no_grad():
-            self.program.run_patched(self.clean, input_patch(self.x, self.fill, [box]), cost)
+            patch = input_patch(self.inputs[j], self.fills[j], [box])
+            self.program.run_patched(self.clean, patch, cost, index=j)
         return self.dense_cost / max(cost.total, 1.0)
+
+
+def _clone(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
 
 
 @dataclass
@@ -122,14 +195,15 @@ class EngineChoice:
         reason (str): Why, in words.
         factory (callable or None): For incremental, builds the evaluator the sweep calls
             (same signature as the dense engine's ``DenseEvaluator``).
-        checked (PrecomputedWindows or None): The real model's outputs on the self-check's
-            windows, where it ran the whole batch: the sweep reuses them (#18, #20).
+        checked (PrecomputedWindows, tuple of them, or None): The real model's outputs on
+            the self-check's windows, where it ran the whole batch: the sweep reuses them
+            (#18, #20). A tuple, one per input checked, for a model of several inputs.
     """
 
     engine: str
     reason: str
     factory: Optional[Callable[..., Any]] = None
-    checked: Optional[PrecomputedWindows] = None
+    checked: Union[None, PrecomputedWindows, Tuple[PrecomputedWindows, ...]] = None
 
 
 def choose_engine(
@@ -139,27 +213,35 @@ def choose_engine(
     baselines: Tuple[Tensor, ...],
     additional_forward_args: Tuple[Any, ...],
     center_box: Optional[Tuple[slice, ...]] = None,
-    geometry: Optional[TileGeometry] = None,
+    geometry: Union[None, TileGeometry, Sequence[TileGeometry]] = None,
 ) -> EngineChoice:
     """Decide between the dense and the incremental engine.
 
     Incremental must first pass every check: a supported model (:func:`declined_model`,
     :class:`IncrementalProgram`), clean activations within :data:`ACTIVATION_BUDGET_BYTES`, and,
     given ``geometry``, the self-check against the real model
-    (:func:`extra_attrib._verify.verify_incremental`). Under ``"auto"``, a failed check or any
-    exception while tracing, planning or checking chooses dense, with the reason; a forced
-    ``"incremental"`` raises a ValueError instead.
+    (:func:`extra_attrib._verify.verify_incremental`) on every input swept incrementally. Under
+    ``"auto"``, a failed check or any exception while tracing, planning or checking chooses
+    dense, with the reason; a forced ``"incremental"`` raises a ValueError instead.
+
+    With several inputs (#20), each is swept with the others clean: an input whose path the
+    engine knows gets its own boxes, any other (a vector, an input reaching an unknown
+    operation) is swept densely through the model by the same evaluator; the reason names them.
 
     Args:
         engine (str): ``"auto"``, ``"dense"`` or ``"incremental"``.
         forward_func (callable): The model.
         inputs (tuple of Tensor): As given to the sweep.
         baselines (tuple of Tensor): As given to the sweep.
-        additional_forward_args (tuple): Extra model arguments (incremental needs none).
-        center_box (tuple of slice, optional): A typical window (one slice per non-batch
-            dimension) for the cost model. Default: None (no cost check; incremental if possible)
-        geometry (TileGeometry, optional): The tiling of ``inputs[0]``, for the self-check on
-            its corner and centre windows. Default: None (no self-check)
+        additional_forward_args (tuple): Extra model arguments: tensors only, which stay clean
+            (repeated with each copy where they have ``N`` rows, as the dense engine does).
+        center_box (tuple of slice, optional): A typical window of the first input (one slice
+            per non-batch dimension) for the cost model; with the tilings of every input given,
+            each input's centre window is used instead. Default: None (no cost check;
+            incremental if possible)
+        geometry (TileGeometry or sequence of TileGeometry, optional): The tiling of each input
+            (of ``inputs[0]`` alone for one input), for the self-check on its corner and centre
+            windows. Default: None (no self-check)
 
     Returns:
         EngineChoice: The engine, the reason and, for incremental, the evaluator factory.
@@ -171,16 +253,22 @@ def choose_engine(
     if engine == "dense":
         return EngineChoice("dense", "engine='dense' was requested")
     gain = math.inf
+    geometries: Optional[List[TileGeometry]] = None
+    if geometry is not None:
+        geometries = [geometry] if isinstance(geometry, TileGeometry) else list(geometry)
     sweep: Optional[IncrementalSweep] = None
     try:
         program = _supported_program(forward_func, inputs, additional_forward_args)
-        if engine == "auto" and center_box is not None:
-            x = inputs[0]
-            box = tuple((b.start, b.stop, b.step) for b in center_box)  # slices: unhashable
-            known = (tuple(x.shape), x.dtype, tuple(baselines[0].shape), box)
+        if engine == "auto" and (geometries is not None or center_box is not None):
+            # The prediction depends on shapes and geometry only: remembered with the trace,
+            # so a later call decides without a clean pass.
+            known = _gain_key(inputs, baselines, geometries, center_box)
             if known not in program.gains:
-                sweep = _budgeted_sweep(program, inputs, baselines)
-                program.gains[known] = sweep.predicted_gain(center_box)
+                sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args)
+                if geometries is not None and len(geometries) == len(inputs):
+                    program.gains[known] = _predicted_gain(sweep, geometries)
+                else:
+                    program.gains[known] = sweep.predicted_gain(cast(Any, center_box))
             gain = program.gains[known]
         if gain < MIN_PREDICTED_GAIN:  # dense anyway: no need to check incremental
             return EngineChoice(
@@ -188,10 +276,10 @@ def choose_engine(
                 f"the cost model predicts incremental at {gain:.2f}x dense, below the "
                 f"{MIN_PREDICTED_GAIN}x threshold",
             )
-        if engine == "auto" and center_box is not None and geometry is not None:
-            windows = geometry.num_perturbations
+        if engine == "auto" and geometries is not None and center_box is not None:
+            windows = sum(g.num_perturbations for g in geometries)
             saving = windows * (1.0 - 1.0 / gain)
-            trying = len(check_windows(geometry)) + 1
+            trying = sum(len(check_windows(g)) + 1 for g in geometries)
             if saving < TRY_PAYBACK * trying:
                 return EngineChoice(
                     "dense",
@@ -200,18 +288,12 @@ def choose_engine(
                     f"under {TRY_PAYBACK:g}x the {trying} that its self-check costs",
                 )
         if sweep is None:
-            sweep = _budgeted_sweep(program, inputs, baselines)
+            sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args)
         verified = "not verified (no tiling given)"
         kept: List[PrecomputedWindows] = []
-        if geometry is not None:
-            verified = verify_incremental(
-                forward_func,
-                inputs[0],
-                baselines[0],
-                geometry,
-                sweep.clean_output,
-                lambda boxes: sweep.run(0, boxes),
-                keep=kept,
+        if geometries is not None:
+            verified = _verify_inputs(
+                sweep, forward_func, inputs, baselines, geometries, additional_forward_args, kept
             )
     except Exception as error:  # any failure of the fast path: dense works without it
         if isinstance(error, VerificationFailed):
@@ -226,22 +308,39 @@ def choose_engine(
         return EngineChoice("dense", f"incremental is not possible: {why}")
 
     def factory(
-        _forward_func: Any,
+        sweep_forward: Any,
         sweep_inputs: Tuple[Tensor, ...],
         sweep_baselines: Tuple[Tensor, ...],
         geometries: Sequence[TileGeometry],
+        sweep_args: Tuple[Any, ...] = (),
+        capacity: Optional[int] = None,
         *_: Any,
     ) -> IncrementalSweep:
         # The probe's evaluator when the sweep is over the same batch; a new one (and a clean
         # pass) for another batch, e.g. one example of a drill-down refinement.
-        if sweep_inputs[0] is inputs[0] and sweep_baselines[0] is baselines[0]:
-            sweep.geometry = geometries[0]
+        if _same_call(sweep_inputs, sweep_baselines, sweep_args, sweep):
+            sweep.geometry = list(geometries)
+            sweep.forward_func, sweep.capacity = sweep_forward, capacity
             return sweep
         return IncrementalSweep(
-            program_for(forward_func, sweep_inputs[0]), sweep_inputs, sweep_baselines, geometries[0]
+            program_for(
+                traced_model(forward_func),
+                (*sweep_inputs, *sweep_args),
+                _batched(sweep_inputs, sweep_args),
+            ),
+            sweep_inputs,
+            sweep_baselines,
+            list(geometries),
+            sweep_forward,
+            sweep_args,
+            capacity,
         )
 
-    checked = kept[0] if kept else None
+    checked: Union[None, PrecomputedWindows, Tuple[PrecomputedWindows, ...]] = None
+    if len(kept) == 1 and len(inputs) == 1:
+        checked = kept[0]
+    elif kept:
+        checked = tuple(kept)
     if engine == "incremental":
         return EngineChoice(
             "incremental", f"engine='incremental' was requested; {verified}", factory, checked
@@ -255,9 +354,127 @@ def choose_engine(
     )
 
 
+def _same_call(
+    inputs: Sequence[Tensor], baselines: Sequence[Tensor], args: Sequence[Any], sweep: Any
+) -> bool:
+    return (
+        len(inputs) == len(sweep.inputs)
+        and all(a is b for a, b in zip(inputs, sweep.inputs))
+        and all(a is b for a, b in zip(baselines, sweep.baselines))
+        and len(args) == len(sweep.args)
+        and all(a is b for a, b in zip(args, sweep.args))
+    )
+
+
+def _batched(inputs: Sequence[Tensor], args: Sequence[Any]) -> List[bool]:
+    """Which tensors carry the batch: the inputs, and the arguments with ``N`` rows."""
+    n = inputs[0].shape[0]
+    return [True] * len(inputs) + [a.dim() > 0 and a.shape[0] == n for a in args]
+
+
+def _predicted_gain(sweep: IncrementalSweep, geometries: Sequence[TileGeometry]) -> float:
+    """Dense cost over incremental cost of the whole sweep, each input at its centre window."""
+    dense = incremental = 0.0
+    for j, g in enumerate(geometries):
+        dense += g.num_perturbations
+        incremental += g.num_perturbations / sweep.predicted_gain(central_box(g), j)
+    return dense / max(incremental, 1e-30)
+
+
+def _verify_inputs(
+    sweep: IncrementalSweep,
+    forward_func: Callable[..., Any],
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    geometries: Sequence[TileGeometry],
+    args: Tuple[Any, ...],
+    kept: List[PrecomputedWindows],
+) -> str:
+    """The self-check of every input swept incrementally; words for the engine's reason."""
+    if len(inputs) == 1 and not args:
+        return verify_incremental(
+            forward_func,
+            inputs[0],
+            baselines[0],
+            geometries[0],
+            sweep.clean_output,
+            lambda boxes: sweep.run(0, boxes),
+            keep=kept,
+        )
+    said = []
+    for j, (x, b, g) in enumerate(zip(inputs, baselines, geometries)):
+        if not sweep.incremental(j):
+            said.append(f"input {j} runs dense ({sweep.program.declined[j]})")
+            continue
+        try:
+            words = verify_incremental(
+                _others_clean(forward_func, inputs, args, j, 1 + len(check_windows(g))),
+                x,
+                b,
+                g,
+                sweep.clean_output,
+                lambda boxes, j=j: sweep.run(j, boxes),  # type: ignore[misc]
+                keep=kept,
+                index=j,
+                context=(*inputs, *args),
+            )
+        except VerificationFailed as error:
+            raise VerificationFailed(f"input {j}: {error}") from error
+        said.append(f"input {j} {words}")
+    return "; ".join(said)
+
+
+def _others_clean(
+    forward_func: Callable[..., Any],
+    inputs: Tuple[Tensor, ...],
+    args: Tuple[Any, ...],
+    j: int,
+    copies: int,
+) -> Callable[[Tensor], Any]:
+    """The model as a function of input ``j``'s ``copies`` occluded copies of the first rows.
+
+    The other inputs (and the tensor arguments with ``N`` rows) are the same first rows,
+    clean, repeated for each copy, as the dense engine repeats them.
+    """
+    n = inputs[0].shape[0]
+
+    def call(batch: Tensor) -> Any:
+        m = batch.shape[0] // copies
+
+        def repeated(t: Any) -> Any:
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n:
+                return t[:m].repeat(copies, *([1] * (t.dim() - 1)))
+            return t
+
+        given = [batch if k == j else repeated(x) for k, x in enumerate(inputs)]
+        return forward_func(*given, *(repeated(a) for a in args))
+
+    return call
+
+
 #: The clean activations an incremental sweep keeps may take at most this many bytes: the same
 #: budget as the dense engine's perturbation buffers.
 ACTIVATION_BUDGET_BYTES = BUFFER_BUDGET_BYTES
+
+
+def _gain_key(
+    inputs: Sequence[Tensor],
+    baselines: Sequence[Tensor],
+    geometries: Optional[Sequence[TileGeometry]],
+    center_box: Optional[Tuple[slice, ...]],
+) -> Tuple[Any, ...]:
+    """What the cost model's prediction depends on: shapes, dtypes and windows."""
+
+    def box(b: Tuple[slice, ...]) -> Tuple[Any, ...]:  # slices are unhashable before 3.12
+        return tuple((s.start, s.stop, s.step) for s in b)
+
+    tilings = tuple((g.num_perturbations, box(central_box(g))) for g in (geometries or ()))
+    return (
+        tuple((tuple(x.shape), x.dtype) for x in inputs),
+        tuple(tuple(b.shape) for b in baselines),
+        tilings,
+        box(center_box) if center_box is not None else None,
+    )
 
 
 def _supported_program(
@@ -270,42 +487,73 @@ def _supported_program(
     Raises:
         UnsupportedModel: The model or the call cannot run incrementally.
     """
-    if len(inputs) != 1:
-        raise UnsupportedModel(f"incremental occlusion handles one input tensor, got {len(inputs)}")
-    if additional_forward_args:
-        raise UnsupportedModel(
-            "incremental occlusion does not take additional_forward_args (the traced model "
-            "has one input)"
-        )
+    for i, a in enumerate(additional_forward_args):
+        if not isinstance(a, Tensor):
+            raise UnsupportedModel(
+                f"additional_forward_args[{i}] is a {type(a).__name__}: incremental occlusion "
+                "traces tensor arguments only (a Python value could steer the model's code)"
+            )
     x = inputs[0]
-    if not x.dtype.is_floating_point:
+    if len(inputs) == 1 and not x.dtype.is_floating_point:
         raise UnsupportedModel(
             f"the input has dtype {x.dtype}; incremental occlusion needs a floating-point input"
         )
-    declined = declined_model(forward_func)
+    declined = declined_model(traced_model(forward_func))
     if declined:
         raise UnsupportedModel(declined)
-    return program_for(forward_func, x)
+    tensors = (*inputs, *additional_forward_args)
+    batched = _batched(inputs, additional_forward_args)
+    program = program_for(traced_model(forward_func), tensors, batched)
+    if all(program.declined[: len(inputs)]):  # the extra arguments are never occluded
+        raise UnsupportedModel(
+            "no input can be swept incrementally: "
+            + "; ".join(
+                f"input {i}: {why}" for i, why in enumerate(program.declined[: len(inputs)])
+            )
+        )
+    return program
 
 
 def _budgeted_sweep(
-    program: IncrementalProgram, inputs: Tuple[Tensor, ...], baselines: Tuple[Tensor, ...]
+    program: IncrementalProgram,
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
 ) -> IncrementalSweep:
     """The evaluator (its clean pass run) where the clean activations fit the budget.
 
     Raises:
         UnsupportedModel: The clean activations exceed :data:`ACTIVATION_BUDGET_BYTES`.
     """
-    x = inputs[0]
-    if x.shape[0] > 1:
+    tensors = (*inputs, *additional_forward_args)
+    batched = _batched(inputs, additional_forward_args)
+    n = inputs[0].shape[0]
+    if n > 1:
         # One example first: the activations of the whole batch are counted before they exist.
-        fill = baselines[0].expand_as(x)[:1]
-        probe = IncrementalSweep(program, (x[:1],), (fill,))
-        _check_budget(probe.activation_bytes * x.shape[0], x.shape[0])
+        first = tuple(t[:1] if rows else t for t, rows in zip(tensors, batched))
+        fills = tuple(b.expand_as(t)[:1] for b, t in zip(baselines, inputs))
+        probe = IncrementalSweep(
+            program,
+            first[: len(inputs)],
+            fills,
+            additional_forward_args=first[len(inputs) :],
+        )
+        _check_budget(probe.activation_bytes * n, n)
         del probe
-    sweep = IncrementalSweep(program, inputs, baselines)
-    _check_budget(sweep.activation_bytes, x.shape[0])
+    sweep = IncrementalSweep(
+        program, inputs, baselines, additional_forward_args=additional_forward_args
+    )
+    _check_budget(sweep.activation_bytes, n)
     return sweep
+
+
+def traced_model(forward_func: Callable[..., Any]) -> Callable[..., Any]:
+    """What the engine traces for ``forward_func``: the model a package wrapper calls.
+
+    A wrapper that computes the same as the model and only rewords its failures names it in
+    ``computes``; anything else is traced as it is. The self-check calls ``forward_func``.
+    """
+    return getattr(forward_func, "computes", forward_func)
 
 
 def _check_budget(activation_bytes: int, n: int) -> None:

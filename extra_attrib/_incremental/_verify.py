@@ -141,6 +141,8 @@ def verify_incremental(
     run_windows: Callable[[List[Tuple[slice, ...]]], Any],
     budget_bytes: int = 256 * 2**20,
     keep: Optional[List[PrecomputedWindows]] = None,
+    index: int = 0,
+    context: Tuple[Any, ...] = (),
 ) -> str:
     """Check the incremental engine against the model on the clean input and a few windows.
 
@@ -158,6 +160,11 @@ def verify_incremental(
             :class:`extra_attrib._plan.PrecomputedWindows` with the model's outputs on the
             checked windows is appended to it, for the sweep to reuse; nothing is appended
             where only the first examples went through the model. Default: None (nothing kept)
+        index (int, optional): Which input of a model of several inputs ``x`` is, for what is
+            kept; ``forward_func`` then takes the occluded copies of that input alone (the
+            caller supplies the others, clean). Default: 0
+        context (tuple, optional): Every input and extra argument of the call, for what is
+            kept (:class:`extra_attrib._plan.PrecomputedWindows`). Default: ``(x,)``
 
     Returns:
         str: What was checked and the largest difference, for the engine's reason.
@@ -213,7 +220,11 @@ def verify_incremental(
             "incremental": incremental_seconds / len(boxes),
         }
         clean = tree_map(_before(m), output)
-        keep.append(PrecomputedWindows(x, given_fill, geometry, windows, outputs, clean, timings))
+        keep.append(
+            PrecomputedWindows(
+                x, given_fill, geometry, windows, outputs, index, context, clean, timings
+            )
+        )
     return (
         f"verified against the model on the clean input and {len(boxes)} windows (largest "
         f"difference {max(errors):.2g})"
