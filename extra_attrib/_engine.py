@@ -420,8 +420,8 @@ def occlusion_sweep(
         },
         plan.engine_memo,
         engine_key(inputs, geometries, additional_forward_args),
-        # The race times the first input's chunks: the first input's check is its prior.
-        pre.timings if pre is not None and pre.index == 0 else None,
+        # The race times chunks of the first checked input (below): that check is its prior.
+        pre.timings if pre is not None else None,
         prior_winners=("incremental",),
     )
     planner = planners[race.next()[0]]
@@ -457,8 +457,13 @@ def occlusion_sweep(
         return runners[name]
 
     try:
-        attributions, differences = [], []
-        for j, (geometry, indices) in enumerate(zip(geometries, active)):
+        attributions: List[Tensor] = [inputs[0]] * len(inputs)  # placeholders, all replaced
+        differences: List[Tensor] = [inputs[0]] * len(inputs)
+        # The input whose windows the self-check timed first: the race's trial chunks are that
+        # input's (the first input may be one incremental runs densely, e.g. a vector).
+        first = pre.index if pre is not None else 0
+        for j in [first] + [i for i in range(len(inputs)) if i != first]:
+            geometry, indices = geometries[j], active[j]
             on_device = torch.tensor(indices, dtype=torch.long, device=inputs[j].device)
             while True:
                 # A skipped window leaves the input as it is: its score is the unperturbed one
@@ -514,9 +519,9 @@ def occlusion_sweep(
                 total += len(indices)
             diffs = base_scores - scores_all
             per_window = diffs.permute(1, 2, 0).reshape(n, index.shape[1], *geometry.grid)
-            attributions.append(accumulate(per_window, geometry).transpose(0, 1))
+            attributions[j] = accumulate(per_window, geometry).transpose(0, 1)
             if return_differences:
-                differences.append(per_window.transpose(0, 1))
+                differences[j] = per_window.transpose(0, 1)
     finally:
         if bar is not None:
             bar.close()

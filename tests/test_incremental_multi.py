@@ -502,3 +502,42 @@ def test_clean_activations_of_every_input_count_towards_the_budget(monkeypatch):
     monkeypatch.setattr(incremental_sweep, "ACTIVATION_BUDGET_BYTES", one.activation_bytes)
     choice = choose_engine("auto", model, (x, m), fills, ())
     assert choice.engine == "dense" and "budget" in choice.reason
+
+
+class VectorThenImage(nn.Module):
+    """``ImageAndVector`` with the vector first: input 0 is one incremental runs densely."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = ImageAndVector()
+
+    def forward(self, v, x):
+        return self.inner(x, v)
+
+
+def test_the_race_times_the_first_input_incremental_sweeps(monkeypatch):
+    import extra_attrib._plan as plan
+    from extra_attrib._engine import DenseEvaluator
+
+    model = _make(VectorThenImage)
+    v, x = _r(1, 5), _r(1, 2, 16, 16)
+    kwargs = dict(target=0, window=((2,), (2, 4, 4)), k=((1,), (1, 2, 2)))
+    dense = TiledOcclusion(model).attribute((v, x), engine="dense", **kwargs)
+    seen = []
+    for cls in (DenseEvaluator, incremental_sweep.IncrementalSweep):
+        original = cls.evaluate
+
+        def spy(self, j, windows, where, original=original):
+            seen.append(j)
+            return original(self, j, windows, where)
+
+        monkeypatch.setattr(cls, "evaluate", spy)
+    monkeypatch.setattr(plan, "PRIOR_DECISIVE", float("inf"))  # a race with trial chunks
+    monkeypatch.setattr(incremental_sweep, "TRY_PAYBACK", 0.0)
+    tiled = TiledOcclusion(model)
+    auto = tiled.attribute((v, x), **kwargs)
+    assert "measured on" in tiled.last_engine_reason
+    # The image (input 1) is swept first, so the trial chunks time incremental on it.
+    assert seen and seen[0] == 1
+    for a, b in zip(auto, dense):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
