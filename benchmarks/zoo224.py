@@ -46,6 +46,7 @@ MIXING = re.compile(
     r"SelectiveKernel|SplitAttn|Attention|Attn|MultiheadAttention|EncoderBlock"
 )
 SIZE, WINDOW, K = 224, 32, 2
+GEOMETRY = TileGeometry((3, SIZE, SIZE), (3, WINDOW, WINDOW), (1, K, K))
 CHUNK, TIMED = 8, 2
 
 
@@ -97,7 +98,7 @@ def measure(name: str, build: Callable[[], nn.Module]) -> Dict[str, Any]:
         return row
     x = torch.randn(1, 3, SIZE, SIZE)
     fill = torch.zeros(())
-    geometry = TileGeometry((3, SIZE, SIZE), (3, WINDOW, WINDOW), (1, K, K))
+    geometry = GEOMETRY
     with torch.no_grad():
         model(x)
         began = time.perf_counter()
@@ -195,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     text = (
         f"# The zoo's CNNs at 224² (#20)\n\n`python -m benchmarks.zoo224`, started "
         f"{started:%Y-%m-%d %H:%M} UTC, 1 thread, torch {torch.__version__}; random weights, "
-        f"input 3x{SIZE}x{SIZE}, window {WINDOW}, k = {K} ({(K * SIZE // WINDOW - K + 1) ** 2} "
+        f"input 3x{SIZE}x{SIZE}, window {WINDOW}, k = {K} ({GEOMETRY.num_perturbations} "
         f"windows). Steady per-window times: {CHUNK}-window chunks of interior windows, one "
         f"warm-up chunk per engine, then {TIMED} interleaved chunks each, the fastest counts.\n\n"
         f"{summary(rows)}\n\n{table(rows)}\n"
