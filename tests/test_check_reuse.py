@@ -19,13 +19,8 @@ from extra_attrib._incremental import IncrementalSweep, choose_engine, program_f
 from extra_attrib._incremental._verify import check_windows, verify_incremental
 from extra_attrib._plan import SweepPlan
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: the engines' chunk sizes and timings, as a user on one core would see them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

@@ -21,14 +21,8 @@ from extra_attrib._incremental import (
 )
 from tests.models import init_bn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine is shared: one thread keeps the model-sized tests fast and steady.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The test machine is shared: one thread keeps the model-sized tests fast and steady.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,13 +11,8 @@ from extra_attrib import TiledOcclusion
 from extra_attrib._incremental import _program, _rules, _rules_moved
 from tests.models import init_bn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: the engines' chunk sizes and timings, as a user on one core would see them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _both(model, x, window, k=1, targets=(0,), monkeypatch=None, **kwargs):

@@ -11,13 +11,8 @@ from extra_attrib._engine import DenseEvaluator, occlusion_sweep
 from extra_attrib._geometry import TileGeometry
 from extra_attrib._plan import EngineRace, SweepPlan, trial_size
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: the engines' chunk sizes and timings, as a user on one core would see them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_race_keeps_the_faster_engine_and_remembers_it():

@@ -25,12 +25,8 @@ from extra_attrib._incremental._verify import check_windows, largest_difference
 WINDOW, K = (2, 6, 6), (1, 2, 2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: the engines' chunk sizes and timings, as a user on one core would see them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _error(a, b):

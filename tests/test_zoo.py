@@ -6,7 +6,6 @@ plain CNNs that run incrementally, squeeze-excitation, a segmentation head and a
 """
 
 import pytest
-import torch
 
 from benchmarks.zoo import FLOAT32_TOLERANCE, all_cases, run_case
 
@@ -22,12 +21,8 @@ CI_MODELS = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: the engines' chunk sizes and timings, as a user on one core would see them.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cases():
