@@ -229,12 +229,15 @@ def write_report(
         "- Evaluations: model rows per image for one score's map (the perturbed copies plus the "
         "clean pass; gradient methods: forward+backward passes). Seconds: wall time of the "
         "call(s) giving both scores, on the shared machine (noisy; the occlusion sweeps give both "
-        "scores in one sweep, as does NoiseTunnel, FusionGrad and Saliency run twice). "
+        "scores in one sweep, as does NoiseTunnel; FusionGrad and Saliency run twice). "
         "`TiledOcclusion` runs the engine measured faster per method on this model (one "
         "object per method and worker, so tuned chunk sizes carry over): dense for "
-        + ", ".join(f"`{k}`" for k in s.dense_methods)
-        + ", incremental for the other TiledOcclusion methods (both engines give the same maps; "
-        "`auto` would time both on every call). Captum's `Occlusion` is dense.",
+        + ", ".join(labels.get(k, k) for k in s.dense_methods)
+        + " (NoiseTunnel's batch of noisy copies is over the incremental engine's memory "
+        "budget), incremental for the other TiledOcclusion methods (both engines give the same "
+        "maps; `auto` would time both on every call). Captum's `Occlusion` is dense. The "
+        "per-image results also hold CPU seconds (`cpu_seconds`), which the machine's load "
+        "does not inflate as it does wall time.",
         "- NoiseTunnel: SmoothGrad over `TiledOcclusion`; the noisy copies are drawn as Captum's "
         "`NoiseTunnel` draws them and explained once for both scores, which equals "
         "`NoiseTunnel(TiledOcclusion(model))` per score (checked in "
