@@ -3,27 +3,28 @@
 Run ``python -m benchmarks.localisation`` (``--quick`` for a smoke run of about 2 minutes).
 
 EfficientNet-Lite0 (ImageNet weights, offline) explains composites: a real object cut from a real
-photo (cat, espresso, tripod, moped, palace, daisy) pasted at a random position and at one of four
-sizes (1/8 to 1/2 of the image side) onto a real texture or scene (see
-:mod:`benchmarks._localisation_data`). A composite is kept only if the model predicts the
-object's class; that class is the target. Each method explains it with two scores (raw logit and
-log-probability); the maps (channels summed) are scored by the pointing game, relevance mass and
-relevance rank inside the pasted box, and, on every ``heavy_every``-th image, by deletion and
-insertion AUC. Paired differences against the best Occlusion at no more model evaluations come
-with percentile-bootstrap 95 % intervals.
+photo (cat, espresso, tripod, moped, palace, daisy, space shuttle) pasted at a random position and
+at one of four sizes (1/8 to 1/2 of the image side) onto a real texture or scene (see
+:mod:`benchmarks._localisation_data`). A composite is kept only if the model predicts one of the
+object's classes (a set only where the classes name the same object); that class is the target.
+Each method explains it with two scores (raw logit and log-probability); the maps (channels
+summed) are scored by the pointing game, relevance mass and relevance rank inside the pasted box,
+and, on every ``heavy_every``-th image, by deletion and insertion AUC. Paired differences against
+the best Occlusion at no more model evaluations come with percentile-bootstrap 95 % intervals.
 
 Per-image results are appended to ``<out>/part<worker>.jsonl`` as they come, so a run that is
 stopped still leaves a report (``--report-only`` rebuilds it) and a rerun resumes where it
-stopped. Occlusion at window ``v`` and stride ``v`` is computed as ``TiledOcclusion(window=v,
-k=1)``, which equals Captum's ``Occlusion`` (``tests/test_localisation_bench.py`` checks it on
-a small model, and the package's own tests on many); Captum's overlapping Occlusion is Captum's
-own class.
+stopped (only under the same objects and settings: ``kept.json`` holds their fingerprint).
+Occlusion at window ``v`` and stride ``v`` is computed as ``TiledOcclusion(window=v, k=1)``, which
+equals Captum's ``Occlusion`` (``tests/test_localisation_bench.py`` checks it on a small model, and
+the package's own tests on many); Captum's overlapping Occlusion is Captum's own class.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -499,6 +500,18 @@ def worker(rank: int, workers: int, s: Settings, out_dir: str) -> None:
         )
 
 
+def run_fingerprint(s: Settings) -> str:
+    """A digest of what decides the composites and their results: objects, backgrounds, scales
+    and every setting. A run folder resumes only under the same one."""
+    what = {
+        "objects": [dataclasses.asdict(o) for o in data.OBJECTS],
+        "backgrounds": list(data.BACKGROUNDS),
+        "scales": list(data.SCALES),
+        "settings": dataclasses.asdict(s),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run, about 2 minutes")
@@ -542,15 +555,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(1)
         t0 = time.perf_counter()
         settings_path = os.path.join(out_dir, "settings.json")
-        if not os.path.exists(os.path.join(out_dir, "kept.json")):
+        kept_path = os.path.join(out_dir, "kept.json")
+        fingerprint = run_fingerprint(s)
+        if os.path.exists(kept_path):  # resume only what this exact set-up started
+            with open(kept_path) as f:
+                found = json.load(f).get("fingerprint")
+            if found != fingerprint:
+                parser.error(
+                    f"--out {out_dir!r} holds a run of other composites or settings (fingerprint "
+                    f"{found!r}, this run {fingerprint!r}); resuming would mix the two: choose "
+                    "another --out, or move that folder away"
+                )
+        else:
             from extra_attrib import imagenet
 
             model = imagenet.load_efficientnet_lite0()
             sources = data.load_sources()
             torch.set_num_threads(args.workers)  # the workers' cores, before they start
             selection = select_composites(model, sources, s, batch=16)
+            selection["fingerprint"] = fingerprint
             torch.set_num_threads(1)
-            with open(os.path.join(out_dir, "kept.json"), "w") as f:
+            with open(kept_path, "w") as f:
                 json.dump(selection, f)
             log(
                 f"kept {len(selection['kept'])} of {len(selection['candidates'])} composites "

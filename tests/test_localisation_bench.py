@@ -235,3 +235,13 @@ def test_selection_respects_quota_and_candidates(sources):
     assert all(r["predicted"] == r["target"] for r in sel["kept"])
     with pytest.raises(ValueError, match="candidates"):
         bench.select_composites(model, sources, dataclasses.replace(s, candidates=(1, 2)))
+
+
+def test_a_run_folder_of_other_composites_is_not_resumed(tmp_path, capsys):
+    # The previous run's kept.json (other objects) must not be explained with this set-up.
+    (tmp_path / "kept.json").write_text(json.dumps({"kept": [], "candidates": []}))
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--out", str(tmp_path)])
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]  # nothing written
+    assert bench.run_fingerprint(bench.QUICK) != bench.run_fingerprint(bench.Settings())
