@@ -132,7 +132,8 @@ def paired(
 def write_report(
     out_dir: str, report: str, media: str, quick: bool, note: str, command: str
 ) -> None:
-    from benchmarks.localisation import make_methods
+    from benchmarks.localisation import make_methods, scale_quota
+    from extra_attrib.imagenet import imagenet_categories
 
     s, raw_settings = settings_from(out_dir)
     methods = make_methods(s)
@@ -152,6 +153,7 @@ def write_report(
         plot_examples(out_dir, rows, methods, ex_path)
     rel = lambda p: os.path.relpath(p, os.path.dirname(report))  # noqa: E731
     w = s.window
+    class_names = imagenet_categories()
     lines = [
         "# Localisation on a real network: composites (#22)"
         + (" — quick smoke run" if quick else ""),
@@ -187,8 +189,21 @@ def write_report(
         + "), resized to 224². The ground truth is the pasted rectangle, so it also holds a "
         "little of the source photo's own background around the object (the cut-outs are "
         "rectangles, not segmentations): the box is generous, never too small.",
-        "- A composite is kept only if the model's top-1 class is the object's class (any of "
-        "tabby, tiger cat, Egyptian cat for the cat); that class is the target.",
+        "- A composite is kept only if the model's top-1 class is one of the object's classes; "
+        "that class is the target. A class set names the same object only: "
+        + "; ".join(
+            f"{o.name}: " + ", ".join(class_names[c] for c in o.classes) for o in data.OBJECTS
+        )
+        + ". (The motorcycle has no ImageNet class: moped and motor scooter are the two "
+        "motorised two-wheelers; the espresso is a cup of espresso; the palace is the Summer "
+        "Palace's Tower of Buddhist Incense, a temple building. Neighbouring classes that name "
+        "other objects, such as coffee mug, bell cote, stupa, go-kart, do not count.) Every "
+        "cut-out alone at 224² is predicted as one of its classes (checked in "
+        "`tests/test_localisation_bench.py`). Candidates are generated per scale, in turn, until "
+        f"a scale has {scale_quota(s.n_images)} kept (40 % of {s.n_images}) or its candidates "
+        "(28/56/84/112 px: " + "/".join(str(c) for c in s.candidates) + ") are spent, or "
+        f"{s.n_images} are kept in all: the model recognises few small objects, so the small "
+        "scales get more candidates.",
         f"- Window w = {w} px for every occlusion method, so w / object side is "
         + ", ".join(f"{w / v:.2g}" for v in data.SCALES)
         + " at the four scales. Baseline 0 (grey) everywhere. Maps are summed over channels.",
@@ -214,9 +229,19 @@ def write_report(
         "- Evaluations: model rows per image for one score's map (the perturbed copies plus the "
         "clean pass; gradient methods: forward+backward passes). Seconds: wall time of the "
         "call(s) giving both scores, on the shared machine (noisy; the occlusion sweeps give both "
-        "scores in one sweep, NoiseTunnel, FusionGrad and Saliency run twice). "
-        "`TiledOcclusion` runs its default engine (incremental for this CNN); Captum's "
-        "`Occlusion` is dense.",
+        "scores in one sweep, as does NoiseTunnel; FusionGrad and Saliency run twice). "
+        "`TiledOcclusion` runs the engine measured faster per method on this model (one "
+        "object per method and worker, so tuned chunk sizes carry over): dense for "
+        + ", ".join(labels.get(k, k) for k in s.dense_methods)
+        + " (NoiseTunnel's batch of noisy copies is over the incremental engine's memory "
+        "budget), incremental for the other TiledOcclusion methods (both engines give the same "
+        "maps; `auto` would time both on every call). Captum's `Occlusion` is dense. The "
+        "per-image results also hold CPU seconds (`cpu_seconds`), which the machine's load "
+        "does not inflate as it does wall time.",
+        "- NoiseTunnel: SmoothGrad over `TiledOcclusion`; the noisy copies are drawn as Captum's "
+        "`NoiseTunnel` draws them and explained once for both scores, which equals "
+        "`NoiseTunnel(TiledOcclusion(model))` per score (checked in "
+        "`tests/test_localisation_bench.py`).",
         "- Occlusion(v, stride v) is `TiledOcclusion(window=v, k=1)`, equal to Captum's "
         "`Occlusion` (checked in `tests/test_localisation_bench.py`). Drill-down explains both "
         "scores in one `attribute_multi` call, so its refined cells are the union of both "

@@ -3,27 +3,28 @@
 Run ``python -m benchmarks.localisation`` (``--quick`` for a smoke run of about 2 minutes).
 
 EfficientNet-Lite0 (ImageNet weights, offline) explains composites: a real object cut from a real
-photo (cat, espresso, tripod, moped, palace, daisy) pasted at a random position and at one of four
-sizes (1/8 to 1/2 of the image side) onto a real texture or scene (see
-:mod:`benchmarks._localisation_data`). A composite is kept only if the model predicts the
-object's class; that class is the target. Each method explains it with two scores (raw logit and
-log-probability); the maps (channels summed) are scored by the pointing game, relevance mass and
-relevance rank inside the pasted box, and, on every ``heavy_every``-th image, by deletion and
-insertion AUC. Paired differences against the best Occlusion at no more model evaluations come
-with percentile-bootstrap 95 % intervals.
+photo (cat, espresso, tripod, moped, palace, daisy, space shuttle) pasted at a random position and
+at one of four sizes (1/8 to 1/2 of the image side) onto a real texture or scene (see
+:mod:`benchmarks._localisation_data`). A composite is kept only if the model predicts one of the
+object's classes (a set only where the classes name the same object); that class is the target.
+Each method explains it with two scores (raw logit and log-probability); the maps (channels
+summed) are scored by the pointing game, relevance mass and relevance rank inside the pasted box,
+and, on every ``heavy_every``-th image, by deletion and insertion AUC. Paired differences against
+the best Occlusion at no more model evaluations come with percentile-bootstrap 95 % intervals.
 
 Per-image results are appended to ``<out>/part<worker>.jsonl`` as they come, so a run that is
 stopped still leaves a report (``--report-only`` rebuilds it) and a rerun resumes where it
-stopped. Occlusion at window ``v`` and stride ``v`` is computed as ``TiledOcclusion(window=v,
-k=1)``, which equals Captum's ``Occlusion`` (``tests/test_localisation_bench.py`` checks it on
-a small model, and the package's own tests on many); Captum's overlapping Occlusion is Captum's
-own class.
+stopped (only under the same objects and settings: ``kept.json`` holds their fingerprint).
+Occlusion at window ``v`` and stride ``v`` is computed as ``TiledOcclusion(window=v, k=1)``, which
+equals Captum's ``Occlusion`` (``tests/test_localisation_bench.py`` checks it on a small model, and
+the package's own tests on many); Captum's overlapping Occlusion is Captum's own class.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -34,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from captum.attr import NoiseTunnel, Occlusion, Saliency
+from captum.attr import Occlusion, Saliency
 from torch import Tensor, nn
 
 from benchmarks import _localisation_data as data
@@ -47,8 +48,10 @@ SCORES = ("raw", "logprob")
 @dataclasses.dataclass(frozen=True)
 class Settings:
     seed: int = 0
-    n_images: int = 300  # kept composites to explain
-    max_candidates: int = 2400  # composites generated (and classified) at most, over all scales
+    n_images: int = 340  # kept composites to explain (at most 40 % of them at one scale)
+    # Composites generated (and classified) at most per scale, 28/56/84/112 px: more where the
+    # model recognises few objects (28 and 56 px), fewer where the scale's share fills fast.
+    candidates: Tuple[int, ...] = (200, 1600, 800, 500)
     window: int = 56
     ks: Tuple[int, ...] = (2, 4)
     refine: float = 0.25  # drill-down fraction (with the largest k)
@@ -57,7 +60,13 @@ class Settings:
     nt_k: int = 2
     fg: Tuple[int, int] = (4, 4)  # FusionGrad(Saliency) n, m
     fg_std: float = 0.02  # weight noise; 0.2 destroys EfficientNet-Lite0's predictions
-    heavy_every: int = 4  # the expensive methods and deletion/insertion on every n-th image
+    # The expensive methods and deletion/insertion on every n-th image: 8 gives 43 of 340 images
+    # (the previous run had 45), and keeps the full run near 50 min on two cores.
+    heavy_every: int = 8
+    # TiledOcclusion's engine per method, fixed by measurement (benchmarks/results/localisation.md)
+    # rather than "auto", whose self-check and timed race cost every call: dense for these
+    # methods, incremental for the other TiledOcclusion methods.
+    dense_methods: Tuple[str, ...] = ("occ_w", "nt_tiled")
     curve_steps: int = 10
     rows: int = 4  # rows per forward pass of the deletion/insertion curves
     captum_rows: int = 8  # perturbations per forward pass of Captum's Occlusion
@@ -65,7 +74,13 @@ class Settings:
 
 
 QUICK = dataclasses.replace(
-    Settings(), n_images=4, max_candidates=24, window=112, heavy_every=2, nt_samples=2, fg=(2, 2)
+    Settings(),
+    n_images=4,
+    candidates=(8, 8, 8, 8),
+    window=112,
+    heavy_every=2,
+    nt_samples=2,
+    fg=(2, 2),
 )
 
 
@@ -99,8 +114,11 @@ class Method:
     run: Callable[[nn.Module, Tensor, int, int], Tuple[Dict[str, Tensor], int]]
 
 
-def _tiled_runner(window: int, k: int, refine: Optional[float] = None) -> Callable:
-    cache: Dict[int, TiledOcclusion] = {}  # one object per model: it keeps its tuned chunk size
+def _tiled_runner(
+    window: int, k: int, refine: Optional[float] = None, engine: str = "auto"
+) -> Callable:
+    # One object per model (per worker): it keeps its tuned chunk size and engine choice.
+    cache: Dict[int, TiledOcclusion] = {}
 
     def run(model: nn.Module, x: Tensor, target: int, seed: int) -> Tuple[Dict[str, Tensor], int]:
         tiled = cache.setdefault(id(model), TiledOcclusion(model))
@@ -112,6 +130,7 @@ def _tiled_runner(window: int, k: int, refine: Optional[float] = None) -> Callab
             k=(1, k, k),
             score=both_scores,
             refine=refine,
+            engine=engine,
         )
         return {"raw": maps[0, 0], "logprob": maps[1, 0]}, tiled.last_perturbations + 1
 
@@ -146,25 +165,45 @@ def _saliency(model: nn.Module, x: Tensor, target: int, seed: int) -> Tuple[Dict
     return maps, 1
 
 
-def _noise_tunnel(window: int, k: int, samples: int, stdev: float) -> Callable:
+def smoothgrad_inputs(x: Tensor, samples: int, stdev: float) -> Tensor:
+    """``samples`` noisy copies of each row of ``x``, drawn as Captum's ``NoiseTunnel`` draws them.
+
+    The same calls on the global generator as ``NoiseTunnel._add_noise_to_input`` (one partition
+    of ``samples``), so after the same ``torch.manual_seed`` the copies are the same.
+    """
+    size = (x.shape[0] * samples,) + tuple(x.shape[1:])
+    noise = torch.normal(0, torch.tensor(stdev, device=x.device).repeat(size))
+    return x.repeat_interleave(samples, dim=0) + noise
+
+
+def _noise_tunnel(
+    window: int, k: int, samples: int, stdev: float, engine: str = "dense"
+) -> Callable:
+    """NoiseTunnel (SmoothGrad) over TiledOcclusion, both scores from one sweep.
+
+    Captum's ``NoiseTunnel(TiledOcclusion(model)).attribute(..., nt_type="smoothgrad")`` averages
+    the maps of noisy copies of the input; it takes one score per call. Here the same noisy copies
+    are explained once for both scores (``attribute_multi``) and averaged, which halves the cost
+    and equals ``NoiseTunnel`` for each score (``tests/test_localisation_bench.py``).
+    """
+    cache: Dict[int, TiledOcclusion] = {}  # as in _tiled_runner
+
     def run(model: nn.Module, x: Tensor, target: int, seed: int) -> Tuple[Dict[str, Tensor], int]:
-        tiled = TiledOcclusion(model)
-        maps, evals = {}, 0
-        for name, score in (("raw", "raw"), ("logprob", "log_softmax")):
-            torch.manual_seed(seed)  # the same noise for both scores
-            maps[name] = NoiseTunnel(tiled).attribute(
-                x,
-                nt_type="smoothgrad",
-                nt_samples=samples,
-                stdevs=stdev,
-                target=target,
-                window=(3, window, window),
-                k=(1, k, k),
-                score=score,
-            )[0]
-            # One call explains the nt_samples noisy copies as one batch: rows = samples x passes.
-            evals = samples * (tiled.last_perturbations + 1)
-        return maps, evals
+        tiled = cache.setdefault(id(model), TiledOcclusion(model))
+        classes = model_classes(model, x)
+        torch.manual_seed(seed)
+        noisy = smoothgrad_inputs(x, samples, stdev)
+        maps = tiled.attribute_multi(
+            noisy,
+            [target, classes + target],
+            window=(3, window, window),
+            k=(1, k, k),
+            score=both_scores,
+            engine=engine,
+        )
+        # One call explains the noisy copies as one batch: rows = samples x passes.
+        evals = samples * (tiled.last_perturbations + 1)
+        return {"raw": maps[0].mean(0), "logprob": maps[1].mean(0)}, evals
 
     return run
 
@@ -192,22 +231,27 @@ def model_classes(model: nn.Module, x: Tensor) -> int:
     return _CLASSES[id(model)]
 
 
+def engine_of(key: str, s: Settings) -> str:
+    """TiledOcclusion's engine for method ``key`` (see ``Settings.dense_methods``)."""
+    return "dense" if key in s.dense_methods else "incremental"
+
+
 def make_methods(s: Settings) -> List[Method]:
     w = s.window
+
+    def tiled(key: str, window: int, k: int, refine: Optional[float] = None) -> Callable:
+        return _tiled_runner(window, k, refine, engine=engine_of(key, s))
+
     out = [
-        Method("occ_w", f"Occlusion({w}, stride {w})", False, "occlusion", _tiled_runner(w, 1)),
+        Method("occ_w", f"Occlusion({w}, stride {w})", False, "occlusion", tiled("occ_w", w, 1)),
     ]
     for k in s.ks:
         v = w // k
-        out.append(
-            Method(
-                f"occ_w{k}", f"Occlusion({v}, stride {v})", False, "occlusion", _tiled_runner(v, 1)
-            )
-        )
+        key = f"occ_w{k}"
+        out.append(Method(key, f"Occlusion({v}, stride {v})", False, "occlusion", tiled(key, v, 1)))
     for k in s.ks:
-        out.append(
-            Method(f"tiled{k}", f"TiledOcclusion({w}, k={k})", False, "tiled", _tiled_runner(w, k))
-        )
+        key = f"tiled{k}"
+        out.append(Method(key, f"TiledOcclusion({w}, k={k})", False, "tiled", tiled(key, w, k)))
     out.append(Method("saliency", "Saliency", False, "gradient", _saliency))
     for k in s.ks:
         out.append(
@@ -226,7 +270,7 @@ def make_methods(s: Settings) -> List[Method]:
             f"TiledOcclusion({w}, k={k_max}, refine={s.refine})",
             True,
             "tiled",
-            _tiled_runner(w, k_max, s.refine),
+            tiled("drill", w, k_max, s.refine),
         )
     )
     out.append(
@@ -235,7 +279,7 @@ def make_methods(s: Settings) -> List[Method]:
             f"NoiseTunnel(TiledOcclusion({w}, k={s.nt_k})), {s.nt_samples} samples",
             True,
             "tiled",
-            _noise_tunnel(w, s.nt_k, s.nt_samples, s.nt_stdev),
+            _noise_tunnel(w, s.nt_k, s.nt_samples, s.nt_stdev, engine=engine_of("nt_tiled", s)),
         )
     )
     n, m = s.fg
@@ -260,40 +304,53 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def scale_quota(n_images: int) -> int:
+    """Most kept composites at one scale: 40 % of the total, so that no scale dominates."""
+    return -(-2 * n_images // 5)
+
+
 @torch.no_grad()
 def select_composites(
-    model: nn.Module, sources: data.Sources, s: Settings, batch: int = 8
+    model: nn.Module,
+    sources: data.Sources,
+    s: Settings,
+    batch: int = 8,
+    objects: Sequence[data.ObjectSpec] = data.OBJECTS,
 ) -> Dict[str, Any]:
-    """Generate composites per scale until each scale has its share of ``n_images`` kept.
+    """Generate composites per scale until ``n_images`` are kept or every scale is spent.
 
-    Each scale's stream (indices ``j, j + 4, ...``) is generated in order until ``n_images / 4``
-    are kept or ``max_candidates / 4`` are generated; the kept ones come in round-robin order
-    over the scales (see :func:`~benchmarks._localisation_data.balanced_order`).
+    Each scale's stream (indices ``j, j + 4, ...``) is generated in order, ``batch`` at a time
+    and in turn with the other scales, until the scale has :func:`scale_quota` kept, or its
+    ``candidates`` are generated, or ``n_images`` are kept in all. The model recognises few small
+    objects, so the small scales get more candidates and the shares left by one scale go to the
+    others. The kept ones come in round-robin order over the scales (see
+    :func:`~benchmarks._localisation_data.balanced_order`).
     """
     n_scales = len(data.SCALES)
-    quota = -(-s.n_images // n_scales)
-    cap = -(-s.max_candidates // n_scales)
+    if len(s.candidates) != n_scales:
+        raise ValueError(f"candidates={s.candidates} must give one count per scale {data.SCALES}")
+    quota = scale_quota(s.n_images)
     kept: List[Dict[str, Any]] = []
     candidates: List[Dict[str, Any]] = []
     made = [0] * n_scales
     got = [0] * n_scales
-    while True:
-        todo = [j for j in range(n_scales) if got[j] < quota and made[j] < cap]
+    while len(kept) < s.n_images:
+        todo = [j for j in range(n_scales) if got[j] < quota and made[j] < s.candidates[j]]
         if not todo:
             break
         indices = []
         for j in todo:
-            take = min(batch, cap - made[j])
+            take = min(batch, s.candidates[j] - made[j])
             indices += [j + n_scales * (made[j] + i) for i in range(take)]
             made[j] += take
         layouts = [data.make_layout(i, sources, s.seed) for i in indices]
         x = data.to_model_input(torch.stack([data.render(lay, sources)[0] for lay in layouts]))
         predicted = model(x).argmax(1).tolist()
-        for lay, p, t in zip(layouts, predicted, data.select_kept(predicted, layouts)):
+        for lay, p, t in zip(layouts, predicted, data.select_kept(predicted, layouts, objects)):
             row = {"index": lay.index, "obj": lay.obj, "scale": lay.scale, "predicted": p}
             candidates.append(row)
             j = data.SCALES.index(lay.scale)
-            if t is not None and got[j] < quota:
+            if t is not None and got[j] < quota and len(kept) < s.n_images:
                 kept.append({**row, "target": t})
                 got[j] += 1
     return {"kept": data.balanced_order(kept), "candidates": candidates}
@@ -334,10 +391,16 @@ def explain_one(
     for method in methods:
         if method.heavy and not heavy:
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         maps, evals = method.run(model, x, target, s.seed + lay.index)
         seconds = time.perf_counter() - t0
-        entry: Dict[str, Any] = {"evals": evals, "seconds": seconds}
+        # CPU seconds of this single-threaded process: what the wall time would be on a machine
+        # not shared with other jobs (the wall time grows with the machine's load).
+        entry: Dict[str, Any] = {
+            "evals": evals,
+            "seconds": seconds,
+            "cpu_seconds": time.process_time() - c0,
+        }
         for score in SCORES:
             a = maps[score].double().sum(0)
             entry[score] = {name: fn(a, box) for name, fn in data.METRICS.items()}
@@ -345,12 +408,14 @@ def explain_one(
         raw_maps[method.key] = maps["raw"].sum(0)
         row["methods"][method.key] = entry
     if heavy:
+        c0 = time.process_time()
         keys = list(raw_maps)
         stacked = torch.stack([raw_maps[k] for k in keys])[:, None].float()
         areas = curves(model, x, stacked, target, s)
         for j, key in enumerate(keys):
             row["methods"][key]["deletion"] = float(areas["deletion"][j])
             row["methods"][key]["insertion"] = float(areas["insertion"][j])
+        row["curves_cpu_seconds"] = time.process_time() - c0
     return row, maps_kept
 
 
@@ -420,16 +485,31 @@ def worker(rank: int, workers: int, s: Settings, out_dir: str) -> None:
     for position, item in enumerate(kept):
         if share[position] != rank or item["index"] in done:
             continue
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         row, maps = explain_one(model, methods, sources, item, position, s)
+        row["seconds"] = time.perf_counter() - t0  # the whole image, wall and CPU
+        row["cpu_seconds"] = time.process_time() - c0
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if position < s.n_examples:
             np.savez_compressed(os.path.join(out_dir, f"maps{item['index']}.npz"), **maps)
         log(
             f"worker {rank}: image {position + 1}/{len(kept)} ({item['obj']}, {item['scale']} px"
-            f"{', heavy' if row['heavy'] else ''}) in {time.perf_counter() - t0:.1f} s"
+            f"{', heavy' if row['heavy'] else ''}) in {row['seconds']:.1f} s "
+            f"({row['cpu_seconds']:.1f} CPU s)"
         )
+
+
+def run_fingerprint(s: Settings) -> str:
+    """A digest of what decides the composites and their results: objects, backgrounds, scales
+    and every setting. A run folder resumes only under the same one."""
+    what = {
+        "objects": [dataclasses.asdict(o) for o in data.OBJECTS],
+        "backgrounds": list(data.BACKGROUNDS),
+        "scales": list(data.SCALES),
+        "settings": dataclasses.asdict(s),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -453,8 +533,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
     if args.images is not None:
+        grow = max(1.0, args.images / s.n_images)  # more images need more candidates
         s = dataclasses.replace(
-            s, n_images=args.images, max_candidates=max(s.max_candidates, 8 * args.images)
+            s, n_images=args.images, candidates=tuple(int(c * grow) for c in s.candidates)
         )
     if args.heavy_every is not None:
         s = dataclasses.replace(s, heavy_every=args.heavy_every)
@@ -474,13 +555,27 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(1)
         t0 = time.perf_counter()
         settings_path = os.path.join(out_dir, "settings.json")
-        if not os.path.exists(os.path.join(out_dir, "kept.json")):
+        kept_path = os.path.join(out_dir, "kept.json")
+        fingerprint = run_fingerprint(s)
+        if os.path.exists(kept_path):  # resume only what this exact set-up started
+            with open(kept_path) as f:
+                found = json.load(f).get("fingerprint")
+            if found != fingerprint:
+                parser.error(
+                    f"--out {out_dir!r} holds a run of other composites or settings (fingerprint "
+                    f"{found!r}, this run {fingerprint!r}); resuming would mix the two: choose "
+                    "another --out, or move that folder away"
+                )
+        else:
             from extra_attrib import imagenet
 
             model = imagenet.load_efficientnet_lite0()
             sources = data.load_sources()
-            selection = select_composites(model, sources, s)
-            with open(os.path.join(out_dir, "kept.json"), "w") as f:
+            torch.set_num_threads(args.workers)  # the workers' cores, before they start
+            selection = select_composites(model, sources, s, batch=16)
+            selection["fingerprint"] = fingerprint
+            torch.set_num_threads(1)
+            with open(kept_path, "w") as f:
                 json.dump(selection, f)
             log(
                 f"kept {len(selection['kept'])} of {len(selection['candidates'])} composites "

