@@ -420,9 +420,8 @@ def occlusion_sweep(
         },
         plan.engine_memo,
         engine_key(inputs, geometries, additional_forward_args),
-        # The race times chunks of the first checked input (below): that check is its prior.
-        pre.timings if pre is not None else None,
-        prior_winners=("incremental",),
+        # The self-check's batched pass through the model timed dense on this call's windows.
+        {"dense": pre.timings["dense"]} if pre is not None and pre.timings else None,
     )
     planner = planners[race.next()[0]]
     # The engine whose chunk planner runs the sweep after the race (set when it settles: that
@@ -464,6 +463,12 @@ def occlusion_sweep(
         first = pre.index if pre is not None else 0
         for j in [first] + [i for i in range(len(inputs)) if i != first]:
             geometry, indices = geometries[j], active[j]
+            if race.racing and len(indices) > 1:
+                # Trial chunks of interior windows: the first windows in flat order lie on the
+                # border, where the boxes are clipped and incremental is at its cheapest. Every
+                # window is still evaluated once; only the order changes.
+                middle = max(0, len(indices) // 2 - (race.next()[1] or 1) // 2)
+                indices = indices[middle:] + indices[:middle]
             on_device = torch.tensor(indices, dtype=torch.long, device=inputs[j].device)
             while True:
                 # A skipped window leaves the input as it is: its score is the unperturbed one

@@ -26,11 +26,6 @@ RACE_ROWS = 8
 #: A trial chunk holds at most this fraction of the sweep's windows, so that the trials of a
 #: slower engine cost a small part of the sweep.
 RACE_SHARE = 1 / 16
-#: Where the self-check already timed both engines on its windows and one was at least this much
-#: faster per window, the race settles on it without trial chunks: trials of an engine that much
-#: slower would be the whole cost of deciding. Closer calls are raced as usual; a close race
-#: costs little, since the slower engine's trials are only a little slower.
-PRIOR_DECISIVE = 1.3
 
 
 @dataclass
@@ -58,8 +53,9 @@ class PrecomputedWindows:
             ``(x,)``
         clean (Tensor, dict or tuple, optional): The model's output on ``x`` itself, from the
             same pass; the sweep uses it instead of a clean pass of its own. Default: None
-        timings (dict, optional): Seconds per window of each engine that ran these windows
-            (``"dense"``, ``"incremental"``), a first measurement for the engine race.
+        timings (dict, optional): Seconds per window of the engines that ran these windows
+            (``"dense"``: the batched pass through the model, per copy), a measurement the
+            engine race uses instead of dense trial chunks.
             Default: None
     """
 
@@ -178,14 +174,12 @@ class EngineRace:
         trial_sizes (dict): Windows per trial chunk, by engine.
         memo (dict, optional): Earlier choices, read and written. Default: None
         key (hashable, optional): This sweep's entry in ``memo``. Default: None
-        prior (dict, optional): Seconds per window of each engine measured before the sweep
-            (the self-check's windows). Where it covers every candidate and one of
-            ``prior_winners`` is :data:`PRIOR_DECISIVE` times faster than all others, the race
-            settles on it at once; otherwise it is ignored. Default: None
-        prior_winners (sequence of str, optional): The engines a prior may settle on.
-            The self-check's incremental chunk is that engine's first (its kernels cold, the
-            chunk smaller than tuned), so it can only make incremental look slower: its lead
-            is trustworthy, its deficit is not and goes to a race. Default: None (any)
+        measured (dict, optional): Seconds per window of engines already timed on this
+            call's windows outside the race; they run no trial chunks. The self-check's
+            batched pass through the model times dense (its cost per window does not depend
+            on where the window lies); incremental's check windows are mostly corners, whose
+            boxes the borders clip, so incremental is always timed on trial chunks of
+            interior windows. Default: None
     """
 
     def __init__(
@@ -194,8 +188,7 @@ class EngineRace:
         trial_sizes: Dict[str, int],
         memo: Optional[Dict[Hashable, str]] = None,
         key: Hashable = None,
-        prior: Optional[Dict[str, float]] = None,
-        prior_winners: Optional[Sequence[str]] = None,
+        measured: Optional[Dict[str, float]] = None,
     ) -> None:
         self.names = list(names)
         self.trial_sizes = trial_sizes
@@ -204,29 +197,20 @@ class EngineRace:
         self._order = [n for _ in range(RACE_TRIALS) for n in self.names]
         self.chosen: Optional[str] = None
         self.reason = ""
+        self._measured: set = set()
         if len(self.names) == 1:
             self.chosen = self.names[0]
         elif memo is not None and memo.get(key) in self.names:
             self.chosen = memo[key]
             self.reason = "the faster engine measured by an earlier call with these shapes"
-        elif prior is not None and all(prior.get(n, 0.0) > 0.0 for n in self.names):
-            self._settle_by_prior({n: prior[n] for n in self.names}, prior_winners)
-
-    def _settle_by_prior(self, prior: Dict[str, float], winners: Optional[Sequence[str]]) -> None:
-        fastest = min(prior, key=prior.__getitem__)
-        if winners is not None and fastest not in winners:
-            return
-        if all(prior[n] >= PRIOR_DECISIVE * prior[fastest] for n in prior if n != fastest):
-            self.chosen = fastest
-            others = ", ".join(
-                f"{prior[fastest] / prior[n]:.2f}x the time of {n}" for n in prior if n != fastest
-            )
-            self.reason = (
-                f"measured on the self-check's windows: {fastest} took {others} per window, "
-                f"a clear lead (at least {PRIOR_DECISIVE}x), so no trial chunks were run"
-            )
-            if self._memo is not None:
-                self._memo[self._key] = fastest
+        else:
+            known = {n: t for n, t in (measured or {}).items() if n in self.names and t > 0}
+            self._measured = set(known)
+            for n, t in known.items():
+                self.timings[n].append(t)
+            self._order = [n for n in self._order if n not in known]
+            if not self._order:
+                self._settle({n: t[0] for n, t in self.timings.items() if t})
 
     @property
     def racing(self) -> bool:
@@ -270,7 +254,12 @@ class EngineRace:
         others = ", ".join(
             f"{best[chosen] / best[n]:.2f}x the time of {n}" for n in self.names if n != chosen
         )
-        trials = ", ".join(f"{len(self.timings[n])} of {self.trial_sizes[n]}" for n in self.names)
+        trials = ", ".join(
+            f"{n} on the self-check's pass"
+            if n in self._measured
+            else f"{len(self.timings[n])} of {self.trial_sizes[n]}"
+            for n in self.names
+        )
         self.reason = (
             f"measured on this sweep's windows: {chosen} took {others} per window "
             f"(timed chunks: {trials} windows)"

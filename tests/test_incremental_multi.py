@@ -512,7 +512,6 @@ class VectorThenImage(nn.Module):
 
 
 def test_the_race_times_the_first_input_incremental_sweeps(monkeypatch):
-    import extra_attrib._plan as plan
     from extra_attrib._engine import DenseEvaluator
 
     model = _make(VectorThenImage)
@@ -528,7 +527,6 @@ def test_the_race_times_the_first_input_incremental_sweeps(monkeypatch):
             return original(self, j, windows, where)
 
         monkeypatch.setattr(cls, "evaluate", spy)
-    monkeypatch.setattr(plan, "PRIOR_DECISIVE", float("inf"))  # a race with trial chunks
     monkeypatch.setattr(incremental_sweep, "TRY_PAYBACK", 0.0)
     tiled = TiledOcclusion(model)
     auto = tiled.attribute((v, x), **kwargs)

@@ -44,28 +44,51 @@ def test_race_ties_go_to_the_first_and_a_clearly_slower_engine_drops_out():
     assert slow.chosen == "dense"
 
 
-def test_a_clear_lead_on_the_self_checks_windows_settles_the_race_without_trials():
+def test_an_engine_measured_by_the_self_check_runs_no_trial_chunks():
     names, sizes = ["dense", "incremental"], {"dense": 4, "incremental": 4}
     memo = {}
-    race = EngineRace(names, sizes, memo, "k", prior={"dense": 1.0, "incremental": 0.5})
-    assert not race.racing and race.chosen == "incremental" and memo == {"k": "incremental"}
-    assert "self-check's windows" in race.reason and "no trial chunks" in race.reason
-    assert EngineRace(names, sizes, prior={"dense": 1.0, "incremental": 2.0}).chosen == "dense"
-    # Only the engines the prior may favour: the incremental check's chunk was its first.
-    winners = ("incremental",)
-    faster, slower = {"dense": 2.0, "incremental": 1.0}, {"dense": 1.0, "incremental": 2.0}
-    trusted = EngineRace(names, sizes, prior=faster, prior_winners=winners)
-    assert trusted.chosen == "incremental"
-    deficit = EngineRace(names, sizes, prior=slower, prior_winners=winners)
-    assert deficit.racing
-    # A close call (under PRIOR_DECISIVE) or a prior missing an engine: a race as usual.
-    for prior in ({"dense": 1.0, "incremental": 0.9}, {"incremental": 0.1}, {}):
-        close = EngineRace(names, sizes, prior=prior)
-        assert close.racing and close.next() == ("dense", 4)
-    # A remembered choice is not overridden by the prior.
-    memo = {"k": "dense"}
-    remembered = EngineRace(names, sizes, memo, "k", prior={"dense": 1.0, "incremental": 0.1})
+    race = EngineRace(names, sizes, memo, "k", measured={"dense": 1.0})
+    seen = []
+    while race.racing:
+        name, size = race.next()
+        seen.append(name)
+        race.record(name, size, 0.6 * size, size)
+    assert seen == ["incremental", "incremental"]  # dense's time came with the check
+    assert race.chosen == "incremental" and memo == {"k": "incremental"}
+    assert "dense on the self-check's pass" in race.reason
+    # Measured slower than dense by more than RACE_DROP on its first chunk: out at once.
+    slow = EngineRace(names, sizes, measured={"dense": 1.0})
+    slow.record("incremental", 4, 4 * 2.0, 4)
+    assert slow.chosen == "dense" and not slow.racing
+    # Every engine measured: settled without a race; a remembered choice is not overridden.
+    both = EngineRace(names, sizes, measured={"dense": 1.0, "incremental": 0.5})
+    assert both.chosen == "incremental"
+    remembered = EngineRace(names, sizes, {"k": "dense"}, "k", measured={"dense": 9.0})
     assert remembered.chosen == "dense" and "earlier call" in remembered.reason
+
+
+def test_the_race_times_interior_windows_first(monkeypatch):
+    from extra_attrib._incremental import _sweep
+
+    model, x = _small_cnn(), torch.randn(1, 3, 32, 32)
+    geometry = TileGeometry((3, 32, 32), (3, 8, 8), (1, 2, 2))
+    first = []
+    original = _sweep.IncrementalSweep.evaluate
+
+    def spy(self, j, windows, where):
+        if not first:
+            first.extend(windows)
+        return original(self, j, windows, where)
+
+    monkeypatch.setattr(_sweep.IncrementalSweep, "evaluate", spy)
+    monkeypatch.setattr(_sweep, "TRY_PAYBACK", 0.0)
+    tiled = TiledOcclusion(model)
+    auto = tiled.attribute(x, target=0, window=(3, 8, 8), k=(1, 2, 2))
+    dense = tiled.attribute(x, target=0, window=(3, 8, 8), k=(1, 2, 2), engine="dense")
+    torch.testing.assert_close(auto, dense, rtol=1e-4, atol=1e-5)
+    grid = geometry.grid[1:]
+    rows = {w // grid[1] for w in first}
+    assert first and 0 not in rows and grid[0] - 1 not in rows  # no border row
 
 
 def test_trial_chunks_are_a_small_share_of_the_sweep():

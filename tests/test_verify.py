@@ -5,7 +5,6 @@ engine checked itself. Now ``auto`` equals dense in float64, and a forced ``engi
 equals dense or raises a ValueError naming the problem.
 """
 
-import math
 import warnings
 
 import pytest
@@ -15,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import extra_attrib._plan
 from extra_attrib import TiledOcclusion
 from extra_attrib import _incremental as incremental
 from extra_attrib._geometry import TileGeometry
@@ -514,9 +512,6 @@ def test_out_of_memory_during_the_sweep_falls_back(monkeypatch):
         raise torch.OutOfMemoryError("out of memory (simulated)")
 
     monkeypatch.setattr(incremental.IncrementalSweep, "evaluate", fail)
-    # The race must run an incremental chunk even where the self-check's timings alone would
-    # settle it for dense.
-    monkeypatch.setattr(extra_attrib._plan, "PRIOR_DECISIVE", math.inf)
     tiled = _auto_equals_dense(model, x)
     assert tiled.last_engine == "dense"
     assert "OutOfMemoryError during the sweep" in tiled.last_engine_reason
