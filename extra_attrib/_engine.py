@@ -359,13 +359,7 @@ def occlusion_sweep(
     plan = _resolved_plan(plan, chunk_size, windows, evaluator, chunk_memo)
     windows, chunk_size = plan.windows, plan.chunk_size
     n = inputs[0].shape[0]
-    # The self-check's passes (one per input it checked) that belong to this very call.
-    given = plan.precomputed
-    checked = [
-        p
-        for p in ([given] if isinstance(given, PrecomputedWindows) else list(given or ()))
-        if p.matches(inputs, baselines, geometries, additional_forward_args)
-    ]
+    checked = _matching_checks(plan, inputs, baselines, geometries, additional_forward_args)
     pre = checked[0] if checked else None
     with torch.no_grad():
         # ``score`` receives whatever the model returns (a dict for torchvision's segmentation
@@ -394,9 +388,7 @@ def occlusion_sweep(
             wanted = set(windows[j])
             active[-1] = [i for i in active[-1] if i in wanted]
     # Windows whose model outputs came with the plan (the self-check's): scored, not evaluated.
-    reused = _precomputed_scores(
-        plan, inputs, baselines, geometries, additional_forward_args, active, score_fn, pick
-    )
+    reused = _precomputed_scores(checked, active, score_fn, pick, n)
     for j, (windows_j, _) in reused.items():
         precomputed = set(windows_j)
         active[j] = [i for i in active[j] if i not in precomputed]
@@ -550,33 +542,41 @@ def occlusion_sweep(
     )
 
 
-def _precomputed_scores(
+def _matching_checks(
     plan: SweepPlan,
     inputs: Tuple[Tensor, ...],
     baselines: Tuple[Tensor, ...],
     geometries: Sequence[TileGeometry],
     additional_forward_args: Tuple[Any, ...],
+) -> List[PrecomputedWindows]:
+    """The self-check's passes in ``plan`` (one per input it checked) that belong to this call.
+
+    Only where the outputs belong to this sweep (same inputs, baselines and tilings, see
+    :meth:`extra_attrib._plan.PrecomputedWindows.matches`).
+    """
+    given = plan.precomputed
+    passes = [given] if isinstance(given, PrecomputedWindows) else list(given or ())
+    return [p for p in passes if p.matches(inputs, baselines, geometries, additional_forward_args)]
+
+
+def _precomputed_scores(
+    checked: Sequence[PrecomputedWindows],
     active: List[List[int]],
     score_fn: Callable[[Any], Tensor],
     pick: _TargetPicker,
+    n: int,
 ) -> Dict[int, Tuple[List[int], Tensor]]:
-    """Per input, the windows of ``plan.precomputed`` this sweep would evaluate, and their scores.
+    """Per input, the checked windows this sweep would evaluate, and their scores.
 
-    Only where the outputs belong to this sweep (same input, baseline and tiling, see
-    :meth:`extra_attrib._plan.PrecomputedWindows.matches`) and only windows in ``active`` (not
-    skipped as unchanged, among the windows asked for). Scores ``(R, N, T)`` go through
-    ``score_fn`` and the target picker as an evaluated chunk's do.
+    Only windows in ``active`` (not skipped as unchanged, among the windows asked for). Scores
+    ``(R, N, T)`` go through ``score_fn`` and the target picker as an evaluated chunk's do.
     """
-    given = plan.precomputed
     found: Dict[int, Tuple[List[int], Tensor]] = {}
-    for pre in [given] if isinstance(given, PrecomputedWindows) else list(given or ()):
-        if not pre.matches(inputs, baselines, geometries, additional_forward_args):
-            continue
+    for pre in checked:
         wanted = set(active[pre.index])
         rows = [w for w, window in enumerate(pre.windows) if window in wanted]
         if not rows or pre.index in found:
             continue
-        n = inputs[0].shape[0]
         with torch.no_grad():
             scored = check_output(
                 score_fn(pre.outputs), len(pre.windows) * n, describe_score(score_fn)
