@@ -104,6 +104,35 @@ def test_gather_equals_padding_the_materialised_map(mode, full):
     assert d == starts.shape[1]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_constant_gather_of_any_box_equals_the_definition(seed):
+    """Boxes larger than the map, wholly outside it, or the patch's own boxes (#20's copy path)."""
+    gen = torch.Generator().manual_seed(seed)
+    full = tuple(int(f) for f in torch.randint(1, 8, (1 + seed % 3,), generator=gen))
+    p = _random_patch(2, 3, full, 4)
+    dense = materialise(p).view(4, 2, 3, *full)
+    for own in (False, True):
+        if own:
+            starts, size = p.starts.clone(), p.size
+        else:
+            size = tuple(int(torch.randint(1, f + 5, (), generator=gen)) for f in full)
+            starts = torch.stack(
+                [torch.randint(-n - 2, f + 2, (4,), generator=gen) for f, n in zip(full, size)], 1
+            )
+        got = gather(p, starts, size, "constant", -3.0).view(4, 2, 3, *size)
+        for w in range(4):
+            expected = torch.full((2, 3, *size), -3.0, dtype=torch.float64)
+            into, src = [], []
+            for s, n, f in zip(starts[w].tolist(), size, full):
+                lo, hi = max(s, 0), min(s + n, f)
+                into.append(slice(lo - s, max(hi - s, lo - s)))
+                src.append(slice(lo, max(hi, lo)))
+            expected[(slice(None), slice(None), *into)] = dense[w][
+                (slice(None), slice(None), *src)
+            ]
+            torch.testing.assert_close(got[w], expected, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole models: incremental equals dense
 # ---------------------------------------------------------------------------------------------
