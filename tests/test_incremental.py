@@ -127,9 +127,7 @@ def test_constant_gather_of_any_box_equals_the_definition(seed):
                 lo, hi = max(s, 0), min(s + n, f)
                 into.append(slice(lo - s, max(hi - s, lo - s)))
                 src.append(slice(lo, max(hi, lo)))
-            expected[(slice(None), slice(None), *into)] = dense[w][
-                (slice(None), slice(None), *src)
-            ]
+            expected[(slice(None), slice(None), *into)] = dense[w][(slice(None), slice(None), *src)]
             torch.testing.assert_close(got[w], expected, rtol=0, atol=0)
 
 

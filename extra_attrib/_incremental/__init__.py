@@ -1,9 +1,9 @@
 """Exact incremental occlusion for CNNs (Krypton-style), 1D to 3D.
 
 An occlusion window changes only a box of each convolution's output. This module traces the model
-once with :mod:`torch.fx`, runs the clean input once keeping every node's activation, and then, for
-a chunk of ``B`` windows, propagates per node only the changed box of each window, all windows of
-the chunk batched together:
+once with :mod:`torch.fx`, runs the clean input once keeping the activations a box reads, and
+then, for a chunk of ``B`` windows, propagates per node only the changed box of each window, all
+windows of the chunk batched together:
 
 - A changed activation is a :class:`Patch`: the clean activation (stored once, ``N`` examples), a
   fixed-size box of new values per window ``(B * N, C, *size)`` and each box's start ``(B, d)``.
@@ -39,6 +39,8 @@ writes that a later node would observe (:mod:`extra_attrib._aliasing`).
 The package's files are its layers, each depending only on those above it:
 
 - ``_ops``: what each operation is (the tables that sort nodes into rules, layer facts, cost).
+- ``_keep``: which clean activations a sweep keeps (those a box reads around it); the others are
+  placeholders, recomputed from their inputs when read.
 - ``_boxes``: changed values (:class:`Patch`, :class:`Moved`), gathering, and box geometry.
 - ``_rules`` and ``_rules_moved``: one rule per operation, classic CNN layers and today's.
 - ``_aliasing``, ``_program``: tracing without side effects, in-place analysis, planning, the

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from extra_attrib._incremental._keep import resolved
+
 if TYPE_CHECKING:
     from extra_attrib._incremental._ops import _Cost
 
@@ -101,9 +103,9 @@ def gather(
     """
     if tuple(size) == tuple(value.size) and torch.equal(starts, value.starts):
         return value.values  # the patch's own boxes (a 1x1 convolution's context)
-    if mode == "constant" and value.clean.device.type == "cpu":
-        return _gather_slices(value, starts, size, fill)
-    clean = value.clean
+    clean = resolved(value.clean)
+    if mode == "constant" and clean.device.type == "cpu":
+        return _gather_slices(value, clean, starts, size, fill)
     device = clean.device
     n, c = clean.shape[:2]
     full = value.full
@@ -140,7 +142,9 @@ def gather(
     return out.reshape(b * n, c, *size)
 
 
-def _gather_slices(value: Patch, starts: Tensor, size: Sequence[int], fill: float) -> Tensor:
+def _gather_slices(
+    value: Patch, clean: Tensor, starts: Tensor, size: Sequence[int], fill: float
+) -> Tensor:
     """:func:`gather` in constant mode by copying boxes, one window at a time.
 
     On the CPU two box copies per window (the clean map's, then the patch's part of the box)
@@ -148,7 +152,6 @@ def _gather_slices(value: Patch, starts: Tensor, size: Sequence[int], fill: floa
     each value three times (#20). On an accelerator the index-based form is one launch instead
     of ``2 * B``.
     """
-    clean = value.clean
     n, c = clean.shape[:2]
     full = value.full
     b = starts.shape[0]
@@ -171,16 +174,16 @@ def _gather_slices(value: Patch, starts: Tensor, size: Sequence[int], fill: floa
             mine.append(slice(plo - p, phi - p))
         copies.append((tuple(into), tuple(src), tuple(into_mine), tuple(mine)))
     out = clean.new_full((b, n, c, *size), fill) if partial else clean.new_empty((b, n, c, *size))
-    for w, (into, src, into_mine, mine) in enumerate(copies):
+    for w, (to_box, from_clean, to_own, from_own) in enumerate(copies):
         box = out[w]
-        box[into] = clean[src]
-        box[into_mine] = new[w][mine]
+        box[to_box] = clean[from_clean]
+        box[to_own] = new[w][from_own]
     return out.reshape(b * n, c, *size)
 
 
 def materialise(value: Patch) -> Tensor:
     """The full patched maps ``(B * N, C, *full)`` of every window."""
-    clean = value.clean
+    clean = resolved(value.clean)
     b = value.windows
     out = clean.unsqueeze(0).repeat(b, *([1] * clean.dim()))
     new = value.values.view(b, *clean.shape[:2], *value.size)
@@ -352,7 +355,7 @@ def _boxed(
 
 def materialise_moved(value: Moved) -> Tensor:
     """The full rearranged maps ``(B * N, ...)`` of every window."""
-    clean = value.clean
+    clean = resolved(value.clean)
     b, n = value.windows, clean.shape[0]
     out = clean.unsqueeze(0).repeat(b, *([1] * clean.dim()))
     new = value.values.reshape(b, n, *value.values.shape[1:])

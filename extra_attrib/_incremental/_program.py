@@ -30,6 +30,7 @@ from torch import Tensor, fx, nn
 
 from extra_attrib._incremental._aliasing import observable_in_place_write
 from extra_attrib._incremental._boxes import Moved, Patch, _as_dense, _Dense
+from extra_attrib._incremental._keep import CleanStore, resolved
 from extra_attrib._incremental._ops import (
     _AVGPOOL_MODULES,
     _BATCHNORM_MODULES,
@@ -412,8 +413,13 @@ class IncrementalProgram:
 
     # -- running ----------------------------------------------------------------------------
 
-    def run_clean(self, *xs: Tensor) -> _Env:
-        """Run the graph on the clean inputs (one per placeholder), keeping every node's value."""
+    def run_clean(self, *xs: Tensor, store: Optional[CleanStore] = None) -> _Env:
+        """Run the graph on the clean inputs (one per placeholder), keeping every node's value.
+
+        With a ``store``, a node it may recompute is replaced by its placeholder after its last
+        use in the clean run (:mod:`extra_attrib._incremental._keep`), so the run never holds
+        more than the kept activations and those still in use.
+        """
         if len(xs) != len(self.placeholders):
             raise ValueError(
                 f"xs has {len(xs)} tensors; the traced model takes {len(self.placeholders)} "
@@ -431,6 +437,11 @@ class IncrementalProgram:
                 args = fx.node.map_arg(node.args, lambda a: env[a])
                 kwargs = fx.node.map_arg(node.kwargs, lambda a: env[a])
                 env[node] = self._call(step, args, kwargs)
+            if store is not None:
+                for v in step.free:
+                    env[v] = store.placeholder(v, env[v])
+        if store is not None:
+            store.env = env
         return env
 
     def output_of(self, env: _Env) -> Any:
@@ -450,8 +461,8 @@ class IncrementalProgram:
         seen, total = set(), 0
         for step in self.steps:
             value = env.get(step.node)
-            if step.kind == "static" or not isinstance(value, Tensor):
-                continue
+            if step.kind == "static" or not isinstance(value, Tensor) or value.is_meta:
+                continue  # a placeholder holds no memory
             key = (value.untyped_storage().data_ptr(), value.device)
             if key not in seen:
                 seen.add(key)
@@ -570,6 +581,7 @@ def _lifted(value: Any, changed: Sequence[Any], b: int, n: int, broadcast: bool 
     """
     if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != n:
         return value
+    value = resolved(value)
     for other in changed:
         if not isinstance(other, Patch) or value.dim() != other.clean.dim():
             continue

@@ -16,6 +16,7 @@ from torch import Tensor, fx, nn
 from extra_attrib._engine import BUFFER_BUDGET_BYTES
 from extra_attrib._geometry import TileGeometry, perturbation_boxes
 from extra_attrib._incremental._boxes import input_patch
+from extra_attrib._incremental._keep import CleanStore
 from extra_attrib._incremental._ops import UnsupportedModel, _Cost
 from extra_attrib._incremental._program import program_for
 from extra_attrib._incremental._verify import (
@@ -89,9 +90,11 @@ class IncrementalSweep:
         first = next(j for j, why in enumerate(program.declined[: len(inputs)]) if not why)
         #: The first input swept incrementally, and its baseline.
         self.x, self.fill = inputs[first], self.fills[first]
+        #: The clean activations a patched run reads are kept, the others recomputed on a read.
+        self.store = CleanStore(program, ACTIVATION_BUDGET_BYTES)
         with torch.no_grad():
             self.clean = program.run_clean(
-                *(x.clone() for x in inputs), *(_clone(a) for a in self.args)
+                *(x.clone() for x in inputs), *(_clone(a) for a in self.args), store=self.store
             )
         #: The traced program's output on the clean input, for the self-check.
         self.clean_output = program.output_of(self.clean)
@@ -99,6 +102,7 @@ class IncrementalSweep:
         self.dense_cost = program.dense_cost(self.clean, 1)
         #: Bytes of the clean activations the sweep keeps.
         self.activation_bytes = program.prune(self.clean)
+        self.store.kept_bytes = self.activation_bytes
 
     @property
     def geometry(self) -> Optional[TileGeometry]:
