@@ -48,6 +48,19 @@ def _attribute(model, x, engine, **kwargs):
     return out, tiled
 
 
+def _record_stores(monkeypatch):
+    """The :class:`CleanStore` of every sweep made from now on, in order."""
+    stores = []
+    make = CleanStore.__init__
+
+    def init(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        stores.append(self)
+
+    monkeypatch.setattr(CleanStore, "__init__", init)
+    return stores
+
+
 def _sweep_of(model, x):
     return IncrementalSweep(program_for(model, x), (x,), (torch.tensor(0.0),))
 
@@ -85,14 +98,7 @@ def test_a_full_box_reads_an_evicted_activation_through_its_placeholder(monkeypa
     """A box covering the whole map is materialised from the clean values of any node."""
     model = _bottleneck()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    stores = []
-    make = CleanStore.__init__
-
-    def init(self, *args, **kwargs):
-        make(self, *args, **kwargs)
-        stores.append(self)
-
-    monkeypatch.setattr(CleanStore, "__init__", init)
+    stores = _record_stores(monkeypatch)
     dense, _ = _attribute(model, x, "dense")
     incremental, tiled = _attribute(model, x, "incremental")
     torch.testing.assert_close(incremental, dense, rtol=1e-9, atol=1e-12)
@@ -105,14 +111,7 @@ def test_over_the_budget_a_read_activation_is_recomputed_each_time(monkeypatch):
     dense, _ = _attribute(model, x, "dense")
     kept = _sweep_of(model, x).activation_bytes
     monkeypatch.setattr(_sweep, "ACTIVATION_BUDGET_BYTES", kept)  # nothing more may be kept
-    stores = []
-    make = CleanStore.__init__
-
-    def init(self, *args, **kwargs):
-        make(self, *args, **kwargs)
-        stores.append(self)
-
-    monkeypatch.setattr(CleanStore, "__init__", init)
+    stores = _record_stores(monkeypatch)
     incremental, tiled = _attribute(model, x, "incremental")
     assert tiled.last_engine == "incremental"
     torch.testing.assert_close(incremental, dense, rtol=1e-9, atol=1e-12)
