@@ -131,6 +131,24 @@ def test_constant_gather_of_any_box_equals_the_definition(seed):
             torch.testing.assert_close(got[w], expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_accelerator_gather_equals_the_cpu_copies(seed):
+    """CUDA gathers by index arithmetic; the CPU by box copies. Both, on the CPU, agree."""
+    from extra_attrib._incremental._boxes import _gather_index, _gather_slices
+
+    gen = torch.Generator().manual_seed(100 + seed)
+    full = tuple(int(f) for f in torch.randint(2, 9, (1 + seed % 3,), generator=gen))
+    p = _random_patch(2, 3, full, 5)
+    size = tuple(int(torch.randint(1, f + 5, (), generator=gen)) for f in full)
+    starts = torch.stack(
+        [torch.randint(-n - 1, f + 1, (5,), generator=gen) for f, n in zip(full, size)], 1
+    )
+    for fill in (0.0, -math.inf):
+        index = _gather_index(p, p.clean, starts, size, "constant", fill)
+        copies = _gather_slices(p, p.clean, starts, size, fill)
+        torch.testing.assert_close(index, copies, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole models: incremental equals dense
 # ---------------------------------------------------------------------------------------------

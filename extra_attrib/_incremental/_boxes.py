@@ -106,6 +106,13 @@ def gather(
     clean = resolved(value.clean)
     if mode == "constant" and clean.device.type == "cpu":
         return _gather_slices(value, clean, starts, size, fill)
+    return _gather_index(value, clean, starts, size, mode, fill)
+
+
+def _gather_index(
+    value: Patch, clean: Tensor, starts: Tensor, size: Sequence[int], mode: str, fill: float
+) -> Tensor:
+    """:func:`gather` by index arithmetic: one launch per step, any padding mode."""
     device = clean.device
     n, c = clean.shape[:2]
     full = value.full
