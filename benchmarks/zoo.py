@@ -329,9 +329,10 @@ class Row:
 
 
 def _within(error32: Optional[float], error64: Optional[float]) -> bool:
-    if error32 is not None and error32 <= FLOAT32_TOLERANCE:
-        return True
-    return error64 is not None and error64 <= FLOAT64_TOLERANCE
+    """Where float64 was compared it decides (it is the exact test), else float32 does."""
+    if error64 is not None:
+        return error64 <= FLOAT64_TOLERANCE
+    return error32 is not None and error32 <= FLOAT32_TOLERANCE
 
 
 #: Errors are relative to the dense map's largest value, or to this fraction of the model's
@@ -386,12 +387,14 @@ class _CheckTimer:
             incremental_sweep.verify_incremental = self._original
 
 
-def run_case(case: Case, seed: int = 0) -> Row:
+def run_case(case: Case, seed: int = 0, float64: bool = False) -> Row:
     """Dense and ``auto`` maps of one case; float64 as well where float32 differs.
 
     Args:
         case (Case): The model and the call.
         seed (int, optional): Seed for the weights and the input. Default: 0
+        float64 (bool, optional): Compare in float64 on every model, not only where float32
+            differs (``--float64``). Default: False
 
     Returns:
         Row: The engine ``auto`` picked, why, the errors and the timings.
@@ -420,7 +423,11 @@ def run_case(case: Case, seed: int = 0) -> Row:
             row.forced32 = _error(forced, dense, floor)
         except ValueError as error:
             row.refused = str(error).splitlines()[0] if str(error) else "ValueError"
-        if not _within(row.error32, None) or not (row.refused or _within(row.forced32, None)):
+        if (
+            float64
+            or not _within(row.error32, None)
+            or not (row.refused or _within(row.forced32, None))
+        ):
             model64, x64 = model.double(), x.double()
             floor = MAP_FLOOR * _output_scale(model64, x64)
             (dense64, _), _ = _attribute(model64, x64, case, "dense")
@@ -692,6 +699,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--check-cost", action="store_true", help="only the self-check's share")
     parser.add_argument(
+        "--float64", action="store_true", help="compare in float64 on every model as well"
+    )
+    parser.add_argument(
         "--speed",
         action="store_true",
         help="only the speed table: dense, auto and incremental on 224² / 64³ (#20)",
@@ -727,7 +737,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if case.name in SKIPPED and case.name not in wanted:
             print(f"skip {case.name}: {SKIPPED[case.name]}", flush=True)
             continue
-        row = run_case(case)
+        row = run_case(case, float64=args.float64)
         rows.append(row)
         print(table([row]).splitlines()[-1], flush=True)
     text = table(rows)
