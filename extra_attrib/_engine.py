@@ -53,8 +53,13 @@ from extra_attrib._targets import check_output, describe_score, resolve_targets,
 BUFFER_BUDGET_BYTES = 256 * 2**20
 #: Rows per forward pass on accelerators when the chunk size is chosen automatically.
 ACCELERATOR_ROWS = 64
-#: Rows per forward pass tried, in this order, while tuning the chunk size on CPU.
-CPU_CANDIDATE_ROWS = (1, 2, 4, 8, 16, 32)
+#: Rows per forward pass tried, in this order, while tuning the chunk size on CPU. Not 1: for a
+#: single row, PyTorch's CPU convolution leaves oneDNN for its native kernels wherever the
+#: map is small (a 3x3 kernel, fewer than about 20k elements in the first dimensions), which
+#: is every box of the incremental engine and the deep layers of a small input. Measured per
+#: window, one thread: a 3D U-Net 3.5x slower at 1 row than at 2 on both engines, ResNet18 and
+#: DenseNet121 at 64² 1.1-1.25x; one row was never the fastest (#20).
+CPU_CANDIDATE_ROWS = (2, 4, 8, 16, 32)
 #: Past :data:`CPU_CANDIDATE_ROWS`, tuning goes on doubling the rows while one pass holds at most
 #: this many input elements: light inputs (tabular rows, short series) run fastest in large batches,
 #: where the fixed cost of a forward pass is spread over many rows.
@@ -143,6 +148,27 @@ def _cpu_rows(inputs: Sequence[Tensor]) -> List[int]:
     while rows[-1] * 2 * per_row <= LIGHT_PASS_ELEMENTS:
         rows.append(rows[-1] * 2)
     return rows
+
+
+def without_single_tail(size: int, left: int, rows: int, capacity: int) -> int:
+    """Windows of the next chunk: ``size``, or one more where that would leave one window.
+
+    A last chunk of a single row (one window of a one-example batch) runs at PyTorch's slow
+    single-row speed (see :data:`CPU_CANDIDATE_ROWS`), so it joins the chunk before it where
+    ``capacity`` allows.
+
+    Args:
+        size (int): The planner's size for the next chunk.
+        left (int): Windows not yet evaluated, this chunk's included.
+        rows (int): Examples in the batch: rows per window.
+        capacity (int): Most windows a chunk may hold.
+
+    Returns:
+        int: The size to run.
+    """
+    if rows == 1 and left - size == 1 and size < capacity:
+        return size + 1
+    return size
 
 
 class ChunkPlanner:
@@ -484,9 +510,14 @@ def occlusion_sweep(
                             inputs, max(busiest, 1), chunk_size, total - done, memo, keys[name]
                         )
                     size = planner.next_size() if trial is None else trial
+                    # This input's last chunk, one window longer: nothing left to time it for.
+                    tail = trial is None and size < without_single_tail(
+                        size, len(indices) - start, n, planner.capacity
+                    )
+                    size += tail
                     chunk = indices[start : start + size]
                     where = on_device[start : start + size]  # a view: no host-device copy
-                    timed = race.racing or planner.tuning
+                    timed = (race.racing or planner.tuning) and not tail
                     if race.racing:
                         synchronize(inputs[j].device)
                     began = time.perf_counter()

@@ -111,8 +111,8 @@ def test_multi_target_sweep_is_one_sweep():
 
 def test_planner_candidates_respect_budget_and_count():
     image = torch.zeros(1, 3, 224, 224)
-    assert ChunkPlanner([image], 1000).candidates == [1, 2, 4, 8, 16, 32]
-    assert ChunkPlanner([image], 5).candidates == [1, 2, 4, 5]
+    assert ChunkPlanner([image], 1000).candidates == [2, 4, 8, 16, 32]
+    assert ChunkPlanner([image], 5).candidates == [2, 4, 5]
     assert ChunkPlanner([torch.zeros(32, 3, 96, 96)], 1000).candidates == [1]
     huge = torch.zeros(1, 1, 400, 400, 400)  # 256 MB per copy
     assert ChunkPlanner([huge], 1000).candidates == [1]
@@ -120,7 +120,7 @@ def test_planner_candidates_respect_budget_and_count():
     assert ChunkPlanner([image], 1000).capacity == 32
     # Light inputs go on doubling past 32 rows while a pass holds at most 2**20 elements.
     small = torch.zeros(1, 3, 32, 32)  # 3072 elements: up to 256 rows
-    assert ChunkPlanner([small], 1000).candidates == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert ChunkPlanner([small], 1000).candidates == [2, 4, 8, 16, 32, 64, 128, 256]
     tabular = torch.zeros(64, 512)  # 64 rows of 512 features: up to 32 copies of the batch
     assert ChunkPlanner([tabular], 1000).candidates == [1, 2, 4, 8, 16, 32]
 
@@ -143,7 +143,7 @@ def test_planner_keeps_the_fastest_size_per_perturbation():
     per_item = {1: 10.0, 2: 6.0, 4: 5.0, 8: 4.0, 16: 5.5}
     hiccup = {8: 9.0}  # the first trial at 8 is disturbed; the second one counts
     tried = _tune(planner, per_item, hiccup)
-    assert tried == [1, 1, 2, 2, 4, 4, 8, 8, 16, 16]  # 16 was over 15 % slower: stop
+    assert tried == [2, 2, 4, 4, 8, 8, 16, 16]  # 16 was over 15 % slower: stop
     assert planner.next_size() == 8
     assert planner.expected_chunks(20) == 3
 
@@ -183,7 +183,7 @@ def test_planner_memo_carries_the_choice_to_later_sweeps():
     assert _tune(again, {4: 5.0, 8: 5.0, 16: 4.0, 32: 4.7}) == [4, 4, 8, 8, 16, 16, 32, 32]
     assert memo == {"k": 16}  # this sweep's choice replaces the earlier one
     assert max(ChunkPlanner([image], 3, memo=memo, key="k").candidates) == 3  # capped as ever
-    assert ChunkPlanner([image], 1000, memo=memo, key="other").candidates[0] == 1
+    assert ChunkPlanner([image], 1000, memo=memo, key="other").candidates[0] == 2
     # A fixed size is used as given and leaves the memo alone.
     ChunkPlanner([image], 1000, chunk_size=2, memo=memo, key="k2").record(2, 1.0, 2)
     assert "k2" not in memo
@@ -229,6 +229,40 @@ def test_tuned_sweep_equals_brute_force_and_counts_passes(mode):
     )
     assert result.perturbations == geometry.num_perturbations
     assert 1 + geometry.num_perturbations // 32 <= result.evaluations <= geometry.num_perturbations
+
+
+def test_single_tail_joins_the_chunk_before_it():
+    assert _engine.without_single_tail(2, 3, 1, 32) == 3  # would leave one window
+    assert _engine.without_single_tail(2, 4, 1, 32) == 2
+    assert _engine.without_single_tail(2, 2, 1, 32) == 2  # the last chunk itself
+    assert _engine.without_single_tail(2, 3, 2, 32) == 2  # one window of two examples: 2 rows
+    assert _engine.without_single_tail(4, 5, 1, 4) == 4  # no room: a fixed size stays fixed
+
+
+class _BatchSizes(torch.nn.Module):
+    """A linear model that records the rows of every forward pass."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.inner = FlatLinear(shape)
+        self.rows = []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("windows", [3, 7, 11, 40])
+def test_automatic_chunks_on_cpu_never_hold_a_single_window(windows):
+    # One example: a pass of one window is one row, PyTorch's slow path (#20).
+    geometry = TileGeometry((windows,), (1,), (1,))
+    model = _BatchSizes(geometry.shape)
+    x = torch.randn(1, windows, dtype=torch.float64)
+    result = _sweep(model, x, geometry, None, skip=False)
+    rows, model.rows = model.rows, []
+    torch.testing.assert_close(result.attributions[0][0], brute_force(model, x, (1,), (1,), 1))
+    assert rows[0] == 1  # the unperturbed pass
+    assert min(rows[1:]) >= 2, rows
 
 
 def test_build_mode_rule():
