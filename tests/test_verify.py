@@ -602,6 +602,19 @@ def test_largest_difference_treats_nan_and_inf_alike_as_equal():
     assert largest_difference(a, torch.tensor([1.0, float("nan"), float("inf"), 2.5])) == 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_largest_difference_of_finite_values_and_overflow(dtype):
+    a = torch.tensor([[1.0, -2.0], [3.0, 4.0]], dtype=dtype)
+    b = torch.tensor([1.5, -2.0], dtype=dtype)  # broadcast over rows
+    assert largest_difference(a, b) == pytest.approx(6.0)
+    assert largest_difference(a[:0], b) == 0.0
+    big = torch.finfo(dtype).max
+    # Finite values whose difference overflows the dtype: not mistaken for equal ones.
+    wide = largest_difference(torch.tensor([big], dtype=dtype), torch.tensor([-big], dtype=dtype))
+    assert wide >= big
+    assert largest_difference(a.half(), b.half()) == pytest.approx(6.0)
+
+
 def test_a_verified_choice_says_so():
     model = InPlaceSafe().double().eval()
     x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
