@@ -21,5 +21,19 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def flops_only(monkeypatch):
+    """The cost model without its fixed cost per node: FLOPs and elements alone.
+
+    The tests' toy models have a few tiny layers, where the per-node cost (fitted on real CNNs)
+    rightly predicts that incremental loses; tests of the race and its bookkeeping use this to
+    have ``auto`` try incremental on them anyway.
+    """
+    from extra_attrib._incremental import _ops
+
+    monkeypatch.setattr(_ops, "DENSE_NODE_COST", 0.0)
+    monkeypatch.setattr(_ops, "INCREMENTAL_NODE_COST", 0.0)
+
+
 def pytest_configure(config):
     os.environ.setdefault("MPLBACKEND", "Agg")

@@ -211,7 +211,7 @@ def test_three_inputs_image_volume_and_vector():
     _close(incremental, dense)
 
 
-def test_auto_measures_and_equals_dense():
+def test_auto_measures_and_equals_dense(flops_only):
     model = _make(TwoImages)
     x, m = _r(2, 3, 16, 16), _r(2, 1, 16, 16)
     choice = choose_engine(
@@ -268,7 +268,7 @@ def _wrong_pool(original):
     return rule
 
 
-def test_self_check_catches_a_wrong_rule_on_the_second_input(monkeypatch):
+def test_self_check_catches_a_wrong_rule_on_the_second_input(monkeypatch, flops_only):
     model = _make(PoolOnSecondBranch)
     x, m = _r(2, 2, 12, 12), _r(2, 1, 12, 12)
     tiled = TiledOcclusion(model)
@@ -511,7 +511,7 @@ class VectorThenImage(nn.Module):
         return self.inner(x, v)
 
 
-def test_the_race_times_the_first_input_incremental_sweeps(monkeypatch):
+def test_the_race_times_the_first_input_incremental_sweeps(monkeypatch, flops_only):
     from extra_attrib._engine import DenseEvaluator
 
     model = _make(VectorThenImage)

@@ -67,7 +67,7 @@ def test_an_engine_measured_by_the_self_check_runs_no_trial_chunks():
     assert remembered.chosen == "dense" and "earlier call" in remembered.reason
 
 
-def test_the_race_times_interior_windows_first(monkeypatch):
+def test_the_race_times_interior_windows_first(monkeypatch, flops_only):
     from extra_attrib._incremental import _sweep
 
     model, x = _small_cnn(), torch.randn(1, 3, 32, 32)
@@ -183,7 +183,7 @@ def _small_cnn():
     ).eval()
 
 
-def test_auto_does_not_try_incremental_where_the_sweep_cannot_pay_for_it(monkeypatch):
+def test_auto_does_not_try_incremental_where_the_sweep_cannot_pay_for_it(monkeypatch, flops_only):
     from extra_attrib._incremental import _sweep
 
     model, x = _small_cnn(), torch.randn(1, 3, 16, 16)
@@ -212,3 +212,31 @@ def test_auto_does_not_try_incremental_where_the_sweep_cannot_pay_for_it(monkeyp
     tiled.attribute(x, target=0, window=(3, 8, 8))
     assert "self-check" in tiled.last_engine_reason
     assert built
+
+
+def test_the_cost_model_charges_a_fixed_cost_per_node(monkeypatch):
+    from extra_attrib._incremental import _ops, _sweep
+
+    model, x = _small_cnn(), torch.randn(1, 3, 16, 16)
+    box = (slice(0, 3), slice(4, 8), slice(4, 8))
+    zero = (torch.tensor(0.0),)
+
+    def predict():
+        program = _sweep._supported_program(model, (x,), ())
+        sweep = _sweep._budgeted_sweep(program, (x,), zero, ())
+        return sweep.dense_cost, sweep.predicted_gain(box)
+
+    tiled = TiledOcclusion(model)
+    tiled.attribute(x, target=0, window=(3, 4, 4), k=(1, 2, 2))
+    assert tiled.last_engine == "dense"
+    assert "the cost model predicts incremental at" in tiled.last_engine_reason
+    dense, gain = predict()
+    monkeypatch.setattr(_ops, "DENSE_NODE_COST", 0.0)
+    monkeypatch.setattr(_ops, "INCREMENTAL_NODE_COST", 0.0)
+    flops, flops_gain = predict()
+    nodes = 7  # the layers: every one runs for the window, a 4x4 box reaches them all
+    assert dense - flops == pytest.approx(nodes * 2.9e5)
+    # FLOPs alone see a box of a sixteenth of the map and predict a gain; the fixed cost
+    # of each of the tiny layers, larger for incremental, says it loses.
+    assert flops_gain > 1.2 and gain < 1.0
+    assert 1 / gain == pytest.approx(1 / flops_gain * flops / dense + nodes * 5.4e5 / dense)

@@ -102,7 +102,7 @@ PADDINGS = [
 
 
 @pytest.mark.parametrize("conv", PADDINGS, ids=lambda c: "-".join(map(str, c.values())))
-def test_padding_modes_and_same_padding_equal_dense(conv):
+def test_padding_modes_and_same_padding_equal_dense(conv, flops_only):
     model = Padded(**conv).double().eval()
     x = torch.randn(2, 2, 20, 17, dtype=torch.float64)
     tiled = TiledOcclusion(model)
@@ -203,7 +203,7 @@ def test_observable_in_place_writes_are_refused_and_named(cls):
         tiled.attribute(x, target=0, window=WINDOW, k=K, engine="incremental")
 
 
-def test_in_place_writes_nobody_reads_again_stay_incremental():
+def test_in_place_writes_nobody_reads_again_stay_incremental(flops_only):
     model = InPlaceSafe().double().eval()
     x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
     tiled = _auto_equals_dense(model, x)
@@ -255,7 +255,7 @@ def _changes():
 
 
 @pytest.mark.parametrize("change", _changes(), ids=lambda f: f.__name__)
-def test_a_cached_trace_follows_the_model(change):
+def test_a_cached_trace_follows_the_model(change, flops_only):
     model = Tempered().double().eval()
     x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
     tiled = TiledOcclusion(model)
@@ -338,7 +338,7 @@ class Autocast(nn.Module):
         return self.head(y.float())
 
 
-def test_autocast_inside_forward_is_caught_by_the_self_check():
+def test_autocast_inside_forward_is_caught_by_the_self_check(flops_only):
     model = Autocast().eval()
     x = torch.randn(1, 2, 16, 16)
     tiled = _auto_equals_dense(model, x, tol=1e-6)
@@ -365,7 +365,7 @@ class GuardedSkip(nn.Module):
         return self.head(z)
 
 
-def test_a_branch_tracing_drops_is_caught_by_the_self_check():
+def test_a_branch_tracing_drops_is_caught_by_the_self_check(flops_only):
     model = GuardedSkip().double().eval()
     x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
     tiled = _auto_equals_dense(model, x)
@@ -504,7 +504,7 @@ def test_activations_no_patch_reaches_are_not_kept():
     assert sweep.activation_bytes < 16 * 16 * 3 * 8 * 8
 
 
-def test_out_of_memory_during_the_sweep_falls_back(monkeypatch):
+def test_out_of_memory_during_the_sweep_falls_back(monkeypatch, flops_only):
     model = InPlaceSafe().double().eval()
     x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
 
@@ -519,7 +519,7 @@ def test_out_of_memory_during_the_sweep_falls_back(monkeypatch):
         tiled.attribute(x, target=0, window=WINDOW, k=K, engine="incremental")
 
 
-def test_any_exception_while_checking_falls_back(monkeypatch):
+def test_any_exception_while_checking_falls_back(monkeypatch, flops_only):
     model = InPlaceSafe().double().eval()
     x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
 
@@ -615,7 +615,7 @@ def test_largest_difference_of_finite_values_and_overflow(dtype):
     assert largest_difference(a.half(), b.half()) == pytest.approx(6.0)
 
 
-def test_a_verified_choice_says_so():
+def test_a_verified_choice_says_so(flops_only):
     model = InPlaceSafe().double().eval()
     x = torch.randn(1, 2, 16, 16, dtype=torch.float64)
     tiled = _auto_equals_dense(model, x)

@@ -28,6 +28,17 @@ _Env = Dict[Any, Any]
 #: Cost, in multiply-adds, charged per element an op reads or writes outside convolutions and
 #: linear layers (memory-bound work: gathers, BatchNorm, activations).
 ELEMENT_COST = 8.0
+#: Cost, in the same units, of running one node of the graph for one window, besides its
+#: arithmetic: the framework's fixed cost per operation (``DENSE_NODE_COST``, a dense forward
+#: pass) and that plus the incremental engine's host work per node (boxes, gathers, bookkeeping;
+#: ``INCREMENTAL_NODE_COST``). Without them the model predicted 1.04-1.46x on 20 CNNs at 64²
+#: that measured 0.56-1.12x (median over-prediction 1.29x over 40 model-size pairs); with
+#: them the median is 1.02x. Fitted on one CPU thread, chunks of 4 windows, to per-window times
+#: of 20 torchvision and timm CNNs at 64² and 224² (#20); on faster arithmetic (more threads, an
+#: accelerator) the true per-node share is larger, so the model errs towards trying incremental,
+#: and the race's measurement decides.
+DENSE_NODE_COST = 2.9e5
+INCREMENTAL_NODE_COST = 5.4e5
 
 
 class UnsupportedModel(ValueError):
@@ -358,7 +369,7 @@ class _Step:
 
 
 class _Cost:
-    """Multiply-adds plus :data:`ELEMENT_COST` per element moved, accumulated while counting."""
+    """Multiply-adds, :data:`ELEMENT_COST` per element moved and a fixed cost per node run."""
 
     def __init__(self) -> None:
         self.total = 0.0
@@ -368,6 +379,9 @@ class _Cost:
 
     def elements(self, count: float) -> None:
         self.total += ELEMENT_COST * count
+
+    def nodes(self, count: float, dense: bool = False) -> None:
+        self.total += count * (DENSE_NODE_COST if dense else INCREMENTAL_NODE_COST)
 
 
 def _dims(m: nn.Module) -> int:
