@@ -31,14 +31,17 @@ ELEMENT_COST = 8.0
 #: Cost, in the same units, of running one node of the graph for one window, besides its
 #: arithmetic: the framework's fixed cost per operation (``DENSE_NODE_COST``, a dense forward
 #: pass) and that plus the incremental engine's host work per node (boxes, gathers, bookkeeping;
-#: ``INCREMENTAL_NODE_COST``). Without them the model predicted 1.04-1.46x on 20 CNNs at 64²
-#: that measured 0.56-1.12x (median over-prediction 1.29x over 40 model-size pairs); with
-#: them the median is 1.02x. Fitted on one CPU thread, chunks of 4 windows, to per-window times
-#: of 20 torchvision and timm CNNs at 64² and 224² (#20); on faster arithmetic (more threads, an
-#: accelerator) the true per-node share is larger, so the model errs towards trying incremental,
-#: and the race's measurement decides.
-DENSE_NODE_COST = 2.9e5
-INCREMENTAL_NODE_COST = 5.4e5
+#: ``INCREMENTAL_NODE_COST``). Nodes of :data:`VIEW_KINDS` run no kernel and cost nothing.
+#: Without these costs the model predicted 1.04-1.46x on 23 CNNs at 64² that measured 0.56-1.14x
+#: (median over-prediction 1.27x over 46 model-size pairs); with them the median is 1.0x. Fitted
+#: on one CPU thread, chunks of 4 windows, to per-window times of 23 torchvision and timm CNNs at
+#: 64² and 224² (``python -m benchmarks.cost_model``, #20); with faster arithmetic (more threads,
+#: an accelerator) the true per-node share is larger, so the model errs towards trying
+#: incremental, and the race's measurement decides.
+DENSE_NODE_COST = 3.8e5
+INCREMENTAL_NODE_COST = 7.0e5
+#: Kinds of node that only re-describe a tensor (shapes, views, splits, picking an output).
+VIEW_KINDS = frozenset({"size", "rearrange", "split", "getitem"})
 
 
 class UnsupportedModel(ValueError):
@@ -380,8 +383,10 @@ class _Cost:
     def elements(self, count: float) -> None:
         self.total += ELEMENT_COST * count
 
-    def nodes(self, count: float, dense: bool = False) -> None:
-        self.total += count * (DENSE_NODE_COST if dense else INCREMENTAL_NODE_COST)
+    def node(self, kind: str, windows: float, dense: bool = False) -> None:
+        """A node of ``kind`` run for ``windows`` windows (nothing for :data:`VIEW_KINDS`)."""
+        if kind not in VIEW_KINDS:
+            self.total += windows * (DENSE_NODE_COST if dense else INCREMENTAL_NODE_COST)
 
 
 def _dims(m: nn.Module) -> int:

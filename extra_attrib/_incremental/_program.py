@@ -537,7 +537,7 @@ class IncrementalProgram:
                         env[a] = _lifted(clean[a], changed, b, n, step.kind == "binary")
                 out = _HANDLERS[step.kind](self, step, env, clean[node], b, cost)
                 if cost is not None:
-                    cost.nodes(b)
+                    cost.node(step.kind, b)
                 for a in outer:
                     env[a] = clean[a]
                 if isinstance(out, (Patch, Moved)) and (
@@ -558,7 +558,7 @@ class IncrementalProgram:
             if step.kind in ("static", "input", "output"):
                 continue
             value = clean[step.node]
-            total.nodes(1, dense=True)
+            total.node(step.kind, 1, dense=True)
             if isinstance(value, Tensor):
                 total.macs(_macs(self, step, clean, value))
                 total.elements(value.numel())
