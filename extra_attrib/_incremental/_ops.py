@@ -32,8 +32,8 @@ ELEMENT_COST = 8.0
 #: arithmetic: the framework's fixed cost per operation (``DENSE_NODE_COST``, a dense forward
 #: pass) and that plus the incremental engine's host work per node (boxes, gathers, bookkeeping;
 #: ``INCREMENTAL_NODE_COST``). Nodes of :data:`VIEW_KINDS` run no kernel and cost nothing.
-#: Without these costs the model predicted 1.04-1.46x on 23 CNNs at 64² that measured 0.56-1.14x
-#: (median over-prediction 1.27x over 46 model-size pairs); with them the median is 1.0x. Fitted
+#: Without these costs the model predicted 1.04-1.46x on 23 CNNs at 64² that measured 0.56-1.15x
+#: (median over-prediction 1.28x over 46 model-size pairs); with them the median is 1.00x. Fitted
 #: on one CPU thread, chunks of 4 windows, to per-window times of 23 torchvision and timm CNNs at
 #: 64² and 224² (``python -m benchmarks.cost_model``, #20); with faster arithmetic (more threads,
 #: an accelerator) the true per-node share is larger, so the model errs towards trying
