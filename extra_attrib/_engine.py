@@ -251,6 +251,19 @@ class ChunkPlanner:
             return size
         return self.candidates[-1]  # not reached: the last full trial settles the choice
 
+    def seed(self, size: int, per_window: Sequence[float]) -> None:
+        """Count chunks of ``size`` timed before this sweep's tuning (the engine race's) as trials.
+
+        ``size`` joins the candidates and the smaller ones drop out: they are the slowest per
+        window, and the tuning they would take is what the race already measured.
+        """
+        if self._chosen is not None or not per_window or size > self.capacity:
+            return
+        self.candidates = sorted({c for c in self.candidates if c > size} | {size})
+        self._timings[size] = list(per_window)[:TRIALS_PER_CANDIDATE]
+        if len(self._timings[size]) == TRIALS_PER_CANDIDATE and size == self.candidates[-1]:
+            self._settle()
+
     def record(self, size: int, seconds: float, count: int) -> None:
         """Report a chunk: ``size`` slots ran ``count`` perturbations in ``seconds``."""
         self._remaining -= count
@@ -509,6 +522,7 @@ def occlusion_sweep(
                         planner = planners[name] = ChunkPlanner(
                             inputs, max(busiest, 1), chunk_size, total - done, memo, keys[name]
                         )
+                        planner.seed(race.trial_sizes[name], race.trial_timings(name))
                     size = planner.next_size() if trial is None else trial
                     # This input's last chunk, one window longer: nothing left to time it for.
                     tail = trial is None and size < without_single_tail(

@@ -217,6 +217,13 @@ class EngineRace:
         """Whether the next chunk is a timed trial."""
         return self.chosen is None
 
+    def trial_timings(self, name: str) -> List[float]:
+        """Seconds per window of ``name``'s trial chunks (of its trial size), fastest first.
+
+        Empty for an engine timed on the self-check's pass instead of trial chunks.
+        """
+        return [] if name in self._measured else sorted(self.timings[name])
+
     def next(self) -> Tuple[str, Optional[int]]:
         """The engine of the next chunk and, during the race, its trial size (else None)."""
         if self.chosen is not None:

@@ -189,6 +189,21 @@ def test_planner_memo_carries_the_choice_to_later_sweeps():
     assert "k2" not in memo
 
 
+def test_planner_seeded_with_the_race_trials_starts_past_them():
+    image = torch.zeros(1, 3, 32, 32)
+    planner = ChunkPlanner([image], 1000)
+    planner.seed(3, [5.0, 5.2])  # two trial chunks of 3 windows, timed by the engine race
+    assert planner.candidates == [3, 4, 8, 16, 32, 64, 128, 256]
+    assert _tune(planner, {4: 4.0, 8: 6.0}) == [4, 4, 8, 8]  # no trial of 2 or 3 again
+    assert planner.next_size() == 4
+    one = ChunkPlanner([image], 1000)
+    one.seed(4, [5.0])  # one trial only (the race dropped the other engine): one more
+    assert _tune(one, {4: 5.0, 8: 6.0}) == [4, 8, 8]
+    fixed = ChunkPlanner([image], 1000, chunk_size=6)
+    fixed.seed(3, [1.0, 1.0])
+    assert fixed.candidates == [6] and fixed.next_size() == 6
+
+
 def test_tuning_key_separates_what_changes_the_best_size():
     g = TileGeometry((3, 8, 8), (3, 4, 4), (1, 2, 2))
     x = torch.zeros(2, 3, 8, 8)
