@@ -254,12 +254,11 @@ class ChunkPlanner:
     def seed(self, size: int, per_window: Sequence[float]) -> None:
         """Count chunks of ``size`` timed before this sweep's tuning (the engine race's) as trials.
 
-        ``size`` joins the candidates and the smaller ones drop out: they are the slowest per
-        window, and the tuning they would take is what the race already measured.
+        ``size`` joins the candidates, already timed: tuning does not run it again.
         """
         if self._chosen is not None or not per_window or size > self.capacity:
             return
-        self.candidates = sorted({c for c in self.candidates if c > size} | {size})
+        self.candidates = sorted(set(self.candidates) | {size})
         self._timings[size] = list(per_window)[:TRIALS_PER_CANDIDATE]
         if len(self._timings[size]) == TRIALS_PER_CANDIDATE and size == self.candidates[-1]:
             self._settle()

@@ -189,16 +189,21 @@ def test_planner_memo_carries_the_choice_to_later_sweeps():
     assert "k2" not in memo
 
 
-def test_planner_seeded_with_the_race_trials_starts_past_them():
+def test_planner_seeded_with_the_race_trials_does_not_time_them_again():
     image = torch.zeros(1, 3, 32, 32)
-    planner = ChunkPlanner([image], 1000)
-    planner.seed(3, [5.0, 5.2])  # two trial chunks of 3 windows, timed by the engine race
-    assert planner.candidates == [3, 4, 8, 16, 32, 64, 128, 256]
-    assert _tune(planner, {4: 4.0, 8: 6.0}) == [4, 4, 8, 8]  # no trial of 2 or 3 again
+    # The race timed two chunks of 8; tuning goes on from half that, as from a size remembered.
+    planner = ChunkPlanner([image], 1000, memo={"k": 8}, key="k")
+    planner.seed(8, [5.0, 5.2])
+    assert planner.candidates == [4, 8, 16, 32, 64, 128, 256]
+    assert _tune(planner, {4: 4.0, 16: 6.0}) == [4, 4, 16, 16]  # no trial of 8 again
     assert planner.next_size() == 4
+    odd = ChunkPlanner([image], 1000, memo={"k": 3}, key="k")
+    odd.seed(3, [5.0, 5.0])  # a race's size that is no candidate joins them
+    assert odd.candidates == [2, 3, 4, 8, 16, 32, 64, 128, 256]
+    assert _tune(odd, {2: 5.5, 4: 5.0, 8: 6.0}) == [2, 2, 4, 4, 8, 8]
     one = ChunkPlanner([image], 1000)
     one.seed(4, [5.0])  # one trial only (the race dropped the other engine): one more
-    assert _tune(one, {4: 5.0, 8: 6.0}) == [4, 8, 8]
+    assert _tune(one, {2: 9.0, 4: 5.0, 8: 6.0}) == [2, 2, 4, 8, 8]
     fixed = ChunkPlanner([image], 1000, chunk_size=6)
     fixed.seed(3, [1.0, 1.0])
     assert fixed.candidates == [6] and fixed.next_size() == 6
