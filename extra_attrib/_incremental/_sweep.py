@@ -39,11 +39,10 @@ MIN_PREDICTED_GAIN = 1.0
 #: wasted where dense wins. Unless the cost model's predicted gain saves at least this many
 #: times those ``W + 1`` evaluations over the tiling's windows, dense runs without a check or
 #: race. The model counts a fixed cost per node run (``INCREMENTAL_NODE_COST`` in ``_ops``),
-#: so its predictions are about right at small inputs too (median
-#: 1.00x of the measured gain over 23 CNNs at 64² and 224²; 0.68-1.63x) and the rule asks for
-#: the break-even, not a margin: with FLOPs alone, which over-predicted small inputs, it asked
-#: for twice, and a 49-window ConvNeXt-Tiny call at 224² ran dense at 0.84x of forced
-#: incremental (#20).
+#: so its predictions are about right at small inputs too (a median 1.00x of the measured gain
+#: over 23 CNNs at 64² and 224², 0.68-1.63x), and the rule asks for the break-even, not a
+#: margin. With FLOPs alone, which over-predicted small inputs, it asked for twice, and a
+#: 49-window ConvNeXt-Tiny call at 224² ran dense at 0.84x of forced incremental (#20).
 TRY_PAYBACK = 1.0
 
 
