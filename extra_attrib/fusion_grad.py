@@ -235,8 +235,8 @@ class FusionGrad(PerturbationAttribution):
                 for multiplicative and ``0.0`` for additive weight noise (no bias).
             std (float, optional): standard deviation of the weight noise, ``>= 0``.
                 Default: 0.2 (the paper's multiplicative ``N(1, 0.2)``). Deep
-                ImageNet models may not survive it (see the README's FusionGrad
-                section): check that noisy copies still predict the class you explain.
+                ImageNet models may not survive it (see the user guide's FusionGrad
+                page): check that noisy copies still predict the class you explain.
             sg_mean (float, optional): mean of the input noise, in input units for additive
                 noise, the factor's mean for multiplicative noise. Default: None,
                 i.e. ``0.0`` for additive and ``1.0`` for multiplicative input noise.

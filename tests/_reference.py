@@ -1,6 +1,6 @@
 """Brute-force tiled occlusion, written straight from its definition.
 
-The definition (the README, "What TiledOcclusion computes", states the same): an input ``x`` of
+The definition (the user guide, docs/guide/definition.md, states the same): an input ``x`` of
 shape ``(N, s_1, ..., s_d)``, a window ``(w_1, ..., w_d)`` and a tiling ``(k_1, ..., k_d)`` with
 ``w_i % k_i == 0`` give the stride ``t_i = w_i / k_i``.
 

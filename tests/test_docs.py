@@ -1,4 +1,7 @@
-"""The API reference in docs/ builds from the docstrings with Sphinx, warnings treated as errors.
+"""The docs build with Sphinx, warnings treated as errors: the user guide and the API reference.
+
+The user guide is MyST Markdown in docs/guide/ (one page per topic) plus the tutorial notebook,
+rendered from its saved outputs; the API reference is built from the docstrings.
 
 Sphinx runs with ``--keep-going -w <file>`` so that every warning is collected; the build fails on
 any warning except the ones listed in ``KNOWN_WARNINGS`` below (empty: keep it so; it exists to
@@ -13,6 +16,22 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
+
+# The guide's pages (docs/guide/<name>.md; the tutorial is docs/guide/tutorial.ipynb, a link to
+# tutorials/TiledOcclusion.ipynb). Other pages may be added; these must stay.
+GUIDE_PAGES = (
+    "index",
+    "definition",
+    "engines",
+    "drilldown",
+    "fusiongrad",
+    "dataset",
+    "visualisation",
+    "quality",
+    "patent",
+    "troubleshooting",
+    "tutorial",
+)
 
 # (file name, docstring owner, message): each is a docutils/Sphinx warning text fragment.
 KNOWN_WARNINGS: set = set()
@@ -31,7 +50,8 @@ def _parse(line):
 
 
 @pytest.mark.filterwarnings("ignore:The mapping interface for autodoc options")  # Sphinx's own
-def test_api_reference_builds_without_new_warnings(tmp_path):
+@pytest.mark.filterwarnings("ignore:.*Check CHANGES for Sphinx API modifications")  # myst-parser's
+def test_docs_build_without_new_warnings(tmp_path):
     pytest.importorskip("sphinx")
     from sphinx.cmd.build import build_main
 
@@ -66,3 +86,27 @@ def test_api_reference_builds_without_new_warnings(tmp_path):
         "load_efficientnet_lite0",
     ):
         assert name in api
+    _check_guide(tmp_path / "html")
+
+
+def _check_guide(html):
+    """The guide's pages are built, linked from the front page, and their links resolve."""
+    assert 'href="guide/index.html"' in (html / "index.html").read_text(encoding="utf-8")
+    for name in GUIDE_PAGES:
+        assert (html / "guide" / f"{name}.html").exists(), f"guide page {name} not built"
+    tutorial = (html / "guide" / "tutorial.html").read_text(encoding="utf-8")
+    assert tutorial.count("<img") >= 5, "the tutorial's saved figures are not rendered"
+    assert "equals Captum Occlusion" in tutorial  # a printed output of the executed notebook
+    for page in (html / "guide").glob("*.html"):
+        text = page.read_text(encoding="utf-8")
+        for link in re.findall(r'href="([^"#:?]+)["#?]', text):
+            target = (page.parent / link).resolve()
+            assert target.exists(), f"{page.name}: link {link} leads nowhere"
+    engines = (html / "guide" / "engines.html").read_text(encoding="utf-8")
+    assert re.search(r'href="[^"]*_downloads/[^"]*/zoo\.md"', engines), "results files not linked"
+
+
+def test_every_guide_page_exists_in_the_source():
+    for name in GUIDE_PAGES:
+        suffix = ".ipynb" if name == "tutorial" else ".md"
+        assert os.path.exists(os.path.join(DOCS, "guide", name + suffix)), name

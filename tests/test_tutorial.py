@@ -20,7 +20,7 @@ SCRIPT = os.path.join(TUTORIALS, "TiledOcclusion.py")
 REBUILD = (
     "edit tutorials/TiledOcclusion.py, then run `jupytext --sync tutorials/TiledOcclusion.py` "
     "and `jupyter execute --inplace --NotebookClient.record_timing=False "
-    "tutorials/TiledOcclusion.ipynb` (see README, Tutorial)"
+    "tutorials/TiledOcclusion.ipynb` (see docs/guide/visualisation.md, The tutorial)"
 )
 
 # Lines the notebook prints for its own checks; each must end in "True".
