@@ -118,3 +118,16 @@ def test_example_runs(path, line, heading, code, tmp_path, monkeypatch, capsys):
     check = CHECKS.get((path.name, heading))
     if check is not None:
         check(namespace, capsys.readouterr().out)
+
+
+def test_the_readme_commands_are_what_ci_runs():
+    """The README's two set-up commands; the second installs and tests as .ci/run does."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    demo, tests = re.findall(r"^python3 -m venv \.venv && (.*)$", text, re.M)
+    assert demo == '. .venv/bin/activate && pip install -e ".[demo]" && python -m extra_attrib demo'
+    install, run = re.fullmatch(
+        r'\. \.venv/bin/activate && pip install -e "(\.\[[\w,]+\])" && (python -m pytest -q)', tests
+    ).groups()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert f'pip install -q -e "{install}"' in ci
+    assert re.search(rf"^{re.escape(run)}$", ci, re.M)
