@@ -159,9 +159,10 @@ class StoreBusyError(StoreMismatchError):
 
 
 def _creation_step(name: str) -> None:
-    """Called after each step of :func:`create`; does nothing.
+    """Called after each step of :func:`create` and of claiming the place; does nothing.
 
-    The tests replace it in a child process to SIGKILL it at a chosen step.
+    The claiming steps are ``"claimed"`` (marker written) and ``"leased"`` (lease taken). The
+    tests replace it in a child process to SIGKILL it at a chosen step.
     """
 
 
@@ -851,8 +852,15 @@ def _is_own(name: str) -> bool:
 
     Never the marker, the lease or anything else.
     """
-    # zarr writes every file as NAME.<uuid>.partial first: a kill can leave one behind
-    return name in OWN_ENTRIES or (name.startswith("zarr.") and name.endswith(".partial"))
+    # zarr writes every file as NAME.<uuid>.partial first, and so do the marker and the lease
+    # (Place.write): a kill can leave one behind
+    return name in OWN_ENTRIES or _is_own_partial(name)
+
+
+def _is_own_partial(name: str) -> bool:
+    return name.endswith(".partial") and name.startswith(
+        ("zarr.", f"{MARKER_NAME}.", f"{LEASE_NAME}.")
+    )
 
 
 def _is_system_file(name: str) -> bool:
@@ -908,8 +916,8 @@ def check_place(
             f"it (give a new or empty folder)"
         )
     names = [name for name in place.names() if not _is_system_file(name)]
-    if not names:
-        return None
+    if not names or all(_is_own_partial(name) for name in names):
+        return None  # empty, or what a kill left while the marker was written
     marked = MARKER_NAME in names and has_marker(place)
     meta = None
     if "zarr.json" in names:

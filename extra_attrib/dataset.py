@@ -478,22 +478,32 @@ def explain_dataset(
 
     The store holds ``attributions`` ``(N, *S)`` (fill NaN), per-item ``records`` (state,
     target, the target's output on the clean input) and ``errors``, plus the settings as group
-    attributes (layout in :mod:`extra_attrib._store`). It owns only what it made: a path holding
-    a file, a folder of other files or a zarr group made by something else is refused and left
-    untouched, whatever ``resume`` says. Calling again with the same settings continues where a
-    previous run stopped, even one killed with ``kill -9`` (also during the store's creation): an
-    item's record says done only after its attribution is written, so at most the batch in
-    flight and the last 10 s of results are lost, and a done item is never recomputed unless its
-    data is found missing or unreadable. A store made with other settings (resolved as the
-    method reads them: method classes, arguments with defaults filled in, the model's class,
-    weights or what a wrapping function reaches, its output on one item, the target, the item
-    list, N, item shape, dtype) is refused with the differences.
+    attributes (layout in :mod:`extra_attrib._store`). It owns only what carries its marker
+    (``extra_attrib-store.json``, or the group attribute of stores of earlier versions): a path
+    holding a file, a folder of other files (whatever their names) or a zarr group made by
+    something else is refused and left untouched, whatever ``resume`` says. A run that fails
+    before any item is done removes the store it made. Calling again with the same settings
+    continues where a previous run stopped, even one killed with ``kill -9`` (also during the
+    store's creation): an item's record says done only after its attribution is written, and
+    results reach the store within 10 s of being computed (a timer, also while a slow batch
+    runs), so at most the batch in flight and the last 10 s of results are lost; a done item
+    is never recomputed unless its data is found missing or unreadable, or its file changed
+    (size or modification time). A store made with other settings (resolved as the method
+    reads them: method classes and their non-default constructor settings, arguments with
+    defaults filled in, the model's class, weights or what a wrapping function reaches, globals
+    included, its output on one item, the target, the item list, N, item shape, dtype) is
+    refused with the differences.
+
+    One run writes a store at a time: a run holds the store's lease (host, pid, start time, a
+    heartbeat), and a second run is refused with :class:`~extra_attrib._store.StoreBusyError`
+    naming the holder; the lease of a killed run is taken over by the next run (on the same
+    host at once, from another host after 120 s without a heartbeat). Readers need no lease.
 
     Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) each process takes every
     ``WORLD_SIZE``-th block of items not done yet, runs on ``cuda:LOCAL_RANK`` when GPUs exist
-    and writes its own blocks (files); rank 0 creates or checks the store first, and the others
-    wait for it (a gloo process group, made here unless one exists). The result equals a single
-    process. Two separate runs must not write one store at the same time.
+    and writes its own blocks (files); rank 0 takes the lease and creates or checks the store
+    first, and the others wait for it (a gloo process group, made here unless one exists). The
+    processes of one torchrun are one run. The result equals a single process.
 
     Args:
         method (captum.attr.Attribution): Any Captum attribution method (TiledOcclusion,
@@ -745,7 +755,9 @@ def _prepare_store(
         output = _probe_output(model, x, run_device)
         if attempt == 0:
             folder_made = _store.claim(out, storage_options)
+            _store._creation_step("claimed")
             lease.acquire()  # from here on this run may remove what it made
+            _store._creation_step("leased")
             made["folder"] = folder_made
             again = _store.check_place(out, storage_options)
             if _store._canonical(again) == _store._canonical(meta):
