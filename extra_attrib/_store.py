@@ -1116,6 +1116,13 @@ class Lease:
         self._thread.start()
         return taken_over
 
+    def holds(self) -> bool:
+        """Whether the lease file still holds this run's token."""
+        try:
+            return self._mine()
+        except OSError:
+            return False
+
     def _mine(self) -> bool:
         current = _json_of(self.place, LEASE_NAME) if self.place.exists(LEASE_NAME) else None
         return isinstance(current, dict) and current.get("token") == self.token

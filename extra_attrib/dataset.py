@@ -665,7 +665,8 @@ def explain_dataset(
         )
     except Exception:
         # a store this run made and that has no result yet is not left behind
-        if lease is not None and made["store"] and ranks.world == 1:
+        # (only while this run still holds the lease: a run taken over leaves the store alone)
+        if lease is not None and made["store"] and ranks.world == 1 and lease.holds():
             lease.stop()
             _discard_if_empty(out, made["folder"], storage_options)
         raise

@@ -380,3 +380,26 @@ def test_items_reordered_around_an_unchanged_first_item_are_refused(tmp_path):
     shuffled.x = shuffled.x[order]
     with pytest.raises(StoreMismatchError, match="items"):
         run(tmp_path / "s.zarr", dataset=shuffled)
+
+
+class TakenOver(CountingMethod):
+    """Another run takes the lease over while this one computes its first batch."""
+
+    def __init__(self, out):
+        super().__init__(TiledOcclusion(TinyNet().eval()))
+        self.out = out
+
+    def attribute(self, inputs, **kwargs):
+        if self.items == 0:
+            write_lease(self.out, token="the-new-holder", host="elsewhere.example")
+        return super().attribute(inputs, **kwargs)
+
+
+def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_store_alone(tmp_path):
+    out = tmp_path / "s.zarr"
+    with pytest.raises(StoreMismatchError, match="taken over or removed.*elsewhere.example"):
+        run(out, method=TakenOver(out))
+    # the new holder's store and lease are left as they are: nothing discarded, nothing written
+    lease = json.loads((out / _store.LEASE_NAME).read_text())
+    assert lease["token"] == "the-new-holder"
+    assert not open_attributions(out).done.any()
