@@ -245,7 +245,7 @@ def rgb_pixels(image: Any) -> np.ndarray:
             grey = np.round(values / 257.0)
         return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
     try:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy (torch warns about read-only)
     except (ValueError, OSError) as err:
         raise ValueError(f"image of mode {mode} cannot be converted to RGB: {err}") from None
 
@@ -375,7 +375,6 @@ class _OneLineWarnings:
         import warnings
 
         self.context.__enter__()
-        warnings.simplefilter("default")
 
         def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
             text = " ".join(str(message).split())

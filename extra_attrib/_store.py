@@ -441,7 +441,7 @@ class _Reach:
             out["defaults"] = self(list(fn.__defaults__), depth + 1)
         if fn.__kwdefaults__:
             out["kwdefaults"] = self(dict(fn.__kwdefaults__), depth + 1)
-        used = {}
+        used: Dict[str, Any] = {}
         for name in sorted(set(_code_names(code))):
             if name not in fn.__globals__:
                 continue
@@ -456,10 +456,32 @@ class _Reach:
                 continue  # a builtin such as len
             elif inspect.isfunction(value) and value.__module__ != self.root_module:
                 continue  # a library function: named by the code that calls it
-            else:
+            elif isinstance(value, _FOLLOWED) or inspect.isroutine(value):
                 used[name] = self(value, depth + 1)
+            elif type(value).__module__ == self.root_module:
+                used[name] = self(value, depth + 1)  # an object of the user's own class
+            else:
+                # a library's object (a logger, a client): its attributes may change by
+                # themselves, so it is announced rather than walked
+                self.opaque.append(f"the global {name!r} ({_qualname(value)})")
+                used[name] = {"opaque": _qualname(value)}
         out["globals"] = used
         return out
+
+
+#: Globals a forward function reads that are followed whatever module they come from.
+_FOLLOWED = (
+    dict,
+    list,
+    tuple,
+    types.SimpleNamespace,
+    functools.partial,
+    nn.Module,
+    torch.Tensor,
+    np.ndarray,
+    np.generic,
+    torch.dtype,
+)
 
 
 def _code_digest(code: types.CodeType) -> str:

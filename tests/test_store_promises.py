@@ -403,3 +403,24 @@ def test_a_run_whose_lease_was_taken_over_stops_and_leaves_the_store_alone(tmp_p
     lease = json.loads((out / _store.LEASE_NAME).read_text())
     assert lease["token"] == "the-new-holder"
     assert not open_attributions(out).done.any()
+
+
+LOG = __import__("logging").getLogger("tests.test_store_promises")
+NETS = {}
+
+
+def forward_that_logs(x):
+    LOG.debug("forward of %s items", len(x))
+    return NETS["net"](x)
+
+
+def test_a_library_object_read_as_a_global_is_announced_not_walked(tmp_path):
+    NETS["net"] = TinyNet().eval()
+    try:
+        with pytest.warns(UserWarning, match="global 'LOG'"):
+            run(tmp_path / "s.zarr", method=TiledOcclusion(forward_that_logs))
+        LOG.isEnabledFor(10)  # fills the logger's cache: its state changed by itself
+        summary, _ = run(tmp_path / "s.zarr", method=TiledOcclusion(forward_that_logs))
+        assert summary.skipped == N_ITEMS
+    finally:
+        NETS.clear()
