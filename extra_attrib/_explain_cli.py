@@ -155,7 +155,11 @@ def add_commands(commands: Any) -> None:
 
 
 def image_files(paths: Sequence[str]) -> List[str]:
-    """Files as given, and the image files under folders (recursive, sorted)."""
+    """Files as given, and the image files under folders (recursive, sorted).
+
+    Symbolic links to folders are followed, each real folder once (a link that leads back
+    into a folder already searched is skipped), so a cycle cannot repeat or hang the search.
+    """
     from PIL import Image
 
     extensions = {ext.lower() for ext in Image.registered_extensions()}
@@ -163,14 +167,22 @@ def image_files(paths: Sequence[str]) -> List[str]:
     for path in paths:
         if os.path.isdir(path):
             found = []
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
+            visited = set()
+            for root, dirs, names in os.walk(path, followlinks=True):
+                real = os.path.realpath(root)
+                if real in visited:
+                    dirs[:] = []
+                    continue
+                visited.add(real)
+                dirs[:] = sorted(
+                    d for d in dirs if os.path.realpath(os.path.join(root, d)) not in visited
+                )
                 found += [
                     os.path.join(root, name)
                     for name in names
                     if os.path.splitext(name)[1].lower() in extensions
                 ]
-            files += sorted(found)
+            files += sorted(found, key=os.fsencode)
         elif os.path.isfile(path):
             files.append(path)
         else:
@@ -198,11 +210,54 @@ class ImageFiles(torch.utils.data.Dataset):
             return self.transform(image)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def rgb_pixels(image: Any) -> np.ndarray:
+    """A PIL image as ``(H, W, 3)`` uint8 RGB, upright, whatever its mode; or ValueError.
+
+    The EXIF orientation is applied. 16-bit greyscale (``I;16*``, and ``I``, as which some
+    Pillow versions open 16-bit PNGs) is scaled from 0..65535 (values outside raise);
+    float greyscale (``F``) must lie in [0, 1]; every other mode goes through Pillow's
+    conversion (palette, LA, CMYK, YCbCr, ...). What cannot be converted raises ValueError
+    naming the mode, so the item is recorded as failed instead of explained as a wrong image.
+    """
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if mode == "F":
+            if not (np.isfinite(values).all() and low >= 0.0 and high <= 1.0):
+                raise ValueError(
+                    f"image of mode F with values in [{low:g}, {high:g}]: only [0, 1] is "
+                    f"understood; give a --model factory whose transform reads such images"
+                )
+            grey = np.round(values * 255.0)
+        else:
+            if low < 0 or high > 65535:
+                raise ValueError(
+                    f"image of mode {mode} with values in [{low:g}, {high:g}]: not 16-bit "
+                    f"greyscale; give a --model factory whose transform reads such images"
+                )
+            grey = np.round(values / 257.0)
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    try:
+        return np.array(image.convert("RGB"))  # a writable copy (torch warns about read-only)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"image of mode {mode} cannot be converted to RGB: {err}") from None
+
+
 def efficientnet_transform(image: Any) -> Tensor:
-    """PIL image -> ``(3, 224, 224)`` EfficientNet-Lite input (centre crop, (x - 127) / 128)."""
+    """PIL image -> ``(3, 224, 224)`` EfficientNet-Lite input (centre crop, (x - 127) / 128).
+
+    The image is read by :func:`rgb_pixels` (EXIF orientation, 16-bit and float modes).
+    """
     from extra_attrib import imagenet
 
-    return imagenet.preprocess(np.asarray(image.convert("RGB")))[0][0]
+    return imagenet.preprocess(rgb_pixels(image))[0][0]
 
 
 def load_model(spec: Optional[str]) -> Tuple[nn.Module, Transform, str]:
@@ -218,7 +273,12 @@ def load_model(spec: Optional[str]) -> Tuple[nn.Module, Transform, str]:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise UsageError(f"--model {spec!r}: {err}") from None
-    made = factory()
+    try:
+        made = factory()
+    except Exception as err:
+        raise UsageError(
+            f"--model {spec!r}: calling {attr}() raised {type(err).__name__}: {err}"
+        ) from None
     model, transform, preprocess = made, efficientnet_transform, DEFAULT_PREPROCESS
     if isinstance(made, tuple):
         if len(made) != 2 or not callable(made[1]):
@@ -277,20 +337,85 @@ def check_out(out: str) -> None:
         raise UsageError(str(err)) from None
 
 
+def check_device(device: Optional[str]) -> None:
+    """``--device`` names a device torch knows and this machine has (before any work)."""
+    if device is None:
+        return
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {device!r} is not a device torch knows ({err})") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {device!r}: this machine has no CUDA GPU (use --device cpu)"
+            )
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device!r}: this machine has {torch.cuda.device_count()} GPUs"
+            )
+        return
+    if chosen.type != "cpu":
+        try:
+            torch.empty(1, device=chosen)
+        except Exception as err:
+            raise UsageError(f"--device {device!r} cannot be used here ({err})") from None
+
+
+class _OneLineWarnings:
+    """While active, warnings are printed as one line each on stderr (no source line)."""
+
+    def __init__(self, prog: str) -> None:
+        import warnings
+
+        self.prog = prog
+        self.context = warnings.catch_warnings()
+
+    def __enter__(self) -> _OneLineWarnings:
+        import warnings
+
+        self.context.__enter__()
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            text = " ".join(str(message).split())
+            print(f"{self.prog}: warning: {text}", file=sys.stderr, flush=True)
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.context.__exit__(*exc)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def run_explain(args: argparse.Namespace) -> int:
+    """``explain``: exit 0 (all done), 1 (some items failed), 2 (an error: one line)."""
+    with _OneLineWarnings("extra-attrib explain"):
+        return _run_explain(args)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
     from extra_attrib import dataset as ds
-    from extra_attrib._store import StoreMismatchError
+    from extra_attrib._store import StoreMismatchError, shown_path
     from extra_attrib.imagenet import MissingDemoExtraError
 
     rank = int(os.environ.get("RANK", "0"))
+    prog = "extra-attrib explain"
     try:
         if args.num_workers < 0:
             raise UsageError(f"--num-workers {args.num_workers} must be at least 0")
+        check_device(args.device)
         check_out(args.out)
         files = image_files(args.paths)
         model, transform, preprocess = load_model(args.model)
         images = ImageFiles(files, transform)
-        shape, _ = ds._probe(images, len(images))
+        try:
+            shape, _ = ds._probe(images, len(images))
+        except ValueError as err:
+            raise UsageError(str(err).replace("dataset:", "PATH:", 1)) from None
         if len(shape) != 3:
             raise UsageError(
                 f"the transform gives inputs of shape {tuple(shape)}; expected "
@@ -320,14 +445,34 @@ def run_explain(args: argparse.Namespace) -> int:
             **kwargs,
         )
     except MissingDemoExtraError as err:
-        print(f"extra-attrib explain: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 1
     except (UsageError, StoreMismatchError) as err:
-        print(f"extra-attrib explain: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except ImportError as err:  # zarr missing
-        print(f"extra-attrib explain: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 1
+    except ds._SettingError as err:  # a setting that fits no item (--target 999, say)
+        hint = f" (--target {args.target})" if "target" in str(err) else ""
+        print(f"{prog}: error{hint}: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permissions, a vanished file system
+        print(
+            f"{prog}: error: {type(err).__name__}: {_one_line(err)} (what was written is kept; "
+            f"run the same command again to continue)",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as err:
+        if os.environ.get("EXTRA_ATTRIB_TRACEBACK"):
+            raise
+        print(
+            f"{prog}: error: {type(err).__name__}: {_one_line(err)} (set "
+            f"EXTRA_ATTRIB_TRACEBACK=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return 2
     if rank != 0:
         # Rank 0 reports for everyone; a non-zero status here would make torchrun stop rank 0
         # before it prints the final line.
@@ -337,12 +482,12 @@ def run_explain(args: argparse.Namespace) -> int:
 
         store = open_attributions(summary.path)
         for index, message in list(store.errors.items())[:MAX_LISTED_FAILURES]:
-            where = store.paths[index] if store.paths else f"item {index}"
+            where = shown_path(store.paths[index]) if store.paths else f"item {index}"
             print(f"  failed: {where}: {message}", flush=True)
         if summary.failed > MAX_LISTED_FAILURES:
             print("  ... all failures: extra_attrib.open_attributions(STORE).errors", flush=True)
     print(
-        f"extra-attrib explain: {summary.done} done, {summary.failed} failed of "
+        f"{prog}: {summary.done} done, {summary.failed} failed of "
         f"{summary.total} ({summary.skipped} already done) in {summary.seconds:.1f} s "
         f"-> {summary.path}",
         flush=True,
@@ -361,7 +506,9 @@ def _display_image(path: str, preprocess: str, height: int, width: int) -> Optio
 
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = rgb_pixels(image) if preprocess == DEFAULT_PREPROCESS else None
+            if rgb is None:
+                rgb = np.asarray(image.convert("RGB"))
     except (OSError, ValueError):
         return None
     if preprocess == DEFAULT_PREPROCESS and height == width:
@@ -385,9 +532,10 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"extra-attrib show: error: {err}", file=sys.stderr)
         return 2
     try:
-        store = open_attributions(args.store, verify=False)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"extra-attrib show: error: {err}", file=sys.stderr)
+        with _OneLineWarnings("extra-attrib show"):
+            store = open_attributions(args.store, verify=False)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        print(f"extra-attrib show: error: {_one_line(err)}", file=sys.stderr)
         return 2
     i = args.index
     if not 0 <= i < len(store):
@@ -399,14 +547,21 @@ def run_show(args: argparse.Namespace) -> int:
         why = f": {store.errors[i]}" if i in store.errors else " yet"
         print(f"extra-attrib show: error: item {i} is not done{why}", file=sys.stderr)
         return 1
-    attr = store.item(i)
-    name = os.path.basename(store.paths[i]) if store.paths else f"item {i}"
+    try:
+        attr = store.item(i)
+    except ValueError as err:  # marked done, but its chunk is missing or damaged
+        print(f"extra-attrib show: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    from extra_attrib._store import shown_path
+
+    path = store.paths[i] if store.paths else None
+    name = os.path.basename(shown_path(path)) if path else f"item {i}"
     title = f"{name}: target {int(store.targets[i])}, score {float(store.scores[i]):.3g}"
     info = store.metadata.get("info", {})
     image = None
-    if attr.dim() == 3 and attr.shape[0] in (1, 3, 4) and store.paths:
+    if attr.dim() == 3 and attr.shape[0] in (1, 3, 4) and path:
         image = _display_image(
-            store.paths[i], info.get("preprocess", "custom"), int(attr.shape[1]), int(attr.shape[2])
+            path, info.get("preprocess", "custom"), int(attr.shape[1]), int(attr.shape[2])
         )
     if image is not None:
         fig = plot_image_attribution(image, attr, title=title)

@@ -82,6 +82,9 @@ class AttributionStore:
         metadata (dict): Method, arguments, model, target, versions, creation time.
         damaged (dict): ``{index: reason}`` of items marked done whose attribution is missing
             or unreadable (found when opened with ``verify=True``); they count as not done.
+        damaged_chunks (dict): ``{chunk key: reason}`` of unreadable chunks of the side arrays
+            (``errors``, ``paths``, ``identity``): their messages read as "unreadable", their
+            paths as None; ``explain_dataset`` with the same settings repairs them.
     """
 
     attributions: Any
@@ -90,9 +93,10 @@ class AttributionStore:
     done: np.ndarray
     failed: np.ndarray
     errors: Dict[int, str]
-    paths: Optional[List[str]]
+    paths: Optional[List[Optional[str]]]
     metadata: Dict[str, Any] = field(repr=False)
     damaged: Dict[int, str] = field(default_factory=dict)
+    damaged_chunks: Dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         """Number of items in the store."""
@@ -182,13 +186,17 @@ def open_attributions(
             f"{damaged[first]}); they count as not done, and explain_dataset with the same "
             f"settings computes them again"
         )
-    rows = np.flatnonzero(failed)
-    try:
-        messages = group["errors"].oindex[rows] if rows.size else []
-    except Exception as err:  # a damaged errors file: the failures are still known
-        messages = [f"(message unreadable: {type(err).__name__})"] * rows.size
-    errors = {int(i): str(m) for i, m in zip(rows, messages)}
-    paths = [str(p) for p in group["paths"][:]] if "paths" in group else None
+    errors, chunks = _store.read_errors(group, np.flatnonzero(failed), block)
+    paths, more = _store.read_paths(group)
+    chunks.update(more)
+    identity = _store.check_blocks(group, "identity", block)
+    chunks.update({key: why for key, (_, _, why) in identity.items()})
+    if chunks:
+        _store.warn(
+            f"{path}: {len(chunks)} chunks of the store's side arrays are unreadable "
+            f"({', '.join(sorted(chunks)[:3])}): their messages or paths are unknown; "
+            f"explain_dataset with the same settings repairs them"
+        )
     targets = np.where(done, np.nan_to_num(records[:, 1], nan=-1.0), -1.0).astype(np.int64)
     scores = np.where(done, records[:, 2], np.nan)
     return AttributionStore(
@@ -201,6 +209,7 @@ def open_attributions(
         paths=paths,
         metadata=meta,
         damaged=damaged,
+        damaged_chunks=chunks,
     )
 
 
@@ -469,22 +478,32 @@ def explain_dataset(
 
     The store holds ``attributions`` ``(N, *S)`` (fill NaN), per-item ``records`` (state,
     target, the target's output on the clean input) and ``errors``, plus the settings as group
-    attributes (layout in :mod:`extra_attrib._store`). It owns only what it made: a path holding
-    a file, a folder of other files or a zarr group made by something else is refused and left
-    untouched, whatever ``resume`` says. Calling again with the same settings continues where a
-    previous run stopped, even one killed with ``kill -9`` (also during the store's creation): an
-    item's record says done only after its attribution is written, so at most the batch in
-    flight and the last 10 s of results are lost, and a done item is never recomputed unless its
-    data is found missing or unreadable. A store made with other settings (resolved as the
-    method reads them: method classes, arguments with defaults filled in, the model's class,
-    weights or what a wrapping function reaches, its output on one item, the target, the item
-    list, N, item shape, dtype) is refused with the differences.
+    attributes (layout in :mod:`extra_attrib._store`). It owns only what carries its marker
+    (``extra_attrib-store.json``, or the group attribute of stores of earlier versions): a path
+    holding a file, a folder of other files (whatever their names) or a zarr group made by
+    something else is refused and left untouched, whatever ``resume`` says. A run that fails
+    before any item is done removes the store it made. Calling again with the same settings
+    continues where a previous run stopped, even one killed with ``kill -9`` (also during the
+    store's creation): an item's record says done only after its attribution is written, and
+    results reach the store within 10 s of being computed (a timer, also while a slow batch
+    runs), so at most the batch in flight and the last 10 s of results are lost; a done item
+    is never recomputed unless its data is found missing or unreadable, or its file changed
+    (size or modification time). A store made with other settings (resolved as the method
+    reads them: method classes and their non-default constructor settings, arguments with
+    defaults filled in, the model's class, weights or what a wrapping function reaches, globals
+    included, its output on one item, the target, the item list, N, item shape, dtype) is
+    refused with the differences.
+
+    One run writes a store at a time: a run holds the store's lease (host, pid, start time, a
+    heartbeat), and a second run is refused with :class:`~extra_attrib._store.StoreBusyError`
+    naming the holder; the lease of a killed run is taken over by the next run (on the same
+    host at once, from another host after 120 s without a heartbeat). Readers need no lease.
 
     Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) each process takes every
     ``WORLD_SIZE``-th block of items not done yet, runs on ``cuda:LOCAL_RANK`` when GPUs exist
-    and writes its own blocks (files); rank 0 creates or checks the store first, and the others
-    wait for it (a gloo process group, made here unless one exists). The result equals a single
-    process. Two separate runs must not write one store at the same time.
+    and writes its own blocks (files); rank 0 takes the lease and creates or checks the store
+    first, and the others wait for it (a gloo process group, made here unless one exists). The
+    processes of one torchrun are one run. The result equals a single process.
 
     Args:
         method (captum.attr.Attribution): Any Captum attribution method (TiledOcclusion,
@@ -552,12 +571,16 @@ def explain_dataset(
         raise TypeError(f"out={out!r} must be a path or URL string")
     model = _store.find_model(method)
     ranks = _Ranks()
+    lease: Optional[_store.Lease] = None
+    made = {"store": False, "folder": False}
     try:
         run_device = _resolve_device(model, device, ranks)
-        # rank 0 creates or checks (and repairs) the store; the others learn the outcome
-        problem, damaged = None, 0
+        # rank 0 takes the lease and creates or checks (and repairs) the store; the others
+        # learn the outcome and the lease's token, which every write checks
+        problem, damaged, token = None, 0, ""
         if ranks.rank == 0:
             try:
+                lease = _store.Lease(out, storage_options)
                 damaged = _prepare_store(
                     method,
                     model,
@@ -572,15 +595,18 @@ def explain_dataset(
                     storage_options,
                     dict(metadata or {}, batch_size=batch_size),
                     attribute_kwargs,
+                    lease,
+                    made,
                 )
+                token = lease.token
             except Exception as err:
                 problem = err
         shared = ranks.broadcast(
-            (damaged, None if problem is None else (type(problem), str(problem)))
+            (damaged, token, None if problem is None else (type(problem), str(problem)))
         )
         if problem is not None:
             raise problem
-        damaged, failure = shared
+        damaged, token, failure = shared
         if failure is not None:
             raise _rebuilt(*failure)
         if isinstance(model, nn.Module):  # only once the store is known to be usable
@@ -600,7 +626,10 @@ def explain_dataset(
             for i in range(b * block, min(n, (b + 1) * block))
             if not done[i]
         ]
-        writer = _store.BlockBuffer(_store.BackgroundWriter(_store.ItemWriter(group)), block, mine)
+        guard = _store.LeaseCheck(out, token, storage_options)
+        writer = _store.BlockBuffer(
+            _store.BackgroundWriter(_store.ItemWriter(group, guard)), block, mine
+        )
         try:
             _run(
                 method,
@@ -634,8 +663,31 @@ def explain_dataset(
             path=str(out),
             damaged=int(damaged),
         )
+    except Exception:
+        # a store this run made and that has no result yet is not left behind
+        # (only while this run still holds the lease: a run taken over leaves the store alone)
+        if lease is not None and made["store"] and ranks.world == 1 and lease.holds():
+            lease.stop()
+            _discard_if_empty(out, made["folder"], storage_options)
+        raise
     finally:
+        if lease is not None:
+            lease.release()
         ranks.close()
+
+
+def _discard_if_empty(out: str, made_folder: bool, storage_options: Any) -> None:
+    """Remove a store this run created if no item of it is done (the run failed first)."""
+    try:
+        meta = _store.check_place(out, storage_options)
+        if meta is not None and meta.get("state") == "ready":
+            group = _store.open_group(out, "r", storage_options)
+            records, _ = _store.read_records(group, _store.block_of(meta))
+            if (records[:, 0] == _store.DONE).any():
+                return
+        _store.discard(out, made_folder, storage_options)
+    except Exception:  # never hide the run's own error behind a clean-up problem
+        pass
 
 
 def _probe_output(model: Any, x: Tensor, run_device: torch.device) -> Optional[Dict[str, Any]]:
@@ -653,6 +705,15 @@ def _probe_output(model: Any, x: Tensor, run_device: torch.device) -> Optional[D
         return None
 
 
+def _sample(dataset: Any, n: int) -> Dict[str, str]:
+    """:func:`_store.sample_digest` of the items of :func:`_store.sample_indices`."""
+    items = []
+    for i in _store.sample_indices(n):
+        _, x, _, error = _Items(dataset, [i])[0]
+        items.append((i, x if x is not None else error))
+    return _store.sample_digest(items)
+
+
 def _prepare_store(
     method: Any,
     model: Any,
@@ -667,23 +728,46 @@ def _prepare_store(
     storage_options: Optional[Dict[str, Any]],
     info: Dict[str, Any],
     attribute_kwargs: Dict[str, Any],
+    lease: _store.Lease,
+    made: Dict[str, bool],
 ) -> int:
-    """Create the store, or check that it may be resumed and repair it; rank 0 only.
+    """Take the lease, then create the store, or check that it may be resumed and repair it.
+
+    Rank 0 only. Nothing is written before the dataset and the model have been tried on one
+    item (a run that cannot start leaves nothing); then ``out`` is marked as ours (the marker
+    file) and the lease taken, and the place is looked at again under the lease. ``made`` is
+    told whether this run made the store (and its folder).
 
     Returns the number of done items found damaged (missing or unreadable); they are marked
     pending again, to be computed by this run.
     """
     meta = _store.check_place(out, storage_options)  # refuses what is not ours
-    resuming = resume and meta is not None and meta.get("state") == "ready"
-    if resuming and meta is not None and meta.get("format") != _store.FORMAT:
-        _store.check_compatible(out, meta, {})  # raises: another format
-    stored_probe = (meta or {}).get("probe") if resuming else None
-    index, x, _ = _probe_item(dataset, n, None if not stored_probe else int(stored_probe["index"]))
-    fp = _store.fingerprint(method, attribute_kwargs, target, n, x.shape, dtype, paths, (index, x))
-    output = _probe_output(model, x, run_device)
+    for attempt in range(2):
+        resuming = resume and meta is not None and meta.get("state") == "ready"
+        if resuming and meta is not None and meta.get("format") != _store.FORMAT:
+            _store.check_compatible(out, meta, {})  # raises: another format
+        stored_probe = (meta or {}).get("probe") if resuming else None
+        probe_index = None if not stored_probe else int(stored_probe["index"])
+        index, x, _ = _probe_item(dataset, n, probe_index)
+        sample = _sample(dataset, n) if paths is None else None
+        fp = _store.fingerprint(
+            method, attribute_kwargs, target, n, x.shape, dtype, paths, (index, x), sample
+        )
+        output = _probe_output(model, x, run_device)
+        if attempt == 0:
+            folder_made = _store.claim(out, storage_options)
+            _store._creation_step("claimed")
+            lease.acquire()  # from here on this run may remove what it made
+            _store._creation_step("leased")
+            made["folder"] = folder_made
+            again = _store.check_place(out, storage_options)
+            if _store._canonical(again) == _store._canonical(meta):
+                break
+            meta = again  # another run changed it meanwhile: look again, under the lease
+    made["store"] = meta is None
     if not resuming:
         batching = {k: v for k, v in attribute_kwargs.items() if k in _store.BATCHING_ARGUMENTS}
-        _, opaque = _store.model_digest(model)
+        _, _, opaque = _store.method_digest(method)
         notes = []
         if opaque:
             notes.append(
@@ -692,10 +776,11 @@ def _prepare_store(
                 f"item {index} instead"
             )
             _store.warn(f"out={out!r}: {notes[-1]}")
+        made["store"] = True
         _store.create(
             out,
             fp,
-            paths,
+            None if paths is None else [_store.as_path(p) for p in paths],
             dict(info, **batching),
             storage_options,
             probe={"index": index, "output": output},
@@ -716,16 +801,85 @@ def _prepare_store(
                 f"not deterministic (dropout in training mode?); refusing to mix results (pass "
                 f"resume=False to overwrite it, or another out)"
             )
+    return _repair(out, group, meta, n, paths, storage_options)
+
+
+def _repair(
+    out: str,
+    group: Any,
+    meta: Dict[str, Any],
+    n: int,
+    paths: Optional[Sequence[str]],
+    storage_options: Optional[Dict[str, Any]],
+) -> int:
+    """Check every array of a store about to be resumed; repair what is damaged.
+
+    ``records`` and ``attributions``: an unreadable block is removed and its items computed
+    again, as is a done item whose attribution is missing. ``errors``: an unreadable block is
+    removed and its failed items are tried again (their messages are lost). ``paths``: an
+    unreadable chunk is written again from the dataset's paths (the item list's digest matched).
+    ``identity``: an item whose file changed since its map was made (size or modification
+    time), or whose identity block is unreadable, is computed again.
+
+    Returns the number of done items whose attribution was missing or unreadable.
+    """
     block = _store.block_of(meta)
     place = _store.Place(out, storage_options)
     records, lost = _store.read_records(group, block, repair=place.remove)
     done = records[:, 0] == _store.DONE
     bad = _store.verify_done(group, done, block, range(-(-n // block)), repair=place.remove)
-    if bad:
-        rows = np.asarray(sorted(bad), dtype=np.int64)
+    pending = dict(bad)
+    errors = _store.check_blocks(group, "errors", block, repair=place.remove)
+    for lo, hi, why in errors.values():
+        for i in np.flatnonzero(records[lo:hi, 0] == _store.FAILED) + lo:
+            pending[int(i)] = f"its error message is {why}"
+    if errors:
+        _store.warn(
+            f"out={out!r}: {len(errors)} chunks of 'errors' were unreadable "
+            f"({', '.join(sorted(errors)[:3])}); removed, and their failed items are tried again"
+        )
+    if paths is not None and "paths" in group:
+        _, damaged_paths = _store.read_paths(group)
+        if damaged_paths:
+            array = group["paths"]
+            step = array.chunks[0]
+            listed = [_store.as_path(p) for p in paths]
+            for key in damaged_paths:
+                place.remove(key)
+                lo = int(key.rsplit("/", 1)[1]) * step
+                _store.write_paths(array, listed, lo, min(n, lo + step))
+            _store.warn(
+                f"out={out!r}: {len(damaged_paths)} chunks of 'paths' were unreadable "
+                f"({', '.join(sorted(damaged_paths)[:3])}); written again from the dataset's "
+                f"paths"
+            )
+    if paths is not None and "identity" in group:
+        unreadable = _store.check_blocks(group, "identity", block, repair=place.remove)
+        listed = [_store.as_path(p) for p in paths]
+        now = _store.identities(listed)
+        stored = np.asarray(group["identity"][:], dtype=np.int64)
+        changed = np.flatnonzero((stored != now).any(axis=1))
+        for _, (lo, hi, _) in unreadable.items():
+            changed = np.union1d(changed, np.arange(lo, hi))
+        redo = [int(i) for i in changed if done[i] and int(i) not in bad]
+        for row in redo:
+            pending[row] = "its file changed since its map was made"
+        if redo:
+            shown = ", ".join(_store.shown_path(listed[i]) for i in redo[:3])
+            _store.warn(
+                f"out={out!r}: {len(redo)} files changed since their maps were made (size or "
+                f"modification time; {shown}); computing them again"
+            )
+    if pending:  # first the records (pending), then what marks the items as current
+        rows = np.asarray(sorted(pending), dtype=np.int64)
         for j, k in _store.runs(rows):
             group["records"][rows[j] : rows[j] + k - j] = np.nan
-        first = int(rows[0])
+    if paths is not None and "identity" in group:
+        rows = np.flatnonzero((np.asarray(group["identity"][:]) != now).any(axis=1))
+        for j, k in _store.runs(rows):
+            group["identity"][rows[j] : rows[j] + k - j] = now[rows[j] : rows[j] + k - j]
+    if bad:
+        first = min(bad)
         _store.warn(
             f"out={out!r}: {len(bad)} items marked done had a missing or unreadable attribution "
             f"(item {first}: {bad[first]}); computing them again"

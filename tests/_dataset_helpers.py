@@ -108,6 +108,14 @@ def factory_model_only():
     return TinyNet(shape=(3, 224, 224), classes=4).float().eval()
 
 
+def factory_that_raises():
+    raise RuntimeError("no weights here")
+
+
+def factory_with_argument(path):
+    return factory()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("store")

@@ -130,7 +130,7 @@ def test_bad_targets_are_errors_not_item_failures(tmp_path, target, match):
     dataset = ItemsDataset(with_labels=False) if target == "label" else ItemsDataset()
     with pytest.raises(ValueError, match=match):
         run(tmp_path / "s.zarr", dataset=dataset, target=target)
-    assert not open_attributions(tmp_path / "s.zarr").done.any()
+    assert not (tmp_path / "s.zarr").exists()  # a run that fails before any item leaves none
 
 
 def test_corrupt_and_failing_items_are_recorded_and_the_rest_completes(tmp_path):
@@ -171,8 +171,7 @@ def test_item_of_another_shape_is_a_failure(tmp_path):
 def test_a_wrong_setting_raises_instead_of_failing_every_item(tmp_path):
     with pytest.raises(RuntimeError, match="setting is probably wrong.*windw"):
         run(tmp_path / "s.zarr", windw=3)
-    store = open_attributions(tmp_path / "s.zarr")
-    assert not store.failed.any() and not store.done.any()
+    assert not (tmp_path / "s.zarr").exists()  # a run that fails before any item leaves none
 
 
 class Crash(BaseException):
@@ -461,6 +460,8 @@ def test_an_empty_folder_is_used_and_replacing_a_store_keeps_the_users_files(tmp
 
 
 CREATION_STEPS = [
+    "claimed",
+    "leased",
     "cleared",
     "marker",
     "array:attributions",
@@ -501,15 +502,19 @@ def test_sigkill_at_each_step_of_creation_then_run_again(tmp_path, step, again):
     proc = helper(out, *args)
     assert proc.returncode == -9, proc.stderr
     assert set(os.listdir(tmp_path)) <= {"neighbour.txt", "s.zarr"}
-    if step != "cleared":  # recognised as ours and unfinished, not as a stranger's group
+    if step not in ("cleared", "claimed", "leased"):  # ours and unfinished, not a stranger's
         with pytest.raises(ValueError, match="creation did not finish"):
             open_attributions(out)
     dataset = ItemsDataset()
     dataset.paths = item_paths()
     summary, method = run(out, dataset=dataset, resume=again != "no-resume")
-    assert summary.complete and summary.skipped == 0 and method.items == N_ITEMS
+    # killed before it cleared anything, a replacing run left the complete store as it was
+    kept = again == "replace" and step in ("claimed", "leased")
+    assert summary.complete and summary.skipped == (N_ITEMS if kept else 0)
+    assert method.items == (0 if kept else N_ITEMS)
     assert_store_equals(out, reference(ItemsDataset(), lambda o, label: int(o.argmax())))
     assert open_attributions(out).paths == item_paths()
+    assert not (out / _store.LEASE_NAME).exists()  # the killed run's lease was taken over
     assert sorted(os.listdir(tmp_path)) == ["neighbour.txt", "s.zarr"]
     assert (tmp_path / "neighbour.txt").read_text() == "not the store's"
 

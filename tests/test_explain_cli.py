@@ -1,6 +1,7 @@
 """``extra-attrib explain`` and ``extra-attrib show`` end to end on small PNGs."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -303,3 +304,194 @@ def test_a_store_killed_while_created_is_made_again(images, tmp_path, capsys, mo
     code, stdout, err = explain(capsys, *command, *again)
     assert code == 0 and "Traceback" not in err
     assert "1 done, 0 failed of 1" in stdout
+
+
+# ----------------------------------------------------------- the store's promises (#29)
+
+
+def png(path, rng, size=(16, 16)):
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def test_a_16_bit_png_is_converted_not_explained_as_white():
+    from extra_attrib._explain_cli import efficientnet_transform
+
+    rng = np.random.default_rng(3)
+    eight = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+    sixteen = Image.fromarray(eight.astype(np.uint16) * 257)  # mode I;16, the same picture
+    assert sixteen.mode == "I;16"
+    expected = efficientnet_transform(Image.fromarray(eight))
+    torch.testing.assert_close(efficientnet_transform(sixteen), expected, atol=1e-6, rtol=0)
+    as_int = Image.fromarray(eight.astype(np.int32) * 257)  # mode I (older Pillow's 16-bit PNG)
+    torch.testing.assert_close(efficientnet_transform(as_int), expected, atol=1e-6, rtol=0)
+    floats = Image.fromarray(eight.astype(np.float32) / 255.0)  # mode F in [0, 1]
+    torch.testing.assert_close(efficientnet_transform(floats), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="mode F"):  # a range that says nothing: refused
+        efficientnet_transform(Image.fromarray(eight.astype(np.float32) * 1000.0 - 7.0))
+
+
+def test_exif_orientation_is_applied():
+    from extra_attrib._explain_cli import efficientnet_transform
+
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 3  # rotated by 180 degrees
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif, quality=100)
+    with Image.open(buffer) as tagged:
+        tagged.load()
+        got = efficientnet_transform(tagged)
+    upright = Image.fromarray(np.asarray(Image.open(buffer).convert("RGB"))[::-1, ::-1].copy())
+    torch.testing.assert_close(got, efficientnet_transform(upright), atol=1e-6, rtol=0)
+
+
+def test_an_image_mode_that_cannot_be_converted_is_a_failure_not_a_wrong_image(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    png(folder / "a.png", rng)
+    Image.fromarray(rng.normal(size=(16, 16)).astype(np.float32) * 50).save(folder / "f.tiff")
+    out = tmp_path / "s.zarr"
+    from extra_attrib import _explain_cli
+
+    dataset = _explain_cli.ImageFiles(
+        [str(folder / "a.png"), str(folder / "f.tiff")], _explain_cli.efficientnet_transform
+    )
+    assert dataset[0].shape == (3, 224, 224)
+    with pytest.raises(ValueError, match="mode F"):
+        dataset[1]
+    del out
+
+
+def only_bad_images(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not a png")
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unreadable", "none of its 2 items could be loaded"),
+        ("target", "--target 999"),
+        ("bogus-device", "--device 'bogus'"),
+        ("cuda", "--device 'cuda'"),
+        ("factory-raises", "raised RuntimeError: no weights here"),
+        ("factory-needs-argument", "missing 1 required positional argument"),
+    ],
+)
+def test_failures_before_the_first_item_are_one_line_and_leave_no_store(
+    images, tmp_path, capsys, case, message
+):
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "s.zarr"
+    paths = [only_bad_images(tmp_path)] if case == "unreadable" else [images]
+    args = ["--model", MODEL, "--window", "8", "--k", "2"]
+    if case == "target":
+        args += ["--target", "999"]
+    if case == "bogus-device":
+        args += ["--device", "bogus"]
+    if case == "cuda":
+        args += ["--device", "cuda"]
+    if case == "factory-raises":
+        args[1] = "tests._dataset_helpers:factory_that_raises"
+    if case == "factory-needs-argument":
+        args[1] = "tests._dataset_helpers:factory_with_argument"
+    code, _, err = explain(capsys, *paths, "--out", out, *args)
+    one_line_exit_2(code, err)
+    assert message in err
+    assert not out.exists()
+
+
+def test_show_of_an_item_whose_chunk_is_gone_is_one_line(images, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    command = (images / "b.png", "--out", out, "--model", MODEL, "--window", 8, "--k", 2)
+    assert explain(capsys, *command)[0] == 0
+    for root, _, names in os.walk(out / "attributions" / "c"):
+        for name in names:
+            os.remove(os.path.join(root, name))
+    code = main(["show", str(out), "--index", "0", "--out", str(tmp_path / "f.png")])
+    _, err = capsys.readouterr()
+    one_line_exit_2(code, err)
+    assert "missing" in err
+
+
+def test_disk_full_during_explain_is_one_line(images, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from extra_attrib import _store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_store.ItemWriter, "write", full)
+    out = tmp_path / "s.zarr"
+    code, _, err = explain(capsys, images, "--out", out, "--model", MODEL, "--window", 8, "--k", 2)
+    one_line_exit_2(code, err)
+    assert "No space left on device" in err
+
+
+def test_a_file_name_that_is_not_utf8_is_kept_and_shown(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(6)
+    png(folder / "a.png", rng)
+    odd = os.path.join(os.fsencode(str(folder)), b"caf\xe9.png")
+    png(os.fsdecode(odd), rng)
+    out = tmp_path / "s.zarr"
+    command = (folder, "--out", out, "--model", MODEL, "--window", 8, "--k", 2)
+    code, stdout, err = explain(capsys, *command)
+    assert code == 0, err
+    store = open_attributions(out)
+    assert [os.fsencode(p) for p in store.paths] == [
+        os.fsencode(str(folder / "a.png")),
+        odd,
+    ]
+    assert explain(capsys, *command)[0] == 0  # resumes
+    code = main(["show", str(out), "--index", "1", "--out", str(tmp_path / "f.png")])
+    assert code == 0
+
+
+def test_a_changed_image_under_the_same_name_is_computed_again(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(7)
+    for name in ("a.png", "b.png"):
+        png(folder / name, rng)
+    out = tmp_path / "s.zarr"
+    command = (folder, "--out", out, "--model", MODEL, "--window", 8, "--k", 2, "--score", "raw")
+    assert explain(capsys, *command)[0] == 0
+    png(folder / "b.png", rng)
+    later = time.time() + 5
+    os.utime(folder / "b.png", (later, later))
+    code, stdout, err = explain(capsys, *command)
+    assert code == 0 and "(1 already done)" in stdout, stdout + err
+    assert "changed" in err
+    model, transform = factory()
+    store = open_attributions(out)
+    with Image.open(folder / "b.png") as image:
+        x = transform(image)[None]
+    target = int(model(x).argmax())
+    expected = TiledOcclusion(model).attribute(x, target=target, window=8, k=2, baselines=0.0)
+    torch.testing.assert_close(store.item(1), expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_symlinked_subfolders_are_followed_once(tmp_path):
+    rng = np.random.default_rng(8)
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    png(real / "x.png", rng)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    png(folder / "a.png", rng)
+    os.symlink(real, folder / "linked")
+    os.symlink(folder, folder / "loop")  # a cycle must not hang or repeat
+    names = [os.path.relpath(f, folder) for f in image_files([str(folder)])]
+    assert names == ["a.png", os.path.join("linked", "x.png")]
