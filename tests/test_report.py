@@ -238,3 +238,17 @@ def test_a_screenshot_of_the_page_is_not_blank(page, tmp_path):
     # the pictures loaded: the grid's area holds many more colours than the header's text
     grid = pixels[150:, :]
     assert len(np.unique(grid.reshape(-1, 3), axis=0)) > 200
+
+
+def test_damaged_and_pending_items_are_listed_with_the_reason(store, tmp_path, capsys):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    shutil.rmtree(copy / "attributions" / "c" / "2")  # item 2's data is gone
+    shutil.rmtree(copy / "records" / "c" / "3")  # item 3's record is gone: not done yet
+    out = tmp_path / "r.html"
+    code, stdout, err = _report(capsys, copy, out)
+    assert code == 0, err
+    assert "4 done, 1 failed, 1 unreadable of 7 items" in stdout
+    items = _items(out)
+    assert items[2]["st"] == "damaged" and "missing" in items[2]["m"]
+    assert items[3]["st"] == "pending" and "th" not in items[3]
