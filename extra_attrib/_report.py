@@ -389,15 +389,13 @@ def _page(
         and isinstance(value, (str, int, float))
     }
     title = f"extra-attrib report: {os.path.basename(str(store_path).rstrip('/'))}"
+    # No "<" inside the script element: a path holding "</script>" or "<!--" stays data.
     data = json.dumps(
         {"store": str(store_path), "settings": described, "items": records},
         separators=(",", ":"),
-    ).replace("</", "<\\/")
-    return (
-        _TEMPLATE.replace("%GENERATOR%", GENERATOR)
-        .replace("%TITLE%", html.escape(title))
-        .replace("%DATA%", data)
-    )
+    ).replace("<", "\\u003c")
+    fields = {"GENERATOR": GENERATOR, "TITLE": html.escape(title), "DATA": data}
+    return re.sub(r"%(GENERATOR|TITLE|DATA)%", lambda m: fields[m.group(1)], _TEMPLATE)
 
 
 _TEMPLATE = r"""<!DOCTYPE html>

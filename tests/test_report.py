@@ -56,7 +56,7 @@ def _report(capsys, store, out, *extra):
 def _items(page):
     text = open(page, encoding="utf-8").read()
     data = re.search(r'<script id="data" type="application/json">(.*?)</script>', text, re.S)
-    return json.loads(data.group(1).replace("<\\/", "</"))["items"]
+    return json.loads(data.group(1))["items"]
 
 
 def _tree(path):
@@ -252,3 +252,15 @@ def test_damaged_and_pending_items_are_listed_with_the_reason(store, tmp_path, c
     items = _items(out)
     assert items[2]["st"] == "damaged" and "missing" in items[2]["m"]
     assert items[3]["st"] == "pending" and "th" not in items[3]
+
+
+def test_a_path_holding_markup_stays_data():
+    from extra_attrib._report import _page
+
+    path = "</script><!--<script>alert(1)</script>%DATA%.png"
+    record = {"i": 0, "p": path, "t": None, "s": None, "m": "<b>", "st": "failed"}
+    page = _page([record], {}, "s.zarr", {})
+    data = re.search(r'<script id="data" type="application/json">(.*?)</script>', page, re.S)
+    assert "<" not in data.group(1)
+    assert json.loads(data.group(1))["items"] == [record]
+    assert page.count("</script>") == 2  # the data's and the program's
