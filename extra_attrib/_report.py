@@ -128,8 +128,9 @@ def write_report(
             else:
                 record.update(st="done", t=int(store.targets[i]), s=_number(store.scores[i]))
                 image = _image_for(attr, path, str(info.get("preprocess", "custom")))
-                strips = _strips(attr, image, thumb_size, large_size)
-                record["th"], record["lg"] = pictures.add(i, *strips)
+                thumb, large, width = _strips(attr, image, thumb_size, large_size)
+                record["th"], record["lg"] = pictures.add(i, thumb, large)
+                record["w"], record["h"] = width, thumb_size
         elif store.failed[i]:
             record.update(st="failed", m=store.errors.get(i, ""))
         else:
@@ -325,8 +326,13 @@ def _map_2d(attr: np.ndarray) -> np.ndarray:
 
 def _strips(
     attr: np.ndarray, image: Optional[np.ndarray], thumb_size: int, large_size: int
-) -> Tuple[bytes, bytes]:
-    """JPEG strips image | map | overlay (the map alone without an image), small and large."""
+) -> Tuple[bytes, bytes, int]:
+    """JPEG strips image | map | overlay (the map alone without an image), small and large.
+
+    Returns:
+        tuple: The small strip, the large one, and the small one's width in pixels (the page
+        reserves its place before it loads, so nothing moves as pictures arrive).
+    """
     from extra_attrib.visualization import _gray, _Style
 
     values = _map_2d(attr)
@@ -341,13 +347,12 @@ def _strips(
         rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
         panels = [rgb[..., :3], heat, overlay]
     height = values.shape[0]
-    return (
-        _jpeg(panels, thumb_size),
-        _jpeg(panels, min(large_size, max(height, thumb_size))),
-    )
+    thumb, width = _jpeg(panels, thumb_size)
+    large, _ = _jpeg(panels, min(large_size, max(height, thumb_size)))
+    return thumb, large, width
 
 
-def _jpeg(panels: List[np.ndarray], height: int) -> bytes:
+def _jpeg(panels: List[np.ndarray], height: int) -> Tuple[bytes, int]:
     from PIL import Image
 
     gap = max(1, height // 48)
@@ -366,7 +371,7 @@ def _jpeg(panels: List[np.ndarray], height: int) -> bytes:
         x += picture.width + gap
     buffer = io.BytesIO()
     strip.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
+    return buffer.getvalue(), strip.width
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,7 +423,7 @@ input[type=number] { width: 6em; }
 .card { background: #fff; border: 1px solid #ddd; border-radius: 4px; padding: 6px; margin: 0;
   cursor: pointer; max-width: 330px; }
 .card:hover { border-color: #3572b0; }
-.card img { display: block; height: 96px; min-width: 96px; background: #eee; }
+.card img { display: block; background: #eee; }
 .card figcaption { font-size: 12px; margin-top: 4px; overflow-wrap: anywhere; }
 .card .name { font-weight: 600; }
 .state-failed, .state-damaged { border-color: #d9534f; background: #fff6f6; }
@@ -492,8 +497,11 @@ function writeHash(changes) {
   const params = new URLSearchParams();
   for (const [key, value] of Object.entries(view))
     if (value !== DEFAULTS[key] && value !== "") params.set(key, value);
+  // The address follows the view (a link or bookmark reopens it); the view is drawn at once.
   const hash = params.toString();
-  if (location.hash.slice(1) !== hash) location.hash = hash; else render();
+  if (location.hash.slice(1) !== hash)
+    history.replaceState(null, "", hash ? "#" + hash : location.pathname + location.search);
+  render();
 }
 function setup() {
   const counts = {};
@@ -561,7 +569,8 @@ function filtered() {
 }
 function card(it) {
   const name = esc(base(it.p) || `item ${it.i}`);
-  const picture = it.th ? `<img loading="lazy" src="${esc(it.th)}" alt="${name}">` : "";
+  const picture = it.th ? `<img loading="lazy" src="${esc(it.th)}" alt="${name}" ` +
+    `width="${it.w}" height="${it.h}">` : "";
   const numbers = it.st === "done" ? ` target ${it.t} &middot; score ${fmt(it.s)}` : "";
   const message = it.m ? `<div class="message">${esc(it.m)}</div>` : "";
   return `<figure class="card state-${it.st}" data-index="${it.i}" data-state="${it.st}"` +

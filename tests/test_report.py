@@ -6,6 +6,7 @@ and the large view are exercised by loading the page with a hash and reading the
 They are skipped where no Chromium is installed.
 """
 
+import io
 import json
 import os
 import re
@@ -188,40 +189,75 @@ def page(store, tmp_path_factory):
     return out
 
 
+def _cards(browser):
+    return browser.evaluate("[...document.querySelectorAll('.card')].map(c => +c.dataset.index)")
+
+
+@pytest.fixture
+def browser():
+    pytest.importorskip("websocket", reason="websocket-client (test extra) drives Chromium")
+    from tests._browser import Browser
+
+    with Browser() as b:
+        yield b
+
+
 @needs_chromium
-def test_the_browser_sorts_and_filters(page):
+def test_the_controls_sort_and_filter(page, browser):
     items = {it["i"]: it for it in _items(page)}
-    _, cards = _dom(page)
-    assert [i for i, _ in cards] == sorted(items)  # by index, every item
-    _, cards = _dom(page, "sort=score&order=desc")
     done = sorted((it for it in items.values() if it["st"] == "done"), key=lambda it: -it["s"])
-    assert [i for i, _ in cards] == [it["i"] for it in done] + [
-        i for i, it in items.items() if it["st"] != "done"
-    ]  # items without a score come last
-    dom, cards = _dom(page, "state=failed")
-    assert [state for _, state in cards] == ["failed"]
-    assert "UnidentifiedImageError" in dom
+    browser.open(page)
+    assert _cards(browser) == sorted(items)  # by index, every item
+    browser.choose("sort", "score")
+    browser.choose("order", "desc")
+    not_done = [i for i, it in items.items() if it["st"] != "done"]
+    assert _cards(browser) == [it["i"] for it in done] + not_done  # no score: last
+    assert browser.evaluate("location.hash") == "#sort=score&order=desc"
+    browser.choose("state", "failed")
+    assert _cards(browser) == not_done
+    assert "UnidentifiedImageError" in browser.evaluate("document.getElementById('grid').innerText")
+    browser.choose("state", "all")
     target = done[0]["t"]
-    _, cards = _dom(page, f"target={target}")
-    assert {i for i, _ in cards} == {i for i, it in items.items() if it["t"] == target}
+    browser.choose("target", str(target))
+    assert sorted(_cards(browser)) == [i for i, it in items.items() if it["t"] == target]
+    browser.choose("target", "all")
     middle = sorted(it["s"] for it in done)[3]
-    _, cards = _dom(page, f"min={middle!r}&sort=score")
-    assert [i for i, _ in cards] == [it["i"] for it in reversed(done) if it["s"] >= middle]
-    _, cards = _dom(page, "q=p3")
-    assert [i for i, _ in cards] == [i for i, it in items.items() if it["p"].endswith("p3.png")]
-    dom, cards = _dom(page, "min=1e9")
-    assert cards == [] and "none of 7 items match" in dom
+    browser.type_into("min", repr(middle))
+    assert _cards(browser) == [it["i"] for it in done if it["s"] >= middle]
+    browser.type_into("min", "1e9")
+    assert _cards(browser) == []
+    assert "none of 7 items match" in browser.evaluate("document.getElementById('count').innerText")
+    browser.type_into("min", "-1e9")
+    browser.type_into("q", "p3")
+    assert _cards(browser) == [i for i, it in items.items() if it["p"].endswith("p3.png")]
 
 
 @needs_chromium
-def test_a_click_shows_the_item_large(page):
+def test_a_click_shows_the_item_large_and_the_keys_step_and_close(page, browser):
     done = [it for it in _items(page) if it["st"] == "done"]
-    dom, _ = _dom(page, f"item={done[1]['i']}")
-    large = re.search(
-        r'<div id="large" class="open" data-index="(\d+)">(.*?)</div></div>', dom, re.S
-    )
-    assert large is not None and int(large.group(1)) == done[1]["i"]
-    assert f'src="{done[1]["lg"]}"' in large.group(2) and os.path.basename(done[1]["p"]) in dom
+    browser.open(page)
+    browser.click(f'.card[data-index="{done[1]["i"]}"]')
+    large = "document.getElementById('large')"
+    assert browser.evaluate(f"{large}.classList.contains('open')")
+    assert browser.evaluate(f"{large}.dataset.index") == str(done[1]["i"])
+    assert browser.evaluate(f"{large}.querySelector('img').getAttribute('src')") == done[1]["lg"]
+    browser.wait_for(f"{large}.querySelector('img').complete")
+    assert browser.evaluate(f"{large}.querySelector('img').naturalWidth") > 0  # it loaded
+    browser.key("ArrowRight")
+    assert browser.evaluate(f"{large}.dataset.index") == str(done[2]["i"])
+    browser.key("Escape")
+    assert not browser.evaluate(f"{large}.classList.contains('open')")
+    pixels = np.asarray(Image.open(io.BytesIO(browser.screenshot())).convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
+
+
+@needs_chromium
+def test_a_bookmarked_view_opens_as_it_was_saved(page):
+    items = _items(page)
+    done = sorted((it for it in items if it["st"] == "done"), key=lambda it: it["s"])
+    dom, cards = _dom(page, f"sort=score&state=done&item={done[0]['i']}")
+    assert [i for i, _ in cards] == [it["i"] for it in done]
+    assert f'<div id="large" class="open" data-index="{done[0]["i"]}">' in dom
 
 
 @needs_chromium
