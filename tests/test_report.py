@@ -300,3 +300,19 @@ def test_a_path_holding_markup_stays_data():
     assert "<" not in data.group(1)
     assert json.loads(data.group(1))["items"] == [record]
     assert page.count("</script>") == 2  # the data's and the program's
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 10), (2, 64), (1, 4, 12, 12), (30, 30), (50,)])
+def test_maps_of_every_shape_are_drawn(shape):
+    from extra_attrib._report import _strips
+
+    attr = np.random.default_rng(0).standard_normal(shape)
+    thumb, large, width = _strips(attr, None, 96, 320)
+    with Image.open(io.BytesIO(thumb)) as small, Image.open(io.BytesIO(large)) as big:
+        assert small.height == 96 and small.width == width
+        assert big.height == 96  # a small map is not blown up beyond the grid's size
+    image = np.random.default_rng(1).random((20, 10, 3))
+    if shape == (3, 20, 10):
+        thumb, _, width = _strips(attr, image, 40, 320)
+        with Image.open(io.BytesIO(thumb)) as small:
+            assert small.height == 40 and small.width == width == 3 * 20 + 2 * 1
