@@ -7,8 +7,11 @@ Public API:
 - ``plot_*`` -- matplotlib views of image, 1D and volume attributions.
 - :func:`explain_dataset`, :func:`open_attributions` -- a whole dataset into a resumable zarr
   store, in one or several processes (needs the ``scale`` extra).
+- :mod:`extra_attrib.scores` -- ready-made ``score=`` callables for classification (multi-label),
+  segmentation, detection and regression models.
 """
 
+from extra_attrib import scores
 from extra_attrib.dataset import explain_dataset, open_attributions
 from extra_attrib.fusion_grad import FusionGrad
 from extra_attrib.tiled_occlusion import TiledOcclusion
@@ -33,4 +36,5 @@ __all__ = [
     "plot_attribution_grid",
     "plot_image_attribution",
     "plot_volume_slices",
+    "scores",
 ]

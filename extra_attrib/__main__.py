@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     from extra_attrib._explain_cli import add_commands
 
     add_commands(commands)
+    from extra_attrib._report import add_command as add_report
+
+    add_report(commands)
     return parser
 
 
@@ -155,6 +158,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.command == "explain"
             else _explain_cli.run_show(args)
         )
+    if args.command == "report":
+        from extra_attrib import _report
+
+        return _report.run(args)
     if args.command != "demo":
         parser.print_help()
         return 2
