@@ -84,7 +84,22 @@ def check_drilldown(namespace, out):
     assert namespace["tiled"].last_evaluations < namespace["full_evaluations"]
 
 
+def check_recipe(namespace, out):
+    """A recipe's map has the input's shape (after any leading target axis) and is finite."""
+    attr, x = namespace["attr"], namespace["x"]
+    assert attr.shape[-x.dim() :] == x.shape and bool(torch.isfinite(attr).all())
+
+
+RECIPES = (
+    "## Classification",
+    "### Multi-label classification",
+    "## Semantic segmentation: one class over a region",
+    "## Object detection: one detected object",
+    "## Regression: one output, or a function of several",
+)
+
 CHECKS = {
+    **{("recipes.md", heading): check_recipe for heading in RECIPES},
     ("README.md", "## Quick start"): check_quick_start,
     ("definition.md", "## Models with other outputs: one class over a region"): check_segmentation,
     ("definition.md", "## Several targets in one sweep"): check_several_targets,

@@ -5,9 +5,6 @@ on the dense engine and, where the model is traceable, the incremental one; the 
 matching is checked on a model whose boxes the test controls.
 """
 
-import re
-from pathlib import Path
-
 import pytest
 import torch
 import torchvision
@@ -15,8 +12,6 @@ from torch import nn
 
 from extra_attrib import TiledOcclusion, scores
 from tests._reference import brute_force
-
-RECIPES = Path(__file__).resolve().parent.parent / "docs" / "guide" / "recipes.md"
 
 
 def _randomised_batchnorm(model):
@@ -380,24 +375,3 @@ def test_regression_errors_name_the_argument():
         TiledOcclusion(model).attribute(
             x, window=2, score=scores.Regression(combine=lambda y: y[:, :2])
         )
-
-
-# --------------------------------------------------------------------------------------------
-# the guide's recipes page
-# --------------------------------------------------------------------------------------------
-
-
-def _recipe_blocks():
-    text = RECIPES.read_text(encoding="utf-8")
-    return re.findall(r"```python\n(.*?)```", text, re.S)
-
-
-def test_every_recipe_in_the_guide_runs(capsys):
-    blocks = _recipe_blocks()
-    assert len(blocks) >= 5
-    for i, block in enumerate(blocks):
-        torch.manual_seed(0)
-        namespace = {}
-        exec(compile(block, f"{RECIPES}:block{i}", "exec"), namespace)
-        attr, x = namespace["attr"], namespace["x"]
-        assert attr.shape[-x.dim() :] == x.shape and bool(torch.isfinite(attr).all())
