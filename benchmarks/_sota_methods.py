@@ -1,4 +1,4 @@
-"""Adapters for :mod:`benchmarks.localisation_sota`: every method as ``run(model, x, target, seed)``.
+"""Adapters for :mod:`benchmarks.localisation_sota`: each method as ``run(model, x, target, seed)``.
 
 Each adapter explains one image ``x`` of shape ``(1, C, H, W)`` (model-input scaling, where 0 is
 the grey occlusion baseline) for the raw output ``target`` and returns ``(map, evaluations)``:
@@ -124,8 +124,9 @@ def rise(n_masks: int, grid: int) -> Runner:
         counted = Counter(model)
         torch.manual_seed(seed)
         with torch.no_grad():
-            a = RISE(counted).attribute(x, n_masks=n_masks, initial_mask_shapes=[(grid, grid)],
-                                        target=target)
+            a = RISE(counted).attribute(
+                x, n_masks=n_masks, initial_mask_shapes=[(grid, grid)], target=target
+            )
         return _hw(a), counted.rows
 
     return run
