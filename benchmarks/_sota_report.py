@@ -334,6 +334,7 @@ def write_report(
                     for _, sub in groups
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
+    lines += cheap_section(out_dir, rows if s.window == 56 else [], label)
     # Pareto fronts.
     lines += [
         "",
@@ -412,3 +413,100 @@ def plot_pareto(rows, present, path: str) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=60)
     plt.close(fig)
+
+
+def reference_rows(path: str) -> Dict[int, Dict[str, float]]:
+    """TiledOcclusion(56, k=2)'s raw-logit metrics per image from benchmarks.localisation's run."""
+    out = {}
+    for part in sorted(glob.glob(os.path.join(path, "part*.jsonl"))):
+        with open(part) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    if "tiled2" in r["methods"]:
+                        out[r["index"]] = r["methods"]["tiled2"]["raw"]
+    return out
+
+
+def cheap_section(
+    out_dir: str,
+    rows: Sequence[Dict[str, Any]],
+    label: Dict[str, str],
+    ref_dir: str = os.path.join("benchmarks", "results", "localisation_runs"),
+) -> List[str]:
+    """The one-evaluation methods on every composite, paired with the #22 run's tiling."""
+    path = os.path.join(out_dir, "cheap.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        cheap = sorted(
+            (json.loads(line) for line in f if line.strip()), key=lambda r: r["position"]
+        )
+    ref = reference_rows(ref_dir)
+    cheap = [r for r in cheap if r["index"] in ref]
+    if not cheap:
+        return []
+    for r in cheap:  # the reference joins each row as one more method
+        r["methods"][REFERENCE] = {**ref[r["index"]], "evals": 82}
+    # Check: this run's own TiledOcclusion(56, k=2) against the stored one, same images.
+    gap = [
+        abs(r["methods"][REFERENCE][mt] - ref[r["index"]][mt])
+        for r in rows
+        if REFERENCE in r["methods"] and r["index"] in ref
+        for mt in ("pointing", "mass", "rank")
+    ]
+    keys = [k for k in cheap[0]["methods"] if k != REFERENCE]
+    label = {**label, REFERENCE: "TiledOcclusion(56, k=2)"}  # the stored run's window
+    mets = METRICS[:3]
+    lines = [
+        "",
+        f"## One-evaluation methods on all {len(cheap)} composites",
+        "",
+        "The Grad-CAM family's cheap members and Saliency cost one evaluation, so they ran on "
+        "every composite of `localisation.md`; they are paired with that run's "
+        f"{label.get(REFERENCE, REFERENCE)} raw-logit results on the same images (the maps are "
+        "deterministic"
+        + (
+            f": on the {len(gap) // 3} images both runs explained, this run's values differ from "
+            f"the stored ones by at most {max(gap):.1e})."
+            if gap
+            else ")."
+        ),
+        "",
+        "| method | images | evaluations | CPU s | " + " | ".join(lbl for _, lbl in mets) + " |",
+        "|---|---|---|---|" + "---|" * len(mets),
+    ]
+    for k in keys + [REFERENCE]:
+        cpu = mean_of(cheap, k, "cpu_seconds") if k != REFERENCE else float("nan")
+        lines.append(
+            f"| {label.get(k, k)}{' (stored)' if k == REFERENCE else ''} | "
+            f"{sum(k in r['methods'] for r in cheap)} | {mean_of(cheap, k, 'evals'):.0f} | "
+            + (f"{cpu:.2f}" if np.isfinite(cpu) else "–")
+            + " | "
+            + " | ".join(fmt_ci(list(values(cheap, k, mt).values())) for mt, _ in mets)
+            + " |"
+        )
+    objs = sorted({r["obj"] for r in cheap})
+    scales = [v for v in data.SCALES if any(r["scale"] == v for r in cheap)]
+    for mt, lbl in mets:
+        groups = [("all", cheap)]
+        groups += [(o, [r for r in cheap if r["obj"] == o]) for o in objs]
+        groups += [(f"{v} px", [r for r in cheap if r["scale"] == v]) for v in scales]
+        lines += [
+            "",
+            f"### {lbl}: method minus {label.get(REFERENCE, REFERENCE)}, all, per object, "
+            "per scale",
+            "",
+            "| method | " + " | ".join(f"{g} ({len(sub)})" for g, sub in groups) + " |",
+            "|---|" + "---|" * len(groups),
+        ]
+        for k in keys:
+            lines.append(
+                f"| {label.get(k, k)} | "
+                + " | ".join(
+                    fmt_ci(paired(sub, k, REFERENCE, mt), diff=True, better=better_sign(mt))
+                    for _, sub in groups
+                )
+                + " |"
+            )
+    return lines

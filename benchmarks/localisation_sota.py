@@ -341,6 +341,53 @@ def worker(rank: int, workers: int, s: Settings, out_dir: str) -> None:
         )
 
 
+# The one-evaluation methods are cheap enough for all 340 composites of benchmarks.localisation;
+# they are paired there with that run's TiledOcclusion(56, k=2) raw-logit results.
+CHEAP = ("gradcam", "gradcamplusplus", "layercam", "eigencam", "saliency")
+
+
+def explain_cheap(s: Settings, out_dir: str, limit: Optional[int] = None) -> None:
+    """:data:`CHEAP` on every kept composite, appended to ``<out>/cheap.jsonl`` (resumes)."""
+    torch.set_num_threads(1)
+    from extra_attrib import imagenet
+
+    model = imagenet.load_efficientnet_lite0()
+    sources = data.load_sources()
+    with open(os.path.join(out_dir, "kept.json")) as f:
+        kept = json.load(f)["kept"][:limit]
+    path = os.path.join(out_dir, "cheap.jsonl")
+    done = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            done = {json.loads(line)["index"] for line in f if line.strip()}
+    methods = [m for m in make_methods(s) if m.key in CHEAP]
+    for position, item in enumerate(kept):
+        if item["index"] in done:
+            continue
+        lay = data.make_layout(item["index"], sources, s.seed)
+        unit, box = data.render(lay, sources)
+        x = data.to_model_input(unit)[None]
+        row: Dict[str, Any] = {
+            "index": lay.index,
+            "position": position,
+            "obj": lay.obj,
+            "scale": lay.scale,
+            "target": int(item["target"]),
+            "load": os.getloadavg()[0],
+            "methods": {},
+        }
+        for m in methods:
+            c0 = time.process_time()
+            a, evals = m.run(model, x, int(item["target"]), s.seed + lay.index)
+            entry: Dict[str, Any] = {"evals": evals, "cpu_seconds": time.process_time() - c0}
+            entry.update({name: fn(a.double(), box) for name, fn in data.METRICS.items()})
+            row["methods"][m.key] = entry
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if position % 20 == 0:
+            base.log(f"cheap methods: image {position + 1}/{len(kept)}")
+
+
 def fingerprint(s: Settings) -> str:
     """The composites and every setting but the number of images (a run may grow)."""
     what = {
@@ -383,6 +430,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--media", help="figure folder (default media/; --quick: --out)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report only")
     parser.add_argument("--note", default="", help="a line for the report")
+    parser.add_argument(
+        "--cheap-all",
+        action="store_true",
+        help="run the one-evaluation methods on every kept composite (after the tiers)",
+    )
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
     if args.images is not None:
@@ -444,6 +496,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for p in procs:
                 p.join()
         base.log(f"explained in {time.perf_counter() - t0:.0f} s")
+    if args.cheap_all:
+        explain_cheap(s, out_dir, limit=s.n_images if args.quick else None)
     rep.write_report(
         out_dir,
         report,
