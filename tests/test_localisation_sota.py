@@ -125,3 +125,49 @@ def test_counted_evaluations_are_the_documented_ones():
     assert 1 <= sm.tiled(8, 2)(model, x, 0, 0)[1] <= 7 * 7 + 1
     evals = sm.shap_partition(100, blur=None)(model, x, 0, 0)[1]
     assert 50 <= evals <= 110  # SHAP spends at most about max_evals (plus its clean passes)
+
+
+def test_matched_budgets_are_tiled_occlusions_evaluations():
+    from benchmarks import localisation_sota as ls
+
+    assert ls.tiled_evals(224, 56, 2) == 82
+    assert ls.tiled_evals(224, 56, 4) == 362
+    keys = {m.key for m in ls.make_methods(ls.Settings())}
+    assert {"rise82", "rise362", "rise4000", "shap_blur82", "shap_grey362", "lime82"} <= keys
+    assert {"shap_blur1000", "shap_grey1000", "lime362", "scorecam", "ablationcam"} <= keys
+
+
+def test_tiers_nest_and_every_heavy_image_also_runs_the_lighter_methods():
+    from benchmarks import localisation_sota as ls
+
+    s = ls.Settings()
+    tiers = [ls.tier_of(p, s) for p in range(16)]
+    assert tiers.count("heavy") == 2 and tiers.count("mid") == 6 and tiers.count("light") == 8
+    assert ls.Settings().n_images == 12
+    assert all(ls.runs_tier(m, "heavy") for m in ls.TIERS)
+    assert not ls.runs_tier("mid", "light") and not ls.runs_tier("heavy", "mid")
+    share = ls.assign_workers(16, s, 2)
+    assert set(share) == {0, 1}
+
+
+def test_pareto_front_and_best_cheaper_method():
+    from benchmarks import _sota_report as rep
+
+    points = {"a": (1.0, 0.5), "b": (10.0, 0.4), "c": (10.0, 0.7), "d": (100.0, 0.7)}
+    assert rep.pareto_front(points, "mass") == ["a", "c"]
+    # Lower is better for deletion: "b" (0.4 at cost 10) dominates "c" and "d", not "a".
+    assert rep.pareto_front(points, "deletion") == ["a", "b"]
+    rows = [
+        {
+            "index": i,
+            "methods": {
+                "a": {"evals": 1, "mass": 0.5},
+                "b": {"evals": 10, "mass": 0.4},
+                "c": {"evals": 10, "mass": 0.7 + 0.01 * i},
+            },
+        }
+        for i in range(3)
+    ]
+    assert rep.best_cheaper(rows, ["a", "b", "c"], "c", "mass") == "a"
+    assert rep.best_cheaper(rows, ["a", "b", "c"], "b", "mass") == "c"  # equal cost counts
+    assert rep.best_cheaper(rows, ["a", "b", "c"], "a", "mass") is None
