@@ -71,6 +71,16 @@ def mean_of(rows: Sequence[Dict[str, Any]], key: str, field: str) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
+MIN_GROUP = 8  # fewer images in a group: the mean only, no interval (the bootstrap is unreliable)
+
+
+def fmt_group(v: Sequence[float], metric: str) -> str:
+    """A paired difference for a subgroup: with its interval from MIN_GROUP images on."""
+    if len(v) < MIN_GROUP:
+        return f"{np.mean(v):+.3f} (n={len(v)})" if len(v) else "–"
+    return fmt_ci(v, diff=True, better=better_sign(metric))
+
+
 def better_sign(metric: str) -> str:
     return "↓" if metric in LOWER_IS_BETTER else "↑"
 
@@ -206,7 +216,8 @@ def write_report(
         f"them with {s.ig_inner} steps; IG alone also at Captum's default {s.ig_ref} steps.",
         "- Intervals: percentile bootstrap over images, 2000 resamples, 95 %. **Bold**: the "
         "interval excludes 0 (✓ better, ✗ worse than the reference); otherwise no difference "
-        "was found.",
+        f"was found. Per-object and per-scale groups of fewer than {MIN_GROUP} images show the "
+        "mean difference only (n given): no conclusion is drawn from them.",
         "",
         "## Composites explained",
         "",
@@ -330,8 +341,7 @@ def write_report(
                 if m.key == REFERENCE:
                     continue
                 cells = [label[m.key]] + [
-                    fmt_ci(paired(sub, m.key, REFERENCE, mt), diff=True, better=better_sign(mt))
-                    for _, sub in groups
+                    fmt_group(paired(sub, m.key, REFERENCE, mt), mt) for _, sub in groups
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
     lines += cheap_section(out_dir, rows if s.window == 56 else [], label)
@@ -382,6 +392,10 @@ def plot_pareto(rows, present, path: str) -> None:
                 capsize=2,
                 color=COLOURS[m.family],
             )
+        if not pts:  # e.g. no curves yet
+            ax.text(0.5, 0.5, "no data yet", ha="center", transform=ax.transAxes)
+            ax.set_title(lbl, fontsize=9)
+            continue
         front = pareto_front(pts, mt)
         xs = [pts[k][0] for k in front]
         ys = [pts[k][1] for k in front]
@@ -503,10 +517,7 @@ def cheap_section(
         for k in keys:
             lines.append(
                 f"| {label.get(k, k)} | "
-                + " | ".join(
-                    fmt_ci(paired(sub, k, REFERENCE, mt), diff=True, better=better_sign(mt))
-                    for _, sub in groups
-                )
+                + " | ".join(fmt_group(paired(sub, k, REFERENCE, mt), mt) for _, sub in groups)
                 + " |"
             )
     return lines
