@@ -266,8 +266,7 @@ def write_report(
         if m.key == REFERENCE:
             continue
         cells = [label[m.key]] + [
-            fmt_ci(paired(rows, m.key, REFERENCE, mt), diff=True, better=better_sign(mt))
-            for mt, _ in METRICS
+            fmt_group(paired(rows, m.key, REFERENCE, mt), mt) for mt, _ in METRICS
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -287,7 +286,7 @@ def write_report(
             if ref is None:
                 cells.append("–")
                 continue
-            d = fmt_ci(paired(rows, m.key, ref, mt), diff=True, better=better_sign(mt))
+            d = fmt_group(paired(rows, m.key, ref, mt), mt)
             cells.append(f"{d} (vs {label[ref]})")
         lines.append("| " + " | ".join(cells) + " |")
     # FusionGrad against its halves.
@@ -312,8 +311,7 @@ def write_report(
     ):
         if a in keys and b in keys:
             cells = [f"{label[a]} − {label[b]}"] + [
-                fmt_ci(paired(rows, a, b, mt), diff=True, better=better_sign(mt))
-                for mt, _ in METRICS
+                fmt_group(paired(rows, a, b, mt), mt) for mt, _ in METRICS
             ]
             lines.append("| " + " | ".join(cells) + " |")
     # Per object and per scale, against the reference.
@@ -345,6 +343,7 @@ def write_report(
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
     lines += cheap_section(out_dir, rows if s.window == 56 else [], label)
+    lines += fusion_section(out_dir, label)
     # Pareto fronts.
     lines += [
         "",
@@ -442,6 +441,61 @@ def reference_rows(path: str) -> Dict[int, Dict[str, float]]:
     return out
 
 
+def load_group(out_dir: str, group: str) -> List[Dict[str, Any]]:
+    path = os.path.join(out_dir, f"{group}.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return sorted((json.loads(line) for line in f if line.strip()), key=lambda r: r["position"])
+
+
+FUSION_PAIRS = (
+    ("fg", "sg"),
+    ("fg", "ng"),
+    ("fg", "saliency"),
+    ("sg", "saliency"),
+    ("ng", "saliency"),
+    ("sg", "ng"),
+)
+
+
+def fusion_section(out_dir: str, label: Dict[str, str]) -> List[str]:
+    """FusionGrad(Saliency) against SmoothGrad and NoiseGrad alone on the ``--fusion`` images."""
+    rows = load_group(out_dir, "fusion")
+    if not rows:
+        return []
+    mets = METRICS[:3]
+    lines = [
+        "",
+        f"## FusionGrad against its halves on {len(rows)} composites (`--fusion`)",
+        "",
+        "The Saliency family at equal evaluations on the first composites of the balanced order "
+        "(the tiers above give it only the tier images); localisation metrics only.",
+        "",
+        "| method | images | CPU s | " + " | ".join(lbl for _, lbl in mets) + " |",
+        "|---|---|---|" + "---|" * len(mets),
+    ]
+    for k in ("saliency", "sg", "ng", "fg"):
+        lines.append(
+            f"| {label.get(k, k)} | {len(values(rows, k, 'mass'))} | "
+            f"{mean_of(rows, k, 'cpu_seconds'):.2f} | "
+            + " | ".join(fmt_ci(list(values(rows, k, mt).values())) for mt, _ in mets)
+            + " |"
+        )
+    lines += [
+        "",
+        "| pair | " + " | ".join(lbl for _, lbl in mets) + " |",
+        "|---|" + "---|" * len(mets),
+    ]
+    for a, b in FUSION_PAIRS:
+        lines.append(
+            f"| {label.get(a, a)} − {label.get(b, b)} | "
+            + " | ".join(fmt_group(paired(rows, a, b, mt), mt) for mt, _ in mets)
+            + " |"
+        )
+    return lines
+
+
 def cheap_section(
     out_dir: str,
     rows: Sequence[Dict[str, Any]],
@@ -449,13 +503,9 @@ def cheap_section(
     ref_dir: str = os.path.join("benchmarks", "results", "localisation_runs"),
 ) -> List[str]:
     """The one-evaluation methods on every composite, paired with the #22 run's tiling."""
-    path = os.path.join(out_dir, "cheap.jsonl")
-    if not os.path.exists(path):
+    cheap = load_group(out_dir, "cheap")
+    if not cheap:
         return []
-    with open(path) as f:
-        cheap = sorted(
-            (json.loads(line) for line in f if line.strip()), key=lambda r: r["position"]
-        )
     ref = reference_rows(ref_dir)
     cheap = [r for r in cheap if r["index"] in ref]
     if not cheap:

@@ -349,11 +349,19 @@ def worker(rank: int, workers: int, s: Settings, out_dir: str) -> None:
 
 # The one-evaluation methods are cheap enough for all 340 composites of benchmarks.localisation;
 # they are paired there with that run's TiledOcclusion(56, k=2) raw-logit results.
-CHEAP = ("gradcam", "gradcamplusplus", "layercam", "eigencam", "saliency")
+# The gradient family (about 4 CPU s an image for all four) can run on more images than the
+# tiers give it, for the question whether FusionGrad beats its halves.
+EXTRA_GROUPS: Dict[str, Tuple[str, ...]] = {
+    "cheap": ("gradcam", "gradcamplusplus", "layercam", "eigencam", "saliency"),
+    "fusion": ("saliency", "sg", "ng", "fg"),
+}
 
 
-def explain_cheap(s: Settings, out_dir: str, limit: Optional[int] = None) -> None:
-    """:data:`CHEAP` on every kept composite, appended to ``<out>/cheap.jsonl`` (resumes)."""
+def explain_cheap(
+    s: Settings, out_dir: str, limit: Optional[int] = None, group: str = "cheap"
+) -> None:
+    """The methods of ``EXTRA_GROUPS[group]`` on the first ``limit`` kept composites (all when
+    None), appended to ``<out>/<group>.jsonl`` (resumes)."""
     torch.set_num_threads(1)
     from extra_attrib import imagenet
 
@@ -361,12 +369,12 @@ def explain_cheap(s: Settings, out_dir: str, limit: Optional[int] = None) -> Non
     sources = data.load_sources()
     with open(os.path.join(out_dir, "kept.json")) as f:
         kept = json.load(f)["kept"][:limit]
-    path = os.path.join(out_dir, "cheap.jsonl")
+    path = os.path.join(out_dir, f"{group}.jsonl")
     done = set()
     if os.path.exists(path):
         with open(path) as f:
             done = {json.loads(line)["index"] for line in f if line.strip()}
-    methods = [m for m in make_methods(s) if m.key in CHEAP]
+    methods = [m for m in make_methods(s) if m.key in EXTRA_GROUPS[group]]
     for position, item in enumerate(kept):
         if item["index"] in done:
             continue
@@ -391,7 +399,7 @@ def explain_cheap(s: Settings, out_dir: str, limit: Optional[int] = None) -> Non
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if position % 20 == 0:
-            base.log(f"cheap methods: image {position + 1}/{len(kept)}")
+            base.log(f"{group} methods: image {position + 1}/{len(kept)}")
 
 
 def fingerprint(s: Settings) -> str:
@@ -440,6 +448,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--cheap-all",
         action="store_true",
         help="run the one-evaluation methods on every kept composite (after the tiers)",
+    )
+    parser.add_argument(
+        "--fusion",
+        type=int,
+        help="run Saliency, SmoothGrad, NoiseGrad, FusionGrad on this many composites",
     )
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
@@ -504,6 +517,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         base.log(f"explained in {time.perf_counter() - t0:.0f} s")
     if args.cheap_all:
         explain_cheap(s, out_dir, limit=s.n_images if args.quick else None)
+    if args.fusion:
+        explain_cheap(s, out_dir, limit=args.fusion, group="fusion")
     rep.write_report(
         out_dir,
         report,
