@@ -488,7 +488,13 @@ def fusion_section(out_dir: str, label: Dict[str, str]) -> List[str]:
         "| pair | " + " | ".join(lbl for _, lbl in mets) + " |",
         "|---|" + "---|" * len(mets),
     ]
-    for a, b in FUSION_PAIRS:
+    ref = reference_rows(os.path.join("benchmarks", "results", "localisation_runs"))
+    for r in rows:
+        if r["index"] in ref:
+            r["methods"][REFERENCE] = {**ref[r["index"]], "evals": 82}
+    pairs = list(FUSION_PAIRS) + [(k, REFERENCE) for k in ("sg", "ng", "fg")]
+    label = {**label, REFERENCE: "TiledOcclusion(56, k=2) (stored)"}
+    for a, b in pairs:
         lines.append(
             f"| {label.get(a, a)} − {label.get(b, b)} | "
             + " | ".join(fmt_group(paired(rows, a, b, mt), mt) for mt, _ in mets)
