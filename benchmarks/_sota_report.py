@@ -81,6 +81,13 @@ def fmt_group(v: Sequence[float], metric: str) -> str:
     return fmt_ci(v, diff=True, better=better_sign(metric))
 
 
+def fmt_mean(v: Sequence[float]) -> str:
+    """A mean with its interval from MIN_GROUP images on, else the mean and n."""
+    if len(v) < MIN_GROUP:
+        return f"{np.mean(v):.3f} (n={len(v)})" if len(v) else "–"
+    return fmt_ci(v)
+
+
 def better_sign(metric: str) -> str:
     return "↓" if metric in LOWER_IS_BETTER else "↑"
 
@@ -251,7 +258,7 @@ def write_report(
             str(len(sub)),
             f"{mean_of(rows, m.key, 'evals'):.0f}",
             f"{mean_of(rows, m.key, 'cpu_seconds'):.2f}",
-        ] + [fmt_ci(list(values(rows, m.key, mt).values())) for mt, _ in METRICS]
+        ] + [fmt_mean(list(values(rows, m.key, mt).values())) for mt, _ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -424,7 +431,7 @@ def plot_pareto(rows, present, path: str) -> None:
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=60)
+    fig.savefig(path, dpi=75)
     plt.close(fig)
 
 
