@@ -104,7 +104,7 @@ def best_cheaper(
             continue
         ref = values(rows, other, metric)
         shared = [ref[i] for i in own if i in ref]
-        if len(shared) < 2:
+        if len(shared) < min(MIN_GROUP, len(own)):
             continue
         m = float(np.mean(shared)) * (-1 if metric in LOWER_IS_BETTER else 1)
         if m > best_mean:
