@@ -351,6 +351,7 @@ def write_report(
                 lines.append("| " + " | ".join(cells) + " |")
     lines += cheap_section(out_dir, rows if s.window == 56 else [], label)
     lines += fusion_section(out_dir, label)
+    lines += fusion_section(out_dir, label, "fusion_ig")
     # Pareto fronts.
     lines += [
         "",
@@ -467,23 +468,29 @@ FUSION_PAIRS = (
 )
 
 
-def fusion_section(out_dir: str, label: Dict[str, str]) -> List[str]:
-    """FusionGrad(Saliency) against SmoothGrad and NoiseGrad alone on the ``--fusion`` images."""
-    rows = load_group(out_dir, "fusion")
+def fusion_section(out_dir: str, label: Dict[str, str], group: str = "fusion") -> List[str]:
+    """FusionGrad against SmoothGrad and NoiseGrad alone on the ``--fusion`` (Saliency) or
+    ``--fusion-ig`` (Integrated Gradients) images."""
+    rows = load_group(out_dir, group)
     if not rows:
         return []
+    ig = group == "fusion_ig"
+    keys = ("ig", "sg_ig", "ng_ig", "fg_ig") if ig else ("saliency", "sg", "ng", "fg")
+    rename = dict(zip(("saliency", "sg", "ng", "fg"), keys))
     mets = METRICS[:3]
     lines = [
         "",
-        f"## FusionGrad against its halves on {len(rows)} composites (`--fusion`)",
+        f"## FusionGrad against its halves on {len(rows)} composites "
+        f"(`--{group.replace('_', '-')}`)",
         "",
-        "The Saliency family at equal evaluations on the first composites of the balanced order "
+        f"The {'Integrated Gradients' if ig else 'Saliency'} family at equal evaluations on the "
+        "first composites of the balanced order "
         "(the tiers above give it only the tier images); localisation metrics only.",
         "",
         "| method | images | CPU s | " + " | ".join(lbl for _, lbl in mets) + " |",
         "|---|---|---|" + "---|" * len(mets),
     ]
-    for k in ("saliency", "sg", "ng", "fg"):
+    for k in keys:
         lines.append(
             f"| {label.get(k, k)} | {len(values(rows, k, 'mass'))} | "
             f"{mean_of(rows, k, 'cpu_seconds'):.2f} | "
@@ -499,7 +506,8 @@ def fusion_section(out_dir: str, label: Dict[str, str]) -> List[str]:
     for r in rows:
         if r["index"] in ref:
             r["methods"][REFERENCE] = {**ref[r["index"]], "evals": 82}
-    pairs = list(FUSION_PAIRS) + [(k, REFERENCE) for k in ("sg", "ng", "fg")]
+    pairs = [(rename[a], rename[b]) for a, b in FUSION_PAIRS]
+    pairs += [(rename[k], REFERENCE) for k in ("sg", "ng", "fg")]
     label = {**label, REFERENCE: "TiledOcclusion(56, k=2) (stored)"}
     for a, b in pairs:
         lines.append(

@@ -354,6 +354,7 @@ def worker(rank: int, workers: int, s: Settings, out_dir: str) -> None:
 EXTRA_GROUPS: Dict[str, Tuple[str, ...]] = {
     "cheap": ("gradcam", "gradcamplusplus", "layercam", "eigencam", "saliency"),
     "fusion": ("saliency", "sg", "ng", "fg"),
+    "fusion_ig": ("ig", "sg_ig", "ng_ig", "fg_ig"),
 }
 
 
@@ -454,6 +455,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         type=int,
         help="run Saliency, SmoothGrad, NoiseGrad, FusionGrad on this many composites",
     )
+    parser.add_argument(
+        "--fusion-ig",
+        type=int,
+        help="the same over Integrated Gradients on this many composites",
+    )
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
     if args.images is not None:
@@ -519,6 +525,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         explain_cheap(s, out_dir, limit=s.n_images if args.quick else None)
     if args.fusion:
         explain_cheap(s, out_dir, limit=args.fusion, group="fusion")
+    if args.fusion_ig:
+        explain_cheap(s, out_dir, limit=args.fusion_ig, group="fusion_ig")
     rep.write_report(
         out_dir,
         report,
