@@ -1,7 +1,8 @@
 """TiledOcclusion next to the methods researchers choose today, on real photos (#28).
 
 Run ``python -m benchmarks.localisation_sota --workers 2`` (``--quick`` for a smoke run of every
-method on two images, about 3 minutes; needs ``pip install -e .[bench]``).
+method on two images: about 2.5 CPU minutes, 5 minutes wall on the shared machine at load 5;
+needs ``pip install -e .[bench]``).
 
 The composites, model, metrics and bootstrap intervals are those of
 :mod:`benchmarks.localisation` (EfficientNet-Lite0 on real objects pasted onto real
@@ -433,7 +434,11 @@ def kept_composites(s: Settings) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run, about 3 minutes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: every method on 2 composites, about 2.5 CPU minutes",
+    )
     parser.add_argument("--images", type=int, help="composites to explain (a prefix)")
     parser.add_argument("--workers", type=int, default=1, help="processes (1 thread each)")
     parser.add_argument(
