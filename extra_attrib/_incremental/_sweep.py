@@ -67,6 +67,8 @@ class IncrementalSweep:
             constants for the program. Default: ``()``
         capacity (int, optional): Windows per chunk at most, for the dense engine's buffers.
             Default: None (64)
+        budget (int, optional): Most bytes the kept clean activations may take. Default: None
+            (:data:`ACTIVATION_BUDGET_BYTES`)
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class IncrementalSweep:
         forward_func: Optional[Callable[..., Any]] = None,
         additional_forward_args: Tuple[Any, ...] = (),
         capacity: Optional[int] = None,
+        budget: Optional[int] = None,
     ) -> None:
         self.program = program
         self.inputs = tuple(inputs)
@@ -93,7 +96,7 @@ class IncrementalSweep:
         #: The first input swept incrementally, and its baseline.
         self.x, self.fill = inputs[first], self.fills[first]
         #: The clean activations a patched run reads are kept, the others recomputed on a read.
-        self.store = CleanStore(program, ACTIVATION_BUDGET_BYTES)
+        self.store = CleanStore(program, activation_budget(budget))
         with torch.no_grad():
             self.clean = program.run_clean(
                 *(x.clone() for x in inputs), *(_clone(a) for a in self.args), store=self.store
@@ -220,6 +223,7 @@ def choose_engine(
     additional_forward_args: Tuple[Any, ...],
     center_box: Optional[Tuple[slice, ...]] = None,
     geometry: Union[None, TileGeometry, Sequence[TileGeometry]] = None,
+    budget: Optional[int] = None,
 ) -> EngineChoice:
     """Decide between the dense and the incremental engine.
 
@@ -248,6 +252,8 @@ def choose_engine(
         geometry (TileGeometry or sequence of TileGeometry, optional): The tiling of each input
             (of ``inputs[0]`` alone for one input), for the self-check on its corner and centre
             windows. Default: None (no self-check)
+        budget (int, optional): Most bytes the clean activations of the batch may take.
+            Default: None (:data:`ACTIVATION_BUDGET_BYTES`)
 
     Returns:
         EngineChoice: The engine, the reason and, for incremental, the evaluator factory.
@@ -270,7 +276,7 @@ def choose_engine(
             # so a later call decides without a clean pass.
             known = _gain_key(inputs, baselines, geometries, center_box)
             if known not in program.gains:
-                sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args)
+                sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args, budget)
                 if geometries is not None and len(geometries) == len(inputs):
                     program.gains[known] = _predicted_gain(sweep, geometries)
                 else:
@@ -294,7 +300,7 @@ def choose_engine(
                     f"under {TRY_PAYBACK:g}x the {trying} that its self-check costs",
                 )
         if sweep is None:
-            sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args)
+            sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args, budget)
         verified = "not verified (no tiling given)"
         kept: List[PrecomputedWindows] = []
         if geometries is not None:
@@ -340,6 +346,7 @@ def choose_engine(
             sweep_forward,
             sweep_args,
             capacity,
+            budget,
         )
 
     checked: Union[None, PrecomputedWindows, Tuple[PrecomputedWindows, ...]] = None
@@ -525,32 +532,93 @@ def _budgeted_sweep(
     inputs: Tuple[Tensor, ...],
     baselines: Tuple[Tensor, ...],
     additional_forward_args: Tuple[Any, ...],
+    budget: Optional[int] = None,
 ) -> IncrementalSweep:
     """The evaluator (its clean pass run) where the clean activations fit the budget.
 
     Raises:
-        UnsupportedModel: The clean activations exceed :data:`ACTIVATION_BUDGET_BYTES`.
+        UnsupportedModel: The clean activations exceed ``budget`` (default
+            :data:`ACTIVATION_BUDGET_BYTES`).
     """
-    tensors = (*inputs, *additional_forward_args)
-    batched = _batched(inputs, additional_forward_args)
     n = inputs[0].shape[0]
     if n > 1:
         # One example first: the activations of the whole batch are counted before they exist.
+        per_example = _example_bytes(program, inputs, baselines, additional_forward_args)
+        _check_budget(per_example * n, n, budget)
+    sweep = IncrementalSweep(
+        program,
+        inputs,
+        baselines,
+        additional_forward_args=additional_forward_args,
+        budget=budget,
+    )
+    _check_budget(sweep.activation_bytes, n, budget)
+    return sweep
+
+
+def _example_bytes(
+    program: IncrementalProgram,
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+) -> int:
+    """Bytes of the clean activations a sweep keeps per example, from a pass of the first one.
+
+    Remembered with the program (it depends on shapes only), so a call that runs its batch in
+    groups measures it once.
+    """
+    key = ("example bytes", tuple((tuple(x.shape[1:]), x.dtype) for x in inputs))
+    if key not in program.gains:
+        tensors = (*inputs, *additional_forward_args)
+        batched = _batched(inputs, additional_forward_args)
         first = tuple(t[:1] if rows else t for t, rows in zip(tensors, batched))
         fills = tuple(b.expand_as(t)[:1] for b, t in zip(baselines, inputs))
         probe = IncrementalSweep(
-            program,
-            first[: len(inputs)],
-            fills,
-            additional_forward_args=first[len(inputs) :],
+            program, first[: len(inputs)], fills, additional_forward_args=first[len(inputs) :]
         )
-        _check_budget(probe.activation_bytes * n, n)
-        del probe
-    sweep = IncrementalSweep(
-        program, inputs, baselines, additional_forward_args=additional_forward_args
-    )
-    _check_budget(sweep.activation_bytes, n)
-    return sweep
+        program.gains[key] = float(probe.activation_bytes)
+    return int(program.gains[key])
+
+
+def examples_per_group(
+    forward_func: Callable[..., Tensor],
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    budget: Optional[int] = None,
+) -> int:
+    """Most examples whose clean activations fit the budget together (#30).
+
+    The incremental engine keeps the clean activations of every example it sweeps; a batch
+    whose activations exceed the budget runs in groups of this many examples, each group its
+    own clean pass and sweep. Counted on one example before any batch's activations exist.
+
+    Args:
+        forward_func (callable): The model.
+        inputs (tuple of Tensor): The call's inputs, ``N`` examples.
+        baselines (tuple of Tensor): One per input.
+        additional_forward_args (tuple): Extra model arguments.
+        budget (int, optional): Bytes. Default: None (:data:`ACTIVATION_BUDGET_BYTES`)
+
+    Returns:
+        int: Between 1 and ``N``; ``N`` also where incremental cannot run at all (the engine's
+        choice then says why).
+    """
+    n = inputs[0].shape[0]
+    if n == 1:
+        return 1
+    try:
+        program = _supported_program(forward_func, inputs, additional_forward_args)
+        with torch.no_grad():
+            per_example = _example_bytes(program, inputs, baselines, additional_forward_args)
+    except Exception:  # the engine's choice meets the same failure and reports it
+        return n
+    return max(1, min(n, activation_budget(budget) // max(per_example, 1)))
+
+
+def activation_budget(budget: Optional[int] = None) -> int:
+    """``budget``, or :data:`ACTIVATION_BUDGET_BYTES` (read now: tests may change it)."""
+    return ACTIVATION_BUDGET_BYTES if budget is None else budget
 
 
 def traced_model(forward_func: Callable[..., Any]) -> Callable[..., Any]:
@@ -562,13 +630,13 @@ def traced_model(forward_func: Callable[..., Any]) -> Callable[..., Any]:
     return getattr(forward_func, "computes", forward_func)
 
 
-def _check_budget(activation_bytes: int, n: int) -> None:
-    if activation_bytes > ACTIVATION_BUDGET_BYTES:
+def _check_budget(activation_bytes: int, n: int, budget: Optional[int] = None) -> None:
+    limit = activation_budget(budget)
+    if activation_bytes > limit:
         raise UnsupportedModel(
             f"the clean activations of the batch of {n} would take "
-            f"{activation_bytes / 2**20:.0f} MiB, over the "
-            f"{ACTIVATION_BUDGET_BYTES / 2**20:.0f} MiB budget (explain fewer examples per call "
-            "for incremental)"
+            f"{activation_bytes / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB budget "
+            "(memory_budget=; a larger batch runs in groups that fit it)"
         )
 
 

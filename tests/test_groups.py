@@ -1,0 +1,204 @@
+"""A batch whose clean activations exceed the memory budget runs in groups that fit (#30).
+
+Every map is compared with the dense engine in float64: grouping must not change a value.
+"""
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import NoiseTunnel
+from torch import nn
+
+from extra_attrib import TiledOcclusion
+from extra_attrib import _incremental as incremental
+from extra_attrib._groups import (
+    check_memory_budget,
+    example_groups,
+    join,
+    split_args,
+    split_fill,
+    split_per_example,
+)
+from extra_attrib._incremental import examples_per_group
+
+WINDOW, K = 8, 2
+
+
+class Net(nn.Module):
+    """A small CNN that keeps 0.46 MiB of activations per example at 3x32x32 in float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 24, 3, padding=1)
+        self.b = nn.Conv2d(24, 24, 3, padding=1)
+        self.c = nn.Conv2d(24, 32, 3, stride=2, padding=1)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head(torch.relu(self.c(y)).mean(dim=(2, 3)))
+
+
+class Scaled(Net):
+    """With a per-example scale as an extra argument."""
+
+    def forward(self, x, scale):
+        return super().forward(x) * scale
+
+
+def _bytes_per_example(model, x):
+    model_input = (x,)
+    fills = (torch.zeros(()),)
+    one = examples_per_group(model, model_input, fills, (), budget=2**40)
+    assert one == x.shape[0]
+    program = incremental.program_for(model, x)
+    key = ("example bytes", ((tuple(x.shape[1:]), x.dtype),))
+    return int(program.gains[key])
+
+
+def _budget_for(model, x, examples):
+    """A budget that fits ``examples`` examples' activations and not one more."""
+    per = _bytes_per_example(model, x)
+    return max(2**20, per * examples + per // 2)
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return Net().double().eval()
+
+
+def _error(a, b):
+    return float((a - b).abs().max() / max(b.abs().max(), 1e-30))
+
+
+def test_groups_of_examples_equal_dense_in_float64(net):
+    x = torch.randn(7, 3, 32, 32, dtype=torch.float64)
+    budget = _budget_for(net, x, 2)
+    assert examples_per_group(net, (x,), (torch.zeros(()),), (), budget) == 2
+    targets = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    tiled = TiledOcclusion(net)
+    dense = tiled.attribute(x, target=targets, window=WINDOW, k=K, engine="dense")
+    forced = tiled.attribute(
+        x, target=targets, window=WINDOW, k=K, engine="incremental", memory_budget=budget
+    )
+    assert tiled.last_engine == "incremental"
+    assert "7 examples ran in 4 groups of at most 2" in tiled.last_engine_reason
+    assert _error(forced, dense) <= 1e-10
+    # Without a budget that large batch is one sweep; the default budget is far larger.
+    whole = tiled.attribute(x, target=targets, window=WINDOW, k=K, engine="incremental")
+    assert "groups" not in tiled.last_engine_reason
+    assert _error(whole, dense) <= 1e-10
+
+
+def test_auto_decides_once_for_the_call_and_equals_dense(net, flops_only, monkeypatch):
+    monkeypatch.setattr(incremental._sweep, "TRY_PAYBACK", 0.0)
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    budget = _budget_for(net, x, 2)
+    tiled = TiledOcclusion(net)
+    dense = tiled.attribute(x, target=3, window=WINDOW, k=K, engine="dense")
+    auto = tiled.attribute(x, target=3, window=WINDOW, k=K, memory_budget=budget)
+    assert _error(auto, dense) <= 1e-10
+    assert "groups" in tiled.last_engine_reason, tiled.last_engine_reason
+    # The first group's measurement is remembered for every group's shape.
+    keys = [key for key in tiled._engine_memo if key[2][0][0][0] in (1, 2)]
+    assert len(keys) == 2 and len({tiled._engine_memo[k] for k in keys}) == 1
+
+
+def test_attribute_multi_with_list_targets_and_per_example_arguments():
+    torch.manual_seed(1)
+    model = Scaled().double().eval()
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    scale = torch.rand(5, 1, dtype=torch.float64) + 0.5
+    budget = _budget_for(Net().double().eval(), x, 2)
+    tiled = TiledOcclusion(model)
+    targets = [[0, 1, 2, 3, 4], 2]
+    args = dict(window=WINDOW, k=K, additional_forward_args=(scale,))
+    dense = tiled.attribute_multi(x, targets, engine="dense", **args)
+    grouped = tiled.attribute_multi(x, targets, engine="incremental", memory_budget=budget, **args)
+    assert "groups" in tiled.last_engine_reason
+    assert _error(grouped, dense) <= 1e-10
+    # A per-example baseline is split with the batch as well.
+    fill = torch.rand(5, 1, 1, 1, dtype=torch.float64)
+    dense = tiled.attribute(x, target=1, baselines=fill, engine="dense", **args)
+    grouped = tiled.attribute(
+        x, target=1, baselines=fill, engine="incremental", memory_budget=budget, **args
+    )
+    assert _error(grouped, dense) <= 1e-10
+
+
+def test_noise_tunnel_copies_run_in_groups_equal_to_dense(net):
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    budget = _budget_for(net, x.expand(4, -1, -1, -1), 2)
+    tiled = TiledOcclusion(net)
+    nt = NoiseTunnel(tiled)
+    kwargs = dict(nt_type="smoothgrad", nt_samples=5, stdevs=0.1, target=2, window=WINDOW, k=K)
+    torch.manual_seed(5)
+    dense = nt.attribute(x, engine="dense", **kwargs)
+    torch.manual_seed(5)
+    grouped = nt.attribute(x, engine="incremental", memory_budget=budget, **kwargs)
+    assert "5 examples ran in 3 groups" in tiled.last_engine_reason
+    assert _error(grouped, dense) <= 1e-10
+
+
+def test_no_group_fits_runs_dense_or_raises(net):
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)  # 1.8 MiB kept per example
+    tiled = TiledOcclusion(net)
+    dense = tiled.attribute(x, target=0, window=WINDOW, k=K, engine="dense")
+    auto = tiled.attribute(x, target=0, window=WINDOW, k=K, memory_budget=2**20)
+    assert tiled.last_engine == "dense" and "budget" in tiled.last_engine_reason
+    assert _error(auto, dense) <= 1e-10
+    with pytest.raises(ValueError, match="memory_budget"):
+        tiled.attribute(x, target=0, window=WINDOW, k=K, engine="incremental", memory_budget=2**20)
+
+
+def test_a_smaller_budget_bounds_the_dense_buffers(net):
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    tiled = TiledOcclusion(net)
+    big = tiled.attribute(x, target=0, window=WINDOW, k=K, engine="dense")
+    small = tiled.attribute(x, target=0, window=WINDOW, k=K, engine="dense", memory_budget=2**20)
+    assert _error(small, big) <= 1e-10
+    copy = x.numel() * 8 + x[0].numel()
+    # 1 MiB holds 21 copies of this batch: at most 11 forward passes hold the 81 windows.
+    assert tiled.last_evaluations >= 1 + -(-81 // (2**20 // copy))
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [("256MiB", TypeError), (1.5e8, TypeError), (True, TypeError), (1000, ValueError)],
+)
+def test_memory_budget_is_validated(net, value, error):
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(error, match="memory_budget"):
+        TiledOcclusion(net.float()).attribute(x, target=0, window=8, memory_budget=value)
+
+
+def test_group_helpers():
+    assert example_groups(16, 6) == [slice(0, 6), slice(6, 11), slice(11, 16)]
+    assert example_groups(4, 4) == [slice(0, 4)]
+    assert example_groups(3, 1) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    rows = slice(1, 3)
+    assert split_per_example([5, 6, 7, 8], 4, rows) == (True, [6, 7])
+    assert split_per_example([5, 6], 4, rows) == (False, [5, 6])
+    assert split_per_example((1, 2), 4, rows) == (True, (1, 2))
+    assert split_per_example(None, 4, rows) == (True, None)
+    ok, part = split_per_example(np.arange(4), 4, rows)
+    assert ok and part.tolist() == [1, 2]
+    ok, part = split_per_example(torch.tensor([3]), 4, rows)
+    assert ok and part.tolist() == [3]
+    x = torch.zeros(4, 2, 3)
+    assert split_fill(torch.zeros(4, 1, 1), x, rows).shape == (2, 1, 1)
+    assert split_fill(torch.zeros(2, 1), x, rows).shape == (2, 1)  # per channel: kept
+    weight = torch.ones(2, 5)  # as many rows as a group but not per example: no split
+    assert split_args((weight,), 4, rows, 2) is None
+    assert split_args((torch.ones(4), 3.0), 4, rows, 2)[0].shape == (2,)
+    assert check_memory_budget(None) is None and check_memory_budget(2**30) == 2**30
+
+    class R:
+        def __init__(self, n, p, s):
+            self.attributions = [torch.full((1, n, 2), float(n))]
+            self.evaluations, self.perturbations, self.skipped = p + 1, p, s
+
+    joined = join([R(2, 10, 1), R(1, 7, 4)], [2, 1])
+    assert joined.attributions[0].shape == (1, 3, 2)
+    assert (joined.evaluations, joined.perturbations, joined.skipped) == (19, 9, 2)
