@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from captum.attr import PerturbationAttribution
@@ -98,6 +98,9 @@ class TiledOcclusion(PerturbationAttribution):
         self._chunk_memo: Dict[Hashable, int] = {}
         # Engines measured faster by earlier calls under engine="auto" (see _plan.engine_key).
         self._engine_memo: Dict[Hashable, str] = {}
+        # Engine keys whose incremental sweep passed the whole self-check in an earlier call:
+        # later calls check the clean output alone (#30).
+        self._checked: Set[Hashable] = set()
 
     @log_usage()
     @torch.no_grad()
@@ -405,7 +408,11 @@ class TiledOcclusion(PerturbationAttribution):
         n = xs[0].shape[0]
         if engine == "dense" or n == 1:
             return n
-        if engine == "auto" and self._engine_memo.get(engine_key(xs, geometries, extra)) == "dense":
+        key = engine_key(xs, geometries, extra)
+        if (
+            engine == "auto"
+            and self._engine_memo.get(key, self._engine_memo.get(any_batch(key))) == "dense"
+        ):
             return n
         return examples_per_group(forward_func, xs, fills, extra, memory_budget)
 
@@ -449,20 +456,13 @@ class TiledOcclusion(PerturbationAttribution):
                 forward_func, xs, fills, geometries, targets, score_fn, extra, **options
             )
         results, engines = [], []
-        for i, (gx, gfills, gtargets, gargs) in enumerate(parts):
+        for gx, gfills, gtargets, gargs in parts:
             results.append(
                 self._sweep(
                     forward_func, gx, gfills, geometries, gtargets, score_fn, gargs, **options
                 )
             )
             engines.append((self.last_engine, self.last_engine_reason))
-            if i == 0:
-                first = engine_key(gx, geometries, gargs)
-                if first in self._engine_memo:  # the call's decision, for every group's shape
-                    for ox, _, _, oargs in parts[1:]:
-                        self._engine_memo[engine_key(ox, geometries, oargs)] = self._engine_memo[
-                            first
-                        ]
         sizes = [r.stop - r.start for r in groups]
         note = (
             f"{n} examples ran in {len(groups)} groups of at most {max(sizes)}, whose clean "
@@ -492,6 +492,10 @@ class TiledOcclusion(PerturbationAttribution):
     ) -> SweepResult:
         """One sweep: the engine chosen (or remembered), then run; sets ``last_engine``."""
         measured = engine_key(xs, geometries, extra)
+        run = any_batch(measured)
+        if measured not in self._engine_memo and run in self._engine_memo:
+            # Measured on another batch size (a run's last batch, a group): decided once.
+            self._engine_memo[measured] = self._engine_memo[run]
         if engine == "auto" and self._engine_memo.get(measured) == "dense":
             # Measured slower before on these shapes: no tracing, self-check or trials.
             choice = EngineChoice(
@@ -507,6 +511,7 @@ class TiledOcclusion(PerturbationAttribution):
                 central_box(geometries[0]),
                 geometries,
                 memory_budget,
+                checked_before=measured in self._checked,
             )
         self.last_engine, self.last_engine_reason = choice.engine, choice.reason
         sweep_args = (forward_func, xs, fills, geometries, targets, score_fn, extra)
@@ -547,6 +552,10 @@ class TiledOcclusion(PerturbationAttribution):
             )
             plan.engines = {"dense": None}
             sweep = run_sweep(*sweep_args, plan=plan, **options)
+        if measured in self._engine_memo:
+            self._engine_memo[run] = self._engine_memo[measured]
+        if self.last_engine == "incremental":
+            self._checked.add(measured)
         return sweep
 
     def attribute_future(self) -> None:
@@ -556,6 +565,18 @@ class TiledOcclusion(PerturbationAttribution):
             NotImplementedError: always.
         """
         raise NotImplementedError("attribute_future is not implemented for TiledOcclusion")
+
+
+def any_batch(key: Hashable) -> Hashable:
+    """An engine key (:func:`engine_key`) without the batch size.
+
+    The engine is decided per example shape, so a run's batches and a batch's groups share one
+    decision (#30).
+    """
+    parts: Tuple[Any, ...] = tuple(key)  # type: ignore[arg-type]
+    kind, threads, shapes, tiling, extra = parts
+    per_example = tuple((s[1:], *rest) for s, *rest in shapes)
+    return (f"{kind} per example", threads, per_example, tiling, extra)
 
 
 def _scalar_inputs_flattened(

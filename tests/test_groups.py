@@ -202,3 +202,59 @@ def test_group_helpers():
     joined = join([R(2, 10, 1), R(1, 7, 4)], [2, 1])
     assert joined.attributions[0].shape == (1, 3, 2)
     assert (joined.evaluations, joined.perturbations, joined.skipped) == (19, 9, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run of batches decides once; each later batch checks its clean output (#30)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_later_batches_reuse_the_decision_and_check_their_clean_output(
+    net, flops_only, monkeypatch
+):
+    monkeypatch.setattr(incremental._sweep, "TRY_PAYBACK", 0.0)
+    monkeypatch.setattr(incremental._sweep, "MIN_PREDICTED_GAIN", 0.0)
+    tiled = TiledOcclusion(net)
+    reasons = []
+    for n in (2, 2, 1):
+        x = torch.randn(n, 3, 32, 32, dtype=torch.float64)
+        dense = tiled.attribute(x, target=1, window=WINDOW, k=K, engine="dense")
+        auto = tiled.attribute(x, target=1, window=WINDOW, k=K, engine="incremental")
+        assert tiled.last_engine == "incremental"
+        assert _error(auto, dense) <= 1e-10
+        reasons.append(tiled.last_engine_reason)
+    assert "5 windows" in reasons[0]
+    # The same shapes: the windows were verified by the first batch; its clean output is checked.
+    assert "verified against the model on the clean input (largest" in reasons[1]
+    assert "windows were verified on the first batch" in reasons[1]
+    # Another batch size is another trace: the whole check again.
+    assert "5 windows" in reasons[2]
+
+
+def test_auto_decides_once_per_example_shape(net, flops_only, monkeypatch):
+    monkeypatch.setattr(incremental._sweep, "TRY_PAYBACK", 0.0)
+    tiled = TiledOcclusion(net)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    tiled.attribute(x, target=1, window=WINDOW, k=K)
+    first = tiled.last_engine
+    y = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    dense = tiled.attribute(y, target=1, window=WINDOW, k=K, engine="dense")
+    auto = tiled.attribute(y, target=1, window=WINDOW, k=K)
+    assert tiled.last_engine == first
+    assert "earlier call" in tiled.last_engine_reason
+    assert _error(auto, dense) <= 1e-10
+
+
+def test_the_clean_output_check_catches_a_wrong_program(net):
+    from extra_attrib._geometry import TileGeometry
+    from extra_attrib._incremental import VerificationFailed
+    from extra_attrib._incremental._verify import verify_clean
+
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    geometry = TileGeometry((3, 32, 32), (3, WINDOW, WINDOW), (1, K, K))
+    right = net(x)
+    kept = []
+    words = verify_clean(net, x, torch.zeros(()), geometry, right, kept)
+    assert "largest difference 0" in words and kept[0].clean.equal(right)
+    with pytest.raises(VerificationFailed, match="clean-output check"):
+        verify_clean(net, x, torch.zeros(()), geometry, right * 1.001)

@@ -645,7 +645,8 @@ def test_the_check_sends_only_the_first_examples_through_the_model_past_the_budg
     incremental.verify_incremental(
         counted, x, torch.tensor(0.0), geometry, sweep.clean_output, lambda b: sweep.run(0, b)
     )
-    assert rows == [18]
+    # On CPU in passes of whole copies, about CHECK_ROWS rows each (#30).
+    assert rows == [6, 6, 6]
 
 
 @settings(max_examples=300, deadline=None)

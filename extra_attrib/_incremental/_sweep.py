@@ -22,6 +22,7 @@ from extra_attrib._incremental._program import program_for
 from extra_attrib._incremental._verify import (
     VerificationFailed,
     check_windows,
+    verify_clean,
     verify_incremental,
 )
 from extra_attrib._plan import PrecomputedWindows
@@ -35,14 +36,15 @@ if TYPE_CHECKING:
 #: speed-up. Above it, the sweep times both engines and keeps the faster (#20).
 MIN_PREDICTED_GAIN = 1.0
 #: ``engine="auto"`` also skips incremental where the sweep is too short to pay for trying it:
-#: the self-check runs its ``W`` windows (and the clean pass) incrementally as well, which is
-#: wasted where dense wins. Unless the cost model's predicted gain saves at least this many
-#: times those ``W + 1`` evaluations over the tiling's windows, dense runs without a check or
-#: race. The model counts a fixed cost per node run (``INCREMENTAL_NODE_COST`` in ``_ops``),
-#: so its predictions are about right at small inputs too (a median 1.00x of the measured gain
-#: over 23 CNNs at 64² and 224², 0.68-1.63x), and the rule asks for the break-even, not a
-#: margin. With FLOPs alone, which over-predicted small inputs, it asked for twice, and a
-#: 49-window ConvNeXt-Tiny call at 224² ran dense at 0.84x of forced incremental (#20).
+#: its clean pass and the self-check's ``W`` windows run incrementally as well (fixed costs,
+#: counted by :func:`_payback` in evaluations of the batch). Unless the cost model's predicted
+#: gain saves at least this many times those costs over the windows the sweep still
+#: evaluates, dense runs without a check or race. The model counts a fixed cost per node run
+#: (``INCREMENTAL_NODE_COST`` in ``_ops``), so its predictions are about right at small inputs
+#: too (a median 1.00x of the measured gain over 23 CNNs at 64² and 224², 0.68-1.63x), and the
+#: rule asks for the break-even, not a margin. With FLOPs alone, which over-predicted small
+#: inputs, it asked for twice, and a 49-window ConvNeXt-Tiny call at 224² ran dense at 0.84x of
+#: forced incremental (#20).
 TRY_PAYBACK = 1.0
 
 
@@ -224,6 +226,7 @@ def choose_engine(
     center_box: Optional[Tuple[slice, ...]] = None,
     geometry: Union[None, TileGeometry, Sequence[TileGeometry]] = None,
     budget: Optional[int] = None,
+    checked_before: bool = False,
 ) -> EngineChoice:
     """Decide between the dense and the incremental engine.
 
@@ -254,6 +257,10 @@ def choose_engine(
             windows. Default: None (no self-check)
         budget (int, optional): Most bytes the clean activations of the batch may take.
             Default: None (:data:`ACTIVATION_BUDGET_BYTES`)
+        checked_before (bool, optional): An earlier call with these shapes and tiling chose
+            incremental by measurement (a later batch of a run, a later group of a batch).
+            Where the traced program passed the whole self-check for them, only its clean
+            output is checked against the model (:func:`verify_clean`). Default: False
 
     Returns:
         EngineChoice: The engine, the reason and, for incremental, the evaluator factory.
@@ -289,24 +296,42 @@ def choose_engine(
                 f"{MIN_PREDICTED_GAIN}x threshold",
             )
         if engine == "auto" and geometries is not None and center_box is not None:
-            windows = sum(g.num_perturbations for g in geometries)
-            saving = windows * (1.0 - 1.0 / gain)
-            trying = sum(len(check_windows(g)) + 1 for g in geometries)
+            saving, trying, windows = _payback(inputs, geometries, gain, budget)
             if saving < TRY_PAYBACK * trying:
                 return EngineChoice(
                     "dense",
                     f"too few windows to pay for trying incremental: at the cost model's "
                     f"{gain:.2f}x it would save {saving:.1f} of {windows} window evaluations, "
-                    f"under {TRY_PAYBACK:g}x the {trying} that its self-check costs",
+                    f"under {TRY_PAYBACK:g}x the {trying:.1f} that its fixed costs take (its "
+                    "clean pass and the self-check's incremental windows)",
                 )
         if sweep is None:
             sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args, budget)
         verified = "not verified (no tiling given)"
         kept: List[PrecomputedWindows] = []
-        if geometries is not None:
-            verified = _verify_inputs(
-                sweep, forward_func, inputs, baselines, geometries, additional_forward_args, kept
+        passed = ("verified", _gain_key(inputs, baselines, geometries, center_box))
+        if (
+            checked_before
+            and geometries is not None
+            and len(inputs) == 1
+            and not additional_forward_args
+            and passed in program.gains
+        ):
+            verified = verify_clean(
+                forward_func, inputs[0], baselines[0], geometries[0], sweep.clean_output, kept
             )
+        elif geometries is not None:
+            verified = _verify_inputs(
+                sweep,
+                forward_func,
+                inputs,
+                baselines,
+                geometries,
+                additional_forward_args,
+                kept,
+                activation_budget(budget),
+            )
+            program.gains[passed] = 1.0
     except Exception as error:  # any failure of the fast path: dense works without it
         if isinstance(error, VerificationFailed):
             why = f"the self-check against the model failed: {error}"
@@ -385,6 +410,38 @@ def _batched(inputs: Sequence[Tensor], args: Sequence[Any]) -> List[bool]:
     return [True] * len(inputs) + [a.dim() > 0 and a.shape[0] == n for a in args]
 
 
+def _payback(
+    inputs: Sequence[Tensor],
+    geometries: Sequence[TileGeometry],
+    gain: float,
+    budget: Optional[int],
+) -> Tuple[float, float, int]:
+    """What trying incremental would save and cost, in evaluations of the batch (#30).
+
+    Against a dense sweep (a clean pass and every window), trying incremental costs, per input:
+    its clean pass (about one evaluation), the self-check's ``W`` windows run incrementally
+    (``W / gain``), and the check's model pass of ``1 + W`` copies, which is free where the
+    sweep reuses it (its clean copy and windows count towards the map) and ``W`` evaluations
+    where it ran only the first examples. What incremental saves is ``1 - 1 / gain`` of each
+    window the sweep still evaluates. Tracing is paid before the cost model exists; it is not
+    counted (the first trace of ResNet-50 takes about 0.2 s).
+
+    Returns:
+        tuple: ``(saving, cost, windows)``.
+    """
+    saving = cost = 0.0
+    windows = 0
+    for x, g in zip(inputs, geometries):
+        checked = len(check_windows(g))
+        windows += g.num_perturbations
+        saving += max(g.num_perturbations - checked, 0) * (1.0 - 1.0 / gain)
+        cost += 1.0 + checked / gain
+        copies = (1 + checked) * x[0].numel() * x.element_size()
+        if activation_budget(budget) // max(copies, 1) < x.shape[0]:
+            cost += checked  # the check's windows are not reused
+    return saving, cost, windows
+
+
 def _predicted_gain(sweep: IncrementalSweep, geometries: Sequence[TileGeometry]) -> float:
     """Dense cost over incremental cost of the whole sweep, each input at its centre window."""
     dense = incremental = 0.0
@@ -402,6 +459,7 @@ def _verify_inputs(
     geometries: Sequence[TileGeometry],
     args: Tuple[Any, ...],
     kept: List[PrecomputedWindows],
+    budget_bytes: int,
 ) -> str:
     """The self-check of every input swept incrementally; words for the engine's reason."""
     if len(inputs) == 1 and not args:
@@ -412,6 +470,7 @@ def _verify_inputs(
             geometries[0],
             sweep.clean_output,
             lambda boxes: sweep.run(0, boxes),
+            budget_bytes,
             keep=kept,
         )
     said = []
@@ -427,9 +486,11 @@ def _verify_inputs(
                 g,
                 sweep.clean_output,
                 lambda boxes, j=j: sweep.run(j, boxes),  # type: ignore[misc]
+                budget_bytes,
                 keep=kept,
                 index=j,
                 context=(*inputs, *args),
+                passes=False,  # the other inputs are repeated for all the copies at once
             )
         except VerificationFailed as error:
             raise VerificationFailed(f"input {j}: {error}") from error
