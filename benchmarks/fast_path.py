@@ -151,9 +151,11 @@ def section_batch(repeats: int) -> List[str]:
     x = torch.randn(16, 3, 224, 224)
     times: Dict[str, List[float]] = {"dense": [], "auto": []}
     notes: Dict[str, str] = {}
+    with torch.no_grad():
+        model(x[:2])  # warm-up
     loads = [load()]
-    for _ in range(repeats):
-        for engine in times:
+    for r in range(repeats):
+        for engine in rotated(list(times), r):
             tiled = TiledOcclusion(model)
             times[engine].append(timed(tiled.attribute, x, target=0, window=56, k=1, engine=engine))
             notes[engine] = f"{tiled.last_engine}: {tiled.last_engine_reason[:200]}"
@@ -179,8 +181,8 @@ def section_nt(repeats: int, settings: List[Tuple[int, int]]) -> List[str]:
         times: Dict[str, List[float]] = {"dense": [], "auto": []}
         ran = ""
         loads = [load()]
-        for _ in range(repeats):
-            for engine in times:
+        for r in range(repeats):
+            for engine in rotated(list(times), r):
                 result = in_child("nt", engine, str(window), str(k))
                 times[engine].append(result["seconds"])
                 if engine == "auto":
@@ -237,13 +239,22 @@ def section_dataset(repeats: int, items: int, batches: List[int], models: List[s
     ]
     for name in models:
         model = resnet50() if name == "ResNet-50" else lite0()
+        with tempfile.TemporaryDirectory() as folder:  # warm-up: first-run costs of the process
+            explain_dataset(
+                TiledOcclusion(model),
+                Images(1),
+                os.path.join(folder, "warm.zarr"),
+                show_progress=False,
+                window=224,
+                engine="dense",
+            )
         for batch in batches:
             data = Images(max(items, batch))
             speed: Dict[str, List[float]] = {"auto": [], "dense": [], "incremental": []}
             ran = ""
             loads = [load()]
-            for _ in range(repeats):
-                for engine in speed:
+            for r in range(repeats):
+                for engine in rotated(list(speed), r):
                     tiled = TiledOcclusion(model)
                     with tempfile.TemporaryDirectory() as folder:
                         store = os.path.join(folder, "run.zarr")
@@ -285,12 +296,14 @@ def section_demo(repeats: int) -> List[str]:
         "dense s | auto s | auto vs dense | auto ran | load averages |",
         "|---|---|---|---|---|---|",
     ]
+    with torch.no_grad():
+        model(x)  # warm-up
     for per_call in (1, None):
         times: Dict[str, List[float]] = {"dense": [], "auto": []}
         ran = ""
         loads = [load()]
-        for _ in range(repeats):
-            for engine in times:
+        for r in range(repeats):
+            for engine in rotated(list(times), r):
                 tiled = TiledOcclusion(model)
                 times[engine].append(
                     timed(
@@ -317,6 +330,11 @@ def section_demo(repeats: int) -> List[str]:
             f"{' → '.join(loads)} |"
         )
     return rows
+
+
+def rotated(names: List[str], r: int) -> List[str]:
+    """The engines in round ``r``'s order: each goes first in turn."""
+    return names[r % len(names) :] + names[: r % len(names)]
 
 
 def fmt(values: List[float]) -> str:
