@@ -160,8 +160,8 @@ class TiledOcclusion(PerturbationAttribution):
                 can repay) and the rest of the sweep uses the fastest per perturbation (the best
                 batch size depends on model and machine); this object remembers the choice for
                 later calls with the same shapes, dtypes, device, tiling and thread count, which
-                skip the trials. On GPU about 64 rows per pass. Always within a 256 MiB budget
-                for the perturbed copies. Give
+                skip the trials. On GPU about 64 rows per pass. Always within ``memory_budget``
+                (256 MiB by default) for the perturbed copies. Give
                 a number for bit-for-bit repeatable results (batch composition changes float
                 rounding); it is capped at the number of windows and at the same budget.
                 Default: None
@@ -199,8 +199,10 @@ class TiledOcclusion(PerturbationAttribution):
                 runs densely) and raises a ValueError naming the first operation it cannot
                 handle; ``"auto"``, where the model is supported and passes its self-check,
                 times chunks of both engines on the call's own windows and keeps the faster
-                (the timed windows count towards the map; the choice is remembered per input
-                shape, dtype, device, tiling and thread count, as the chunk size is).
+                (the timed windows count towards the map; the choice is remembered per example
+                shape, dtype, device, tiling and thread count, so a batch of another size
+                reuses it, and a later call whose shapes passed the whole self-check before
+                checks only its clean output against the model).
                 ``last_engine`` and ``last_engine_reason`` tell what ran and why. With
                 several inputs, each is occluded with the others clean and gets its own boxes;
                 one that is not ``(N, C, *spatial)`` or whose path reaches an operation

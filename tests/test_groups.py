@@ -258,3 +258,18 @@ def test_the_clean_output_check_catches_a_wrong_program(net):
     assert "largest difference 0" in words and kept[0].clean.equal(right)
     with pytest.raises(VerificationFailed, match="clean-output check"):
         verify_clean(net, x, torch.zeros(()), geometry, right * 1.001)
+
+
+def test_the_payback_rule_counts_the_fixed_costs_in_evaluations():
+    from extra_attrib._geometry import TileGeometry
+    from extra_attrib._incremental._sweep import _payback
+
+    x = torch.randn(2, 3, 32, 32)
+    geometry = TileGeometry((3, 32, 32), (3, 8, 8), (1, 1, 1))  # 16 windows, 5 checked
+    saving, cost, windows = _payback((x,), [geometry], 2.0, None)
+    assert windows == 16
+    assert saving == pytest.approx(11 * 0.5)  # the windows left after the check, at 2x
+    assert cost == pytest.approx(1 + 5 / 2)  # the clean pass and the check's windows
+    # Where the check's copies exceed the budget its windows are not reused: they count too.
+    _, cost, _ = _payback((x,), [geometry], 2.0, 6 * 3 * 32 * 32 * 4 - 1)
+    assert cost == pytest.approx(1 + 5 / 2 + 5)
