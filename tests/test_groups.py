@@ -273,3 +273,28 @@ def test_the_payback_rule_counts_the_fixed_costs_in_evaluations():
     # Where the check's copies exceed the budget its windows are not reused: they count too.
     _, cost, _ = _payback((x,), [geometry], 2.0, 6 * 3 * 32 * 32 * 4 - 1)
     assert cost == pytest.approx(1 + 5 / 2 + 5)
+
+
+def test_a_model_fx_cannot_trace_is_traced_once_per_shape():
+    traces = []
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if isinstance(x, torch.fx.Proxy):
+                traces.append(1)
+            y = self.conv(x)
+            if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+                y = -y
+            return y.mean(dim=(2, 3))
+
+    model = Branchy().eval()
+    tiled = TiledOcclusion(model)
+    x = torch.randn(2, 3, 16, 16)
+    for _ in range(2):
+        tiled.attribute(x, target=0, window=8)
+        assert tiled.last_engine == "dense" and "cannot trace" in tiled.last_engine_reason
+    assert len(traces) == 1

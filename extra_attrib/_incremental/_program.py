@@ -23,6 +23,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Union,
     cast,
 )
 
@@ -659,8 +660,9 @@ _HANDLERS: Dict[str, Callable[..., Any]] = {
 }
 
 
+#: Per model, per shapes: the fingerprint and the program, or why the model cannot be traced.
 _PROGRAMS: weakref.WeakKeyDictionary[
-    Any, Dict[Tuple[Any, ...], Tuple[Tuple[Any, ...], IncrementalProgram]]
+    Any, Dict[Tuple[Any, ...], Tuple[Tuple[Any, ...], Union[IncrementalProgram, str]]]
 ] = weakref.WeakKeyDictionary()
 
 
@@ -824,5 +826,13 @@ def program_for(
         return IncrementalProgram(model, xs, flags)
     cached = cache.get(shape)
     if cached is None or cached[0] != fingerprint:
-        cached = cache[shape] = (fingerprint, IncrementalProgram(model, xs, flags))
+        try:
+            cached = cache[shape] = (fingerprint, IncrementalProgram(model, xs, flags))
+        except UnsupportedModel as error:
+            # Remembered too: tracing again would fail again, costing the trace (and its side
+            # effects on the model's closures) on every call (#30).
+            cache[shape] = (fingerprint, str(error))
+            raise
+    if isinstance(cached[1], str):
+        raise UnsupportedModel(cached[1])
     return cached[1]
