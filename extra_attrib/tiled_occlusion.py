@@ -101,6 +101,9 @@ class TiledOcclusion(PerturbationAttribution):
         # Engine keys whose incremental sweep passed the whole self-check in an earlier call:
         # later calls check the clean output alone (#30).
         self._checked: Set[Hashable] = set()
+        # Per example shape, the evaluations (of one example) that calls too short to pay for
+        # trying incremental let go; later calls count them (#30).
+        self._forgone: Dict[Hashable, float] = {}
 
     @log_usage()
     @torch.no_grad()
@@ -514,7 +517,10 @@ class TiledOcclusion(PerturbationAttribution):
                 geometries,
                 memory_budget,
                 checked_before=measured in self._checked,
+                forgone=self._forgone.get(run, 0.0) / xs[0].shape[0],
             )
+            if choice.forgone:  # counted per example: batches of any size add up
+                self._forgone[run] = self._forgone.get(run, 0.0) + choice.forgone * xs[0].shape[0]
         self.last_engine, self.last_engine_reason = choice.engine, choice.reason
         sweep_args = (forward_func, xs, fills, geometries, targets, score_fn, extra)
         engines: Dict[str, Any] = {"dense": None}

@@ -298,3 +298,21 @@ def test_a_model_fx_cannot_trace_is_traced_once_per_shape():
         tiled.attribute(x, target=0, window=8)
         assert tiled.last_engine == "dense" and "cannot trace" in tiled.last_engine_reason
     assert len(traces) == 1
+
+
+def test_a_run_of_short_calls_tries_incremental_once_their_savings_would_have_paid(
+    net, flops_only, monkeypatch
+):
+    # Each call would save 1 evaluation and trying costs 2.5: the third call tries.
+    monkeypatch.setattr(incremental._sweep, "_payback", lambda *a: (1.0, 2.5, 16))
+    tiled = TiledOcclusion(net)
+    reasons = []
+    for _ in range(3):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        dense = tiled.attribute(x, target=1, window=WINDOW, k=K, engine="dense")
+        auto = tiled.attribute(x, target=1, window=WINDOW, k=K)
+        assert _error(auto, dense) <= 1e-10
+        reasons.append(tiled.last_engine_reason)
+    assert "too few windows" in reasons[0] and "earlier calls" not in reasons[0]
+    assert "(and 1.0 by earlier calls)" in reasons[1]
+    assert "too few windows" not in reasons[2] and "verified" in reasons[2]

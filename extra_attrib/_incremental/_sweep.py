@@ -215,6 +215,9 @@ class EngineChoice:
     reason: str
     factory: Optional[Callable[..., Any]] = None
     checked: Union[None, PrecomputedWindows, Tuple[PrecomputedWindows, ...]] = None
+    #: Where the sweep was too short to pay for trying incremental: the evaluations of the
+    #: batch that incremental would have saved, at the predicted gain (#30).
+    forgone: float = 0.0
 
 
 def choose_engine(
@@ -227,6 +230,7 @@ def choose_engine(
     geometry: Union[None, TileGeometry, Sequence[TileGeometry]] = None,
     budget: Optional[int] = None,
     checked_before: bool = False,
+    forgone: float = 0.0,
 ) -> EngineChoice:
     """Decide between the dense and the incremental engine.
 
@@ -261,6 +265,11 @@ def choose_engine(
             incremental by measurement (a later batch of a run, a later group of a batch).
             Where the traced program passed the whole self-check for them, only its clean
             output is checked against the model (:func:`verify_clean`). Default: False
+        forgone (float, optional): What earlier calls with these shapes, each too short to
+            pay for trying incremental, would have saved, in evaluations of this batch. It
+            counts with this call's saving against the fixed costs: a run of short calls tries
+            incremental once the savings it let go would have paid for trying (as renting
+            stops once the rent paid would have bought). Default: 0
 
     Returns:
         EngineChoice: The engine, the reason and, for incremental, the evaluator factory.
@@ -297,13 +306,15 @@ def choose_engine(
             )
         if engine == "auto" and geometries is not None and center_box is not None:
             saving, trying, windows = _payback(inputs, geometries, gain, budget)
-            if saving < TRY_PAYBACK * trying:
+            if saving + forgone < TRY_PAYBACK * trying:
+                earlier = f" (and {forgone:.1f} by earlier calls)" if forgone else ""
                 return EngineChoice(
                     "dense",
                     f"too few windows to pay for trying incremental: at the cost model's "
-                    f"{gain:.2f}x it would save {saving:.1f} of {windows} window evaluations, "
-                    f"under {TRY_PAYBACK:g}x the {trying:.1f} that its fixed costs take (its "
-                    "clean pass and the self-check's incremental windows)",
+                    f"{gain:.2f}x it would save {saving:.1f} of {windows} window evaluations"
+                    f"{earlier}, under {TRY_PAYBACK:g}x the {trying:.1f} that its fixed costs "
+                    "take (its clean pass and the self-check's incremental windows)",
+                    forgone=saving,
                 )
         if sweep is None:
             sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args, budget)
