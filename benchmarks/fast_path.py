@@ -280,6 +280,7 @@ def section_dataset(repeats: int, items: int, batches: List[int], models: List[s
                 f"{best['incremental']:.3f} | **{best['auto'] / better:.2f}x** | {ran} | "
                 f"{' → '.join(loads)} |"
             )
+            print(rows[-1], flush=True)  # a long section: each row as soon as it is measured
     return rows
 
 
