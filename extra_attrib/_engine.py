@@ -127,14 +127,16 @@ class SweepResult:
     reused: int = 0
 
 
-def memory_bound(inputs: Sequence[Tensor]) -> int:
+def memory_bound(inputs: Sequence[Tensor], budget: Optional[int] = None) -> int:
     """Most perturbed copies of the batch that fit the buffer budget (at least 1).
 
     A copy counts the batch of every input plus one byte per element of one example for the
-    window mask a rebuilt chunk needs (see :class:`DenseEvaluator`).
+    window mask a rebuilt chunk needs (see :class:`DenseEvaluator`). ``budget`` in bytes,
+    default :data:`BUFFER_BUDGET_BYTES`.
     """
+    limit = BUFFER_BUDGET_BYTES if budget is None else budget
     bytes_per_copy = sum(x.numel() * x.element_size() + x[0].numel() for x in inputs)
-    return max(1, BUFFER_BUDGET_BYTES // max(bytes_per_copy, 1))
+    return max(1, limit // max(bytes_per_copy, 1))
 
 
 def _cpu_rows(inputs: Sequence[Tensor]) -> List[int]:
@@ -197,6 +199,8 @@ class ChunkPlanner:
             Default: None (``num_perturbations``).
         memo (dict, optional): Chosen sizes by ``key``, read and written. Default: None
         key (hashable, optional): This sweep's entry in ``memo``. Default: None
+        budget (int, optional): Bytes the perturbation buffers may take. Default: None
+            (:data:`BUFFER_BUDGET_BYTES`)
     """
 
     def __init__(
@@ -207,9 +211,10 @@ class ChunkPlanner:
         total: Optional[int] = None,
         memo: Optional[Dict[Hashable, int]] = None,
         key: Hashable = None,
+        budget: Optional[int] = None,
     ) -> None:
         n = inputs[0].shape[0]
-        cap = max(1, min(memory_bound(inputs), num_perturbations))
+        cap = max(1, min(memory_bound(inputs, budget), num_perturbations))
         if chunk_size is not None:
             # More slots than perturbations or than the budget allows would only hold memory.
             self.candidates = [min(chunk_size, cap)]
@@ -437,7 +442,9 @@ def occlusion_sweep(
         for name, factory in plan.engines.items()
     }
     planners = {
-        name: ChunkPlanner(inputs, max(busiest, 1), chunk_size, total, plan.chunk_memo, key)
+        name: ChunkPlanner(
+            inputs, max(busiest, 1), chunk_size, total, plan.chunk_memo, key, plan.memory_budget
+        )
         for name, key in keys.items()
     }
     race = EngineRace(
@@ -524,6 +531,7 @@ def occlusion_sweep(
                             total - done,
                             plan.chunk_memo,
                             keys[name],
+                            plan.memory_budget,
                         )
                         planner.seed(race.trial_sizes[name], race.trial_timings(name))
                     size = planner.next_size() if trial is None else trial

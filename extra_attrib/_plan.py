@@ -132,6 +132,8 @@ class SweepPlan:
             some windows of this sweep's inputs (one per input at most), scored instead of
             evaluated where they match the sweep (:meth:`PrecomputedWindows.matches`).
             Default: None
+        memory_budget (int, optional): Bytes the perturbation buffers may take. Default:
+            None (the engine's :data:`~extra_attrib._engine.BUFFER_BUDGET_BYTES`)
     """
 
     engines: Dict[str, Optional[Callable[..., Any]]] = field(
@@ -143,6 +145,7 @@ class SweepPlan:
     engine_memo: Optional[Dict[Hashable, str]] = None
     notes: Dict[str, str] = field(default_factory=dict)
     precomputed: Union[None, PrecomputedWindows, Sequence[PrecomputedWindows]] = None
+    memory_budget: Optional[int] = None
 
 
 def engine_key(

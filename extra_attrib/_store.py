@@ -142,6 +142,7 @@ BATCHING_ARGUMENTS = frozenset(
         "internal_batch_size",
         "nt_samples_batch_size",
         "engine",
+        "memory_budget",
     }
 )
 

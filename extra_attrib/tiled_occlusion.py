@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from captum.attr import PerturbationAttribution
@@ -20,7 +20,20 @@ from extra_attrib._checks import check_bool, check_int, check_optional_int, is_i
 from extra_attrib._drilldown import check_refine, drilldown_sweep
 from extra_attrib._engine import SweepResult, occlusion_sweep
 from extra_attrib._geometry import TileGeometry
-from extra_attrib._incremental import EngineChoice, central_box, choose_engine
+from extra_attrib._groups import (
+    check_memory_budget,
+    example_groups,
+    join,
+    split_args,
+    split_fill,
+    split_per_example,
+)
+from extra_attrib._incremental import (
+    EngineChoice,
+    central_box,
+    choose_engine,
+    examples_per_group,
+)
 from extra_attrib._model_state import model_state_kept
 from extra_attrib._plan import SweepPlan, engine_key
 from extra_attrib._targets import ScoreType, as_target_list, score_function
@@ -85,6 +98,12 @@ class TiledOcclusion(PerturbationAttribution):
         self._chunk_memo: Dict[Hashable, int] = {}
         # Engines measured faster by earlier calls under engine="auto" (see _plan.engine_key).
         self._engine_memo: Dict[Hashable, str] = {}
+        # Engine keys whose incremental sweep passed the whole self-check in an earlier call:
+        # later calls check the clean output alone (#30).
+        self._checked: Set[Hashable] = set()
+        # Per example shape, the evaluations (of one example) that calls too short to pay for
+        # trying incremental let go; later calls count them (#30).
+        self._forgone: Dict[Hashable, float] = {}
 
     @log_usage()
     @torch.no_grad()
@@ -102,6 +121,7 @@ class TiledOcclusion(PerturbationAttribution):
         refine: Optional[float] = None,
         refine_by: str = "abs",
         engine: str = "auto",
+        memory_budget: Optional[int] = None,
     ) -> TensorOrTuple:
         r"""Attribute the target's score to every input element.
 
@@ -143,8 +163,8 @@ class TiledOcclusion(PerturbationAttribution):
                 can repay) and the rest of the sweep uses the fastest per perturbation (the best
                 batch size depends on model and machine); this object remembers the choice for
                 later calls with the same shapes, dtypes, device, tiling and thread count, which
-                skip the trials. On GPU about 64 rows per pass. Always within a 256 MiB budget
-                for the perturbed copies. Give
+                skip the trials. On GPU about 64 rows per pass. Always within ``memory_budget``
+                (256 MiB by default) for the perturbed copies. Give
                 a number for bit-for-bit repeatable results (batch composition changes float
                 rounding); it is capped at the number of windows and at the same budget.
                 Default: None
@@ -182,8 +202,10 @@ class TiledOcclusion(PerturbationAttribution):
                 runs densely) and raises a ValueError naming the first operation it cannot
                 handle; ``"auto"``, where the model is supported and passes its self-check,
                 times chunks of both engines on the call's own windows and keeps the faster
-                (the timed windows count towards the map; the choice is remembered per input
-                shape, dtype, device, tiling and thread count, as the chunk size is).
+                (the timed windows count towards the map; the choice is remembered per example
+                shape, dtype, device, tiling and thread count, so a batch of another size
+                reuses it, and a later call whose shapes passed the whole self-check before
+                checks only its clean output against the model).
                 ``last_engine`` and ``last_engine_reason`` tell what ran and why. With
                 several inputs, each is occluded with the others clean and gets its own boxes;
                 one that is not ``(N, C, *spatial)`` or whose path reaches an operation
@@ -191,6 +213,13 @@ class TiledOcclusion(PerturbationAttribution):
                 traces ``forward`` once and runs the traced layers, so Python
                 code in ``forward`` (a counter, a log) does not run per pass: use ``"dense"``
                 where it must. Default: ``"auto"``
+            memory_budget (int, optional): Bytes the engine's working memory may take: the
+                perturbed copies of the dense engine and the clean activations the
+                incremental engine keeps, each within this budget. Where the incremental
+                engine's activations of the whole batch exceed it, the batch runs in groups of
+                examples that fit (each group its own clean pass and self-check, the engine
+                chosen once for the call; ``NoiseTunnel``'s noisy copies are such a batch), with
+                the same result. At least ``2**20`` (1 MiB). Default: None (256 MiB)
 
         Returns:
             Tensor or tuple of Tensor: Attributions with the type, shapes and device of
@@ -219,6 +248,7 @@ class TiledOcclusion(PerturbationAttribution):
             refine,
             refine_by,
             engine,
+            memory_budget,
         )
         attributions = tuple(a[0] for a in result)
         return attributions if is_tuple else attributions[0]
@@ -239,6 +269,7 @@ class TiledOcclusion(PerturbationAttribution):
         refine: Optional[float] = None,
         refine_by: str = "abs",
         engine: str = "auto",
+        memory_budget: Optional[int] = None,
     ) -> TensorOrTuple:
         r"""Attribute several targets in one sweep over the windows.
 
@@ -262,6 +293,7 @@ class TiledOcclusion(PerturbationAttribution):
                 ``attribute`` would give it. Default: None (full map)
             refine_by (str, optional): As in :meth:`attribute`. Default: ``"abs"``
             engine (str, optional): As in :meth:`attribute`. Default: ``"auto"``
+            memory_budget (int, optional): As in :meth:`attribute`. Default: None (256 MiB)
 
         Returns:
             Tensor or tuple of Tensor: For each input, shape ``(len(targets), *input.shape)``;
@@ -287,6 +319,7 @@ class TiledOcclusion(PerturbationAttribution):
             refine,
             refine_by,
             engine,
+            memory_budget,
         )
         return tuple(result) if is_tuple else result[0]
 
@@ -304,6 +337,7 @@ class TiledOcclusion(PerturbationAttribution):
         refine: Optional[float] = None,
         refine_by: str = "abs",
         engine: str = "auto",
+        memory_budget: Optional[int] = None,
     ) -> List[Tensor]:
         xs = _format_inputs(inputs)
         geometries = resolve_tiling([tuple(x.shape[1:]) for x in xs], window, k)
@@ -332,61 +366,28 @@ class TiledOcclusion(PerturbationAttribution):
             else (functools.partial(drilldown_sweep, refine=fraction, refine_by=refine_by))
         )
         _warn_if_training(self.forward_func)
+        memory_budget = check_memory_budget(memory_budget)
         with model_state_kept(self.forward_func):
-            measured = engine_key(xs, geometries, extra)
-            if engine == "auto" and self._engine_memo.get(measured) == "dense":
-                # Measured slower before on these shapes: no tracing, self-check or trials.
-                choice = EngineChoice(
-                    "dense", "the faster engine measured by an earlier call with these shapes"
-                )
-            else:
-                choice = choose_engine(
-                    engine,
-                    forward_func,
-                    xs,
-                    fills,
-                    extra,
-                    central_box(geometries[0]),
-                    geometries,
-                )
-            self.last_engine, self.last_engine_reason = choice.engine, choice.reason
-            sweep_args = (forward_func, xs, fills, geometries, targets, score_fn, extra)
-            engines: Dict[str, Any] = {"dense": None}
-            if choice.engine == "measure":  # dense first: a tie goes to the reference engine
-                engines["incremental"] = choice.factory
-            elif choice.factory is not None:
-                engines = {"incremental": choice.factory}
-            plan = SweepPlan(
-                engines,
-                perturbations_per_eval,
-                chunk_memo=self._chunk_memo,
-                engine_memo=self._engine_memo,
-                notes={"incremental": choice.reason} if choice.factory is not None else {},
-                # The self-check's model outputs on its windows count towards the map (#18).
-                precomputed=choice.checked,
+            per_group = self._examples_per_group(
+                forward_func, xs, fills, extra, engine, geometries, memory_budget
             )
-            options: Dict[str, Any] = dict(show_progress=show_progress)
-            try:
-                sweep: SweepResult = run_sweep(*sweep_args, plan=plan, **options)
-                if getattr(sweep, "engine", "") in engines:
-                    self.last_engine = sweep.engine
-                    if choice.engine == "measure":
-                        self.last_engine_reason = sweep.engine_reason
-                elif choice.engine == "measure":  # a drill-down: each of its passes raced
-                    self.last_engine = "incremental"
-            except Exception as error:
-                if engine != "auto" or choice.factory is None:
-                    raise
-                # The fast path failed during the sweep (out of memory, an op it mishandles):
-                # auto never fails where dense works. The model is restored by the guard.
-                first = str(error).splitlines()[0] if str(error) else ""
-                self.last_engine = "dense"
-                self.last_engine_reason = (
-                    f"incremental was chosen ({choice.reason}) but raised "
-                    f"{type(error).__name__} during the sweep ({first}); ran dense"
-                )
-                plan.engines = {"dense": None}
-                sweep = run_sweep(*sweep_args, plan=plan, **options)
+            sweep = self._grouped(
+                per_group,
+                forward_func,
+                xs,
+                fills,
+                geometries,
+                targets,
+                score_fn,
+                extra,
+                dict(
+                    perturbations_per_eval=perturbations_per_eval,
+                    show_progress=show_progress,
+                    run_sweep=run_sweep,
+                    engine=engine,
+                    memory_budget=memory_budget,
+                ),
+            )
         self.last_evaluations = sweep.evaluations
         self.last_perturbations = sweep.perturbations
         self.last_skipped = sweep.skipped
@@ -398,6 +399,173 @@ class TiledOcclusion(PerturbationAttribution):
             out.append(attr.to(dtype).clone())
         return out
 
+    def _examples_per_group(
+        self,
+        forward_func: Callable[..., Tensor],
+        xs: Tuple[Tensor, ...],
+        fills: Tuple[Tensor, ...],
+        extra: Tuple[Any, ...],
+        engine: str,
+        geometries: Sequence[TileGeometry],
+        memory_budget: Optional[int],
+    ) -> int:
+        """Examples per sweep: the batch, or groups whose clean activations fit (#30)."""
+        n = xs[0].shape[0]
+        if engine == "dense" or n == 1:
+            return n
+        key = engine_key(xs, geometries, extra)
+        if (
+            engine == "auto"
+            and self._engine_memo.get(key, self._engine_memo.get(any_batch(key))) == "dense"
+        ):
+            return n
+        return examples_per_group(forward_func, xs, fills, extra, memory_budget)
+
+    def _grouped(
+        self,
+        per_group: int,
+        forward_func: Callable[..., Tensor],
+        xs: Tuple[Tensor, ...],
+        fills: Tuple[Tensor, ...],
+        geometries: Sequence[TileGeometry],
+        targets: List[Any],
+        score_fn: Callable[[Any], Tensor],
+        extra: Tuple[Any, ...],
+        options: Dict[str, Any],
+    ) -> Any:
+        """One sweep over the batch, or one per group of ``per_group`` examples, joined.
+
+        The first group decides the engine by measurement (it is remembered per shapes); the
+        other groups reuse that decision, each with its own clean pass and self-check.
+        """
+        n = xs[0].shape[0]
+        groups = example_groups(n, per_group) if per_group < n else [slice(0, n)]
+        parts = []
+        for rows in groups:
+            size = rows.stop - rows.start
+            split = [split_per_example(t, n, rows) for t in targets]
+            args = split_args(extra, n, rows, size)
+            if args is None or not all(ok for ok, _ in split):
+                groups = [slice(0, n)]  # cannot split the call: one sweep, as before grouping
+                break
+            parts.append(
+                (
+                    tuple(x[rows] for x in xs),
+                    tuple(split_fill(f, x, rows) for f, x in zip(fills, xs)),
+                    [t for _, t in split],
+                    args,
+                )
+            )
+        if len(groups) == 1:
+            return self._sweep(
+                forward_func, xs, fills, geometries, targets, score_fn, extra, **options
+            )
+        results, engines = [], []
+        for gx, gfills, gtargets, gargs in parts:
+            results.append(
+                self._sweep(
+                    forward_func, gx, gfills, geometries, gtargets, score_fn, gargs, **options
+                )
+            )
+            engines.append((self.last_engine, self.last_engine_reason))
+        sizes = [r.stop - r.start for r in groups]
+        note = (
+            f"{n} examples ran in {len(groups)} groups of at most {max(sizes)}, whose clean "
+            "activations fit the memory budget"
+        )
+        others = [
+            f"group {i} ran {e} ({why})" for i, (e, why) in enumerate(engines) if e != engines[0][0]
+        ]
+        self.last_engine = engines[0][0]
+        self.last_engine_reason = "; ".join([engines[0][1], note, *others])
+        return join(results, sizes)
+
+    def _sweep(
+        self,
+        forward_func: Callable[..., Tensor],
+        xs: Tuple[Tensor, ...],
+        fills: Tuple[Tensor, ...],
+        geometries: Sequence[TileGeometry],
+        targets: List[Any],
+        score_fn: Callable[[Any], Tensor],
+        extra: Tuple[Any, ...],
+        perturbations_per_eval: Optional[int],
+        show_progress: bool,
+        run_sweep: Callable[..., SweepResult],
+        engine: str,
+        memory_budget: Optional[int],
+    ) -> SweepResult:
+        """One sweep: the engine chosen (or remembered), then run; sets ``last_engine``."""
+        measured = engine_key(xs, geometries, extra)
+        run = any_batch(measured)
+        if measured not in self._engine_memo and run in self._engine_memo:
+            # Measured on another batch size (a run's last batch, a group): decided once.
+            self._engine_memo[measured] = self._engine_memo[run]
+        if engine == "auto" and self._engine_memo.get(measured) == "dense":
+            # Measured slower before on these shapes: no tracing, self-check or trials.
+            choice = EngineChoice(
+                "dense", "the faster engine measured by an earlier call with these shapes"
+            )
+        else:
+            choice = choose_engine(
+                engine,
+                forward_func,
+                xs,
+                fills,
+                extra,
+                central_box(geometries[0]),
+                geometries,
+                memory_budget,
+                checked_before=measured in self._checked,
+                forgone=self._forgone.get(run, 0.0) / xs[0].shape[0],
+            )
+            if choice.forgone:  # counted per example: batches of any size add up
+                self._forgone[run] = self._forgone.get(run, 0.0) + choice.forgone * xs[0].shape[0]
+        self.last_engine, self.last_engine_reason = choice.engine, choice.reason
+        sweep_args = (forward_func, xs, fills, geometries, targets, score_fn, extra)
+        engines: Dict[str, Any] = {"dense": None}
+        if choice.engine == "measure":  # dense first: a tie goes to the reference engine
+            engines["incremental"] = choice.factory
+        elif choice.factory is not None:
+            engines = {"incremental": choice.factory}
+        plan = SweepPlan(
+            engines,
+            perturbations_per_eval,
+            chunk_memo=self._chunk_memo,
+            engine_memo=self._engine_memo,
+            notes={"incremental": choice.reason} if choice.factory is not None else {},
+            # The self-check's model outputs on its windows count towards the map (#18).
+            precomputed=choice.checked,
+            memory_budget=memory_budget,
+        )
+        options: Dict[str, Any] = dict(show_progress=show_progress)
+        try:
+            sweep: SweepResult = run_sweep(*sweep_args, plan=plan, **options)
+            if getattr(sweep, "engine", "") in engines:
+                self.last_engine = sweep.engine
+                if choice.engine == "measure":
+                    self.last_engine_reason = sweep.engine_reason
+            elif choice.engine == "measure":  # a drill-down: each of its passes raced
+                self.last_engine = "incremental"
+        except Exception as error:
+            if engine != "auto" or choice.factory is None:
+                raise
+            # The fast path failed during the sweep (out of memory, an op it mishandles):
+            # auto never fails where dense works. The model is restored by the guard.
+            first = str(error).splitlines()[0] if str(error) else ""
+            self.last_engine = "dense"
+            self.last_engine_reason = (
+                f"incremental was chosen ({choice.reason}) but raised "
+                f"{type(error).__name__} during the sweep ({first}); ran dense"
+            )
+            plan.engines = {"dense": None}
+            sweep = run_sweep(*sweep_args, plan=plan, **options)
+        if measured in self._engine_memo:
+            self._engine_memo[run] = self._engine_memo[measured]
+        if self.last_engine == "incremental":
+            self._checked.add(measured)
+        return sweep
+
     def attribute_future(self) -> None:
         r"""Not implemented for TiledOcclusion, as for Captum's Occlusion.
 
@@ -405,6 +573,18 @@ class TiledOcclusion(PerturbationAttribution):
             NotImplementedError: always.
         """
         raise NotImplementedError("attribute_future is not implemented for TiledOcclusion")
+
+
+def any_batch(key: Hashable) -> Hashable:
+    """An engine key (:func:`engine_key`) without the batch size.
+
+    The engine is decided per example shape, so a run's batches and a batch's groups share one
+    decision (#30).
+    """
+    parts: Tuple[Any, ...] = tuple(key)  # type: ignore[arg-type]
+    kind, threads, shapes, tiling, extra = parts
+    per_example = tuple((s[1:], *rest) for s, *rest in shapes)
+    return (f"{kind} per example", threads, per_example, tiling, extra)
 
 
 def _scalar_inputs_flattened(

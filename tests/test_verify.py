@@ -487,7 +487,8 @@ def test_batchnorm_without_running_statistics_is_refused():
 def test_clean_activations_over_budget_choose_dense(monkeypatch):
     model = InPlaceSafe().double().eval()
     x = torch.randn(4, 2, 16, 16, dtype=torch.float64)
-    monkeypatch.setattr(incremental._sweep, "ACTIVATION_BUDGET_BYTES", 3 * 16 * 16 * 8 * 4)
+    # Below one example's activations: no group fits (a larger batch runs in groups, #30).
+    monkeypatch.setattr(incremental._sweep, "ACTIVATION_BUDGET_BYTES", 64)
     tiled = _auto_equals_dense(model, x)
     assert tiled.last_engine == "dense" and "budget" in tiled.last_engine_reason
     with pytest.raises(ValueError, match="budget"):
@@ -644,7 +645,8 @@ def test_the_check_sends_only_the_first_examples_through_the_model_past_the_budg
     incremental.verify_incremental(
         counted, x, torch.tensor(0.0), geometry, sweep.clean_output, lambda b: sweep.run(0, b)
     )
-    assert rows == [18]
+    # On CPU in passes of whole copies, about CHECK_ROWS rows each (#30).
+    assert rows == [6, 6, 6]
 
 
 @settings(max_examples=300, deadline=None)

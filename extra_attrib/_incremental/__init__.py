@@ -75,6 +75,7 @@ from extra_attrib._incremental._sweep import (
     central_box,
     choose_engine,
     declined_model,
+    examples_per_group,
 )
 from extra_attrib._incremental._verify import VerificationFailed, verify_incremental
 
@@ -94,6 +95,7 @@ __all__ = [
     "changed_span",
     "choose_engine",
     "declined_model",
+    "examples_per_group",
     "gather",
     "input_patch",
     "materialise",

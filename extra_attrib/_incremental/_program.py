@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import operator
+import os
+import traceback
 import weakref
 from typing import (
     TYPE_CHECKING,
@@ -21,6 +23,7 @@ from typing import (
     Sequence,
     Set,
     Tuple,
+    Union,
     cast,
 )
 
@@ -657,8 +660,9 @@ _HANDLERS: Dict[str, Callable[..., Any]] = {
 }
 
 
+#: Per model, per shapes: the fingerprint and the program, or why the model cannot be traced.
 _PROGRAMS: weakref.WeakKeyDictionary[
-    Any, Dict[Tuple[Any, ...], Tuple[Tuple[Any, ...], IncrementalProgram]]
+    Any, Dict[Tuple[Any, ...], Tuple[Tuple[Any, ...], Union[IncrementalProgram, str]]]
 ] = weakref.WeakKeyDictionary()
 
 
@@ -686,6 +690,33 @@ def _check_eval_mode(model: Callable[..., Tensor]) -> None:
             )
 
 
+#: Frames in torch's own files are not the model's code.
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, recording each node's stack trace without the imports fx's costs.
+
+    fx's own recording (``record_stack_traces``) summarises stacks through
+    ``torch._C._profiler`` and filters them with ``symbolic_shapes.uninteresting_files()``;
+    together their first use imports torch._dynamo, inductor and export, about 1.9 s of a fresh
+    process's first trace (#30). This records the same frames, from the first ``forward`` on,
+    with Python's ``traceback``, leaving out the frames in torch's own files;
+    :mod:`extra_attrib._aliasing` reads only the model's frames.
+    """
+
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:
+        node = super().create_node(*args, **kwargs)
+        if not node.stack_trace:
+            frames = traceback.extract_stack()
+            first = next((i for i, f in enumerate(frames) if f.name == "forward"), len(frames))
+            kept = [f for f in frames[first:] if not f.filename.startswith(_TORCH_DIR)]
+            if kept:
+                summary = traceback.StackSummary.from_list(kept)
+                node.stack_trace = "".join(summary.format()).strip()
+        return node
+
+
 def _trace_without_side_effects(model: Callable[..., Tensor]) -> fx.GraphModule:
     """``fx.symbolic_trace(model)`` with stack traces, leaving no trace in the model.
 
@@ -704,8 +735,7 @@ def _trace_without_side_effects(model: Callable[..., Tensor]) -> fx.GraphModule:
         if type(value) in (list, dict, set)
     ]
     try:
-        tracer = fx.Tracer()
-        tracer.record_stack_traces = True
+        tracer = _Tracer()
         graph = tracer.trace(model)
         name = type(model).__name__ if isinstance(model, nn.Module) else "traced"
         return fx.GraphModule(tracer.root, graph, name)
@@ -796,5 +826,13 @@ def program_for(
         return IncrementalProgram(model, xs, flags)
     cached = cache.get(shape)
     if cached is None or cached[0] != fingerprint:
-        cached = cache[shape] = (fingerprint, IncrementalProgram(model, xs, flags))
+        try:
+            cached = cache[shape] = (fingerprint, IncrementalProgram(model, xs, flags))
+        except UnsupportedModel as error:
+            # Remembered too: tracing again would fail again, costing the trace (and its side
+            # effects on the model's closures) on every call (#30).
+            cache[shape] = (fingerprint, str(error))
+            raise
+    if isinstance(cached[1], str):
+        raise UnsupportedModel(cached[1])
     return cached[1]

@@ -22,6 +22,7 @@ from extra_attrib._incremental._program import program_for
 from extra_attrib._incremental._verify import (
     VerificationFailed,
     check_windows,
+    verify_clean,
     verify_incremental,
 )
 from extra_attrib._plan import PrecomputedWindows
@@ -35,14 +36,15 @@ if TYPE_CHECKING:
 #: speed-up. Above it, the sweep times both engines and keeps the faster (#20).
 MIN_PREDICTED_GAIN = 1.0
 #: ``engine="auto"`` also skips incremental where the sweep is too short to pay for trying it:
-#: the self-check runs its ``W`` windows (and the clean pass) incrementally as well, which is
-#: wasted where dense wins. Unless the cost model's predicted gain saves at least this many
-#: times those ``W + 1`` evaluations over the tiling's windows, dense runs without a check or
-#: race. The model counts a fixed cost per node run (``INCREMENTAL_NODE_COST`` in ``_ops``),
-#: so its predictions are about right at small inputs too (a median 1.00x of the measured gain
-#: over 23 CNNs at 64² and 224², 0.68-1.63x), and the rule asks for the break-even, not a
-#: margin. With FLOPs alone, which over-predicted small inputs, it asked for twice, and a
-#: 49-window ConvNeXt-Tiny call at 224² ran dense at 0.84x of forced incremental (#20).
+#: its clean pass and the self-check's ``W`` windows run incrementally as well (fixed costs,
+#: counted by :func:`_payback` in evaluations of the batch). Unless the cost model's predicted
+#: gain saves at least this many times those costs over the windows the sweep still
+#: evaluates, dense runs without a check or race. The model counts a fixed cost per node run
+#: (``INCREMENTAL_NODE_COST`` in ``_ops``), so its predictions are about right at small inputs
+#: too (a median 1.00x of the measured gain over 23 CNNs at 64² and 224², 0.68-1.63x), and the
+#: rule asks for the break-even, not a margin. With FLOPs alone, which over-predicted small
+#: inputs, it asked for twice, and a 49-window ConvNeXt-Tiny call at 224² ran dense at 0.84x of
+#: forced incremental (#20).
 TRY_PAYBACK = 1.0
 
 
@@ -67,6 +69,8 @@ class IncrementalSweep:
             constants for the program. Default: ``()``
         capacity (int, optional): Windows per chunk at most, for the dense engine's buffers.
             Default: None (64)
+        budget (int, optional): Most bytes the kept clean activations may take. Default: None
+            (:data:`ACTIVATION_BUDGET_BYTES`)
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class IncrementalSweep:
         forward_func: Optional[Callable[..., Any]] = None,
         additional_forward_args: Tuple[Any, ...] = (),
         capacity: Optional[int] = None,
+        budget: Optional[int] = None,
     ) -> None:
         self.program = program
         self.inputs = tuple(inputs)
@@ -93,7 +98,7 @@ class IncrementalSweep:
         #: The first input swept incrementally, and its baseline.
         self.x, self.fill = inputs[first], self.fills[first]
         #: The clean activations a patched run reads are kept, the others recomputed on a read.
-        self.store = CleanStore(program, ACTIVATION_BUDGET_BYTES)
+        self.store = CleanStore(program, activation_budget(budget))
         with torch.no_grad():
             self.clean = program.run_clean(
                 *(x.clone() for x in inputs), *(_clone(a) for a in self.args), store=self.store
@@ -210,6 +215,9 @@ class EngineChoice:
     reason: str
     factory: Optional[Callable[..., Any]] = None
     checked: Union[None, PrecomputedWindows, Tuple[PrecomputedWindows, ...]] = None
+    #: Where the sweep was too short to pay for trying incremental: the evaluations of the
+    #: batch that incremental would have saved, at the predicted gain (#30).
+    forgone: float = 0.0
 
 
 def choose_engine(
@@ -220,6 +228,9 @@ def choose_engine(
     additional_forward_args: Tuple[Any, ...],
     center_box: Optional[Tuple[slice, ...]] = None,
     geometry: Union[None, TileGeometry, Sequence[TileGeometry]] = None,
+    budget: Optional[int] = None,
+    checked_before: bool = False,
+    forgone: float = 0.0,
 ) -> EngineChoice:
     """Decide between the dense and the incremental engine.
 
@@ -248,6 +259,17 @@ def choose_engine(
         geometry (TileGeometry or sequence of TileGeometry, optional): The tiling of each input
             (of ``inputs[0]`` alone for one input), for the self-check on its corner and centre
             windows. Default: None (no self-check)
+        budget (int, optional): Most bytes the clean activations of the batch may take.
+            Default: None (:data:`ACTIVATION_BUDGET_BYTES`)
+        checked_before (bool, optional): An earlier call with these shapes and tiling chose
+            incremental by measurement (a later batch of a run, a later group of a batch).
+            Where the traced program passed the whole self-check for them, only its clean
+            output is checked against the model (:func:`verify_clean`). Default: False
+        forgone (float, optional): What earlier calls with these shapes, each too short to
+            pay for trying incremental, would have saved, in evaluations of this batch. It
+            counts with this call's saving against the fixed costs: a run of short calls tries
+            incremental once the savings it let go would have paid for trying (as renting
+            stops once the rent paid would have bought). Default: 0
 
     Returns:
         EngineChoice: The engine, the reason and, for incremental, the evaluator factory.
@@ -270,7 +292,7 @@ def choose_engine(
             # so a later call decides without a clean pass.
             known = _gain_key(inputs, baselines, geometries, center_box)
             if known not in program.gains:
-                sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args)
+                sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args, budget)
                 if geometries is not None and len(geometries) == len(inputs):
                     program.gains[known] = _predicted_gain(sweep, geometries)
                 else:
@@ -283,24 +305,44 @@ def choose_engine(
                 f"{MIN_PREDICTED_GAIN}x threshold",
             )
         if engine == "auto" and geometries is not None and center_box is not None:
-            windows = sum(g.num_perturbations for g in geometries)
-            saving = windows * (1.0 - 1.0 / gain)
-            trying = sum(len(check_windows(g)) + 1 for g in geometries)
-            if saving < TRY_PAYBACK * trying:
+            saving, trying, windows = _payback(inputs, geometries, gain, budget)
+            if saving + forgone < TRY_PAYBACK * trying:
+                earlier = f" (and {forgone:.1f} by earlier calls)" if forgone else ""
                 return EngineChoice(
                     "dense",
                     f"too few windows to pay for trying incremental: at the cost model's "
-                    f"{gain:.2f}x it would save {saving:.1f} of {windows} window evaluations, "
-                    f"under {TRY_PAYBACK:g}x the {trying} that its self-check costs",
+                    f"{gain:.2f}x it would save {saving:.1f} of {windows} window evaluations"
+                    f"{earlier}, under {TRY_PAYBACK:g}x the {trying:.1f} that its fixed costs "
+                    "take (its clean pass and the self-check's incremental windows)",
+                    forgone=saving,
                 )
         if sweep is None:
-            sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args)
+            sweep = _budgeted_sweep(program, inputs, baselines, additional_forward_args, budget)
         verified = "not verified (no tiling given)"
         kept: List[PrecomputedWindows] = []
-        if geometries is not None:
-            verified = _verify_inputs(
-                sweep, forward_func, inputs, baselines, geometries, additional_forward_args, kept
+        passed = ("verified", _gain_key(inputs, baselines, geometries, center_box))
+        if (
+            checked_before
+            and geometries is not None
+            and len(inputs) == 1
+            and not additional_forward_args
+            and passed in program.gains
+        ):
+            verified = verify_clean(
+                forward_func, inputs[0], baselines[0], geometries[0], sweep.clean_output, kept
             )
+        elif geometries is not None:
+            verified = _verify_inputs(
+                sweep,
+                forward_func,
+                inputs,
+                baselines,
+                geometries,
+                additional_forward_args,
+                kept,
+                activation_budget(budget),
+            )
+            program.gains[passed] = 1.0
     except Exception as error:  # any failure of the fast path: dense works without it
         if isinstance(error, VerificationFailed):
             why = f"the self-check against the model failed: {error}"
@@ -340,6 +382,7 @@ def choose_engine(
             sweep_forward,
             sweep_args,
             capacity,
+            budget,
         )
 
     checked: Union[None, PrecomputedWindows, Tuple[PrecomputedWindows, ...]] = None
@@ -378,6 +421,38 @@ def _batched(inputs: Sequence[Tensor], args: Sequence[Any]) -> List[bool]:
     return [True] * len(inputs) + [a.dim() > 0 and a.shape[0] == n for a in args]
 
 
+def _payback(
+    inputs: Sequence[Tensor],
+    geometries: Sequence[TileGeometry],
+    gain: float,
+    budget: Optional[int],
+) -> Tuple[float, float, int]:
+    """What trying incremental would save and cost, in evaluations of the batch (#30).
+
+    Against a dense sweep (a clean pass and every window), trying incremental costs, per input:
+    its clean pass (about one evaluation), the self-check's ``W`` windows run incrementally
+    (``W / gain``), and the check's model pass of ``1 + W`` copies, which is free where the
+    sweep reuses it (its clean copy and windows count towards the map) and ``W`` evaluations
+    where it ran only the first examples. What incremental saves is ``1 - 1 / gain`` of each
+    window the sweep still evaluates. Tracing is paid before the cost model exists; it is not
+    counted (the first trace of ResNet-50 takes about 0.2 s).
+
+    Returns:
+        tuple: ``(saving, cost, windows)``.
+    """
+    saving = cost = 0.0
+    windows = 0
+    for x, g in zip(inputs, geometries):
+        checked = len(check_windows(g))
+        windows += g.num_perturbations
+        saving += max(g.num_perturbations - checked, 0) * (1.0 - 1.0 / gain)
+        cost += 1.0 + checked / gain
+        copies = (1 + checked) * x[0].numel() * x.element_size()
+        if activation_budget(budget) // max(copies, 1) < x.shape[0]:
+            cost += checked  # the check's windows are not reused
+    return saving, cost, windows
+
+
 def _predicted_gain(sweep: IncrementalSweep, geometries: Sequence[TileGeometry]) -> float:
     """Dense cost over incremental cost of the whole sweep, each input at its centre window."""
     dense = incremental = 0.0
@@ -395,6 +470,7 @@ def _verify_inputs(
     geometries: Sequence[TileGeometry],
     args: Tuple[Any, ...],
     kept: List[PrecomputedWindows],
+    budget_bytes: int,
 ) -> str:
     """The self-check of every input swept incrementally; words for the engine's reason."""
     if len(inputs) == 1 and not args:
@@ -405,6 +481,7 @@ def _verify_inputs(
             geometries[0],
             sweep.clean_output,
             lambda boxes: sweep.run(0, boxes),
+            budget_bytes,
             keep=kept,
         )
     said = []
@@ -420,9 +497,11 @@ def _verify_inputs(
                 g,
                 sweep.clean_output,
                 lambda boxes, j=j: sweep.run(j, boxes),  # type: ignore[misc]
+                budget_bytes,
                 keep=kept,
                 index=j,
                 context=(*inputs, *args),
+                passes=False,  # the other inputs are repeated for all the copies at once
             )
         except VerificationFailed as error:
             raise VerificationFailed(f"input {j}: {error}") from error
@@ -525,32 +604,93 @@ def _budgeted_sweep(
     inputs: Tuple[Tensor, ...],
     baselines: Tuple[Tensor, ...],
     additional_forward_args: Tuple[Any, ...],
+    budget: Optional[int] = None,
 ) -> IncrementalSweep:
     """The evaluator (its clean pass run) where the clean activations fit the budget.
 
     Raises:
-        UnsupportedModel: The clean activations exceed :data:`ACTIVATION_BUDGET_BYTES`.
+        UnsupportedModel: The clean activations exceed ``budget`` (default
+            :data:`ACTIVATION_BUDGET_BYTES`).
     """
-    tensors = (*inputs, *additional_forward_args)
-    batched = _batched(inputs, additional_forward_args)
     n = inputs[0].shape[0]
     if n > 1:
         # One example first: the activations of the whole batch are counted before they exist.
+        per_example = _example_bytes(program, inputs, baselines, additional_forward_args)
+        _check_budget(per_example * n, n, budget)
+    sweep = IncrementalSweep(
+        program,
+        inputs,
+        baselines,
+        additional_forward_args=additional_forward_args,
+        budget=budget,
+    )
+    _check_budget(sweep.activation_bytes, n, budget)
+    return sweep
+
+
+def _example_bytes(
+    program: IncrementalProgram,
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+) -> int:
+    """Bytes of the clean activations a sweep keeps per example, from a pass of the first one.
+
+    Remembered with the program (it depends on shapes only), so a call that runs its batch in
+    groups measures it once.
+    """
+    key = ("example bytes", tuple((tuple(x.shape[1:]), x.dtype) for x in inputs))
+    if key not in program.gains:
+        tensors = (*inputs, *additional_forward_args)
+        batched = _batched(inputs, additional_forward_args)
         first = tuple(t[:1] if rows else t for t, rows in zip(tensors, batched))
         fills = tuple(b.expand_as(t)[:1] for b, t in zip(baselines, inputs))
         probe = IncrementalSweep(
-            program,
-            first[: len(inputs)],
-            fills,
-            additional_forward_args=first[len(inputs) :],
+            program, first[: len(inputs)], fills, additional_forward_args=first[len(inputs) :]
         )
-        _check_budget(probe.activation_bytes * n, n)
-        del probe
-    sweep = IncrementalSweep(
-        program, inputs, baselines, additional_forward_args=additional_forward_args
-    )
-    _check_budget(sweep.activation_bytes, n)
-    return sweep
+        program.gains[key] = float(probe.activation_bytes)
+    return int(program.gains[key])
+
+
+def examples_per_group(
+    forward_func: Callable[..., Tensor],
+    inputs: Tuple[Tensor, ...],
+    baselines: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    budget: Optional[int] = None,
+) -> int:
+    """Most examples whose clean activations fit the budget together (#30).
+
+    The incremental engine keeps the clean activations of every example it sweeps; a batch
+    whose activations exceed the budget runs in groups of this many examples, each group its
+    own clean pass and sweep. Counted on one example before any batch's activations exist.
+
+    Args:
+        forward_func (callable): The model.
+        inputs (tuple of Tensor): The call's inputs, ``N`` examples.
+        baselines (tuple of Tensor): One per input.
+        additional_forward_args (tuple): Extra model arguments.
+        budget (int, optional): Bytes. Default: None (:data:`ACTIVATION_BUDGET_BYTES`)
+
+    Returns:
+        int: Between 1 and ``N``; ``N`` also where incremental cannot run at all (the engine's
+        choice then says why).
+    """
+    n = inputs[0].shape[0]
+    if n == 1:
+        return 1
+    try:
+        program = _supported_program(forward_func, inputs, additional_forward_args)
+        with torch.no_grad():
+            per_example = _example_bytes(program, inputs, baselines, additional_forward_args)
+    except Exception:  # the engine's choice meets the same failure and reports it
+        return n
+    return max(1, min(n, activation_budget(budget) // max(per_example, 1)))
+
+
+def activation_budget(budget: Optional[int] = None) -> int:
+    """``budget``, or :data:`ACTIVATION_BUDGET_BYTES` (read now: tests may change it)."""
+    return ACTIVATION_BUDGET_BYTES if budget is None else budget
 
 
 def traced_model(forward_func: Callable[..., Any]) -> Callable[..., Any]:
@@ -562,13 +702,13 @@ def traced_model(forward_func: Callable[..., Any]) -> Callable[..., Any]:
     return getattr(forward_func, "computes", forward_func)
 
 
-def _check_budget(activation_bytes: int, n: int) -> None:
-    if activation_bytes > ACTIVATION_BUDGET_BYTES:
+def _check_budget(activation_bytes: int, n: int, budget: Optional[int] = None) -> None:
+    limit = activation_budget(budget)
+    if activation_bytes > limit:
         raise UnsupportedModel(
             f"the clean activations of the batch of {n} would take "
-            f"{activation_bytes / 2**20:.0f} MiB, over the "
-            f"{ACTIVATION_BUDGET_BYTES / 2**20:.0f} MiB budget (explain fewer examples per call "
-            "for incremental)"
+            f"{activation_bytes / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB budget "
+            "(memory_budget=; a larger batch runs in groups that fit it)"
         )
 
 
