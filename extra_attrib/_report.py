@@ -102,6 +102,7 @@ def write_report(
         ReportError: ``out`` or its folder exists and was not made by a report, lies inside
             the store, or cannot be written; or there is no readable store at ``store_path``.
     """
+    from extra_attrib._store import shown_path
     from extra_attrib.dataset import open_attributions
 
     start = time.perf_counter()
@@ -117,8 +118,9 @@ def write_report(
     records: List[Dict[str, Any]] = []
     damaged = 0
     for i in range(len(store)):
-        path = store.paths[i] if store.paths else ""
-        record: Dict[str, Any] = {"i": i, "p": path, "t": None, "s": None, "m": ""}
+        path = store.paths[i] if store.paths else None  # None also where its chunk is damaged
+        shown = shown_path(path) if path is not None else ""
+        record: Dict[str, Any] = {"i": i, "p": shown, "t": None, "s": None, "m": ""}
         if store.done[i]:
             try:
                 attr = store.item(i).numpy()
@@ -127,7 +129,7 @@ def write_report(
                 damaged += 1
             else:
                 record.update(st="done", t=int(store.targets[i]), s=_number(store.scores[i]))
-                image = _image_for(attr, path, str(info.get("preprocess", "custom")))
+                image = _image_for(attr, path or "", str(info.get("preprocess", "custom")))
                 thumb, large, width = _strips(attr, image, thumb_size, large_size)
                 record["th"], record["lg"] = pictures.add(i, thumb, large)
                 record["w"], record["h"] = width, thumb_size

@@ -316,3 +316,40 @@ def test_maps_of_every_shape_are_drawn(shape):
         thumb, _, width = _strips(attr, image, 40, 320)
         with Image.open(io.BytesIO(thumb)) as small:
             assert small.height == 40 and small.width == width == 3 * 20 + 2 * 1
+
+
+def test_a_non_utf8_name_is_shown_escaped_and_its_image_drawn(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in (b"caf\xe9.png", b"plain.png"):
+        image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        image.save(os.path.join(os.fsencode(folder), name))
+    store = tmp_path / "s.zarr"
+    code = main(
+        ["explain", str(folder), "--out", str(store), "--model", MODEL, "--window", "8", "--k", "2"]
+        + ["--score", "raw", "--no-progress"]
+    )
+    assert code == 0
+    out = tmp_path / "r.html"
+    code, _, err = _report(capsys, store, out)
+    assert code == 0, err
+    items = _items(out)
+    assert [os.path.basename(item["p"]) for item in items] == ["caf\\xe9.png", "plain.png"]
+    assert all(item["st"] == "done" and "th" in item for item in items)
+
+
+@pytest.mark.filterwarnings("ignore:.*side arrays are unreadable")
+def test_a_damaged_paths_chunk_leaves_the_items_listed(store, tmp_path, capsys):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store, copy)
+    for where, _, files in os.walk(copy / "paths" / "c"):
+        for name in files:
+            with open(os.path.join(where, name), "r+b") as chunk:
+                chunk.truncate(3)  # unreadable: its paths read as unknown
+    out = tmp_path / "r.html"
+    code, _, err = _report(capsys, copy, out)
+    assert code == 0, err
+    items = _items(out)
+    assert len(items) == 7 and all(item["p"] == "" for item in items)  # unknown, not "None"
+    assert sorted(item["st"] for item in items) == ["done"] * 6 + ["failed"]
