@@ -135,6 +135,12 @@ def test_matched_budgets_are_tiled_occlusions_evaluations():
 
     assert ls.tiled_evals(224, 56, 2) == 82
     assert ls.tiled_evals(224, 56, 4) == 362
+
+
+def test_every_budget_of_the_issue_is_among_the_methods():
+    pytest.importorskip("pytorch_grad_cam")  # make_methods builds the bench extra's methods
+    from benchmarks import localisation_sota as ls
+
     keys = {m.key for m in ls.make_methods(ls.Settings())}
     assert {"rise82", "rise362", "rise4000", "shap_blur82", "shap_grey362", "lime82"} <= keys
     assert {"shap_blur1000", "shap_grey1000", "lime362", "scorecam", "ablationcam"} <= keys
