@@ -52,14 +52,16 @@ def load_rows(out_dir: str) -> List[Dict[str, Any]]:
     return sorted(rows, key=lambda r: r["position"])
 
 
-def settings_from(out_dir: str):
-    from benchmarks.localisation import Settings
+def settings_from(out_dir: str, settings_class: Any = None):
+    """The run's settings (``settings_class``: the benchmark's dataclass) and the raw JSON."""
+    if settings_class is None:
+        from benchmarks.localisation import Settings as settings_class
 
     with open(os.path.join(out_dir, "settings.json")) as f:
         raw = json.load(f)
-    fields = {f.name for f in dataclasses.fields(Settings)}
+    fields = {f.name for f in dataclasses.fields(settings_class)}
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields}
-    return Settings(**kw), raw
+    return settings_class(**kw), raw
 
 
 def values(rows: Sequence[Dict[str, Any]], key: str, score: str, metric: str) -> Dict[int, float]:

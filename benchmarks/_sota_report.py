@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os
@@ -12,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from benchmarks import _localisation_data as data
+from benchmarks import _localisation_report as _lrep
 from benchmarks._localisation_report import fmt_ci
 
 METRICS = (
@@ -34,22 +34,10 @@ COLOURS = {
 }
 
 
-def load_rows(out_dir: str) -> List[Dict[str, Any]]:
-    rows = []
-    for path in sorted(glob.glob(os.path.join(out_dir, "part*.jsonl"))):
-        with open(path) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return sorted(rows, key=lambda r: r["position"])
-
-
 def settings_from(out_dir: str):
     from benchmarks.localisation_sota import Settings
 
-    with open(os.path.join(out_dir, "settings.json")) as f:
-        raw = json.load(f)
-    names = {f.name for f in dataclasses.fields(Settings)}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
-    return Settings(**kw), raw
+    return _lrep.settings_from(out_dir, Settings)
 
 
 def values(rows: Sequence[Dict[str, Any]], key: str, metric: str) -> Dict[int, float]:
@@ -136,7 +124,7 @@ def write_report(
 
     s, raw = settings_from(out_dir)
     methods = make_methods(s)
-    rows = load_rows(out_dir)
+    rows = _lrep.load_rows(out_dir)
     label = {m.key: m.label + MARK[m.tier] for m in methods}
     present = [m for m in methods if any(m.key in r["methods"] for r in rows)]
     keys = [m.key for m in present]
