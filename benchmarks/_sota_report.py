@@ -12,16 +12,8 @@ import numpy as np
 
 from benchmarks import _localisation_data as data
 from benchmarks import _localisation_report as _lrep
-from benchmarks._localisation_report import fmt_ci
+from benchmarks._localisation_report import LOWER_IS_BETTER, METRICS, fmt_ci
 
-METRICS = (
-    ("pointing", "pointing ↑"),
-    ("mass", "relevance mass ↑"),
-    ("rank", "relevance rank ↑"),
-    ("deletion", "deletion AUC ↓"),
-    ("insertion", "insertion AUC ↑"),
-)
-LOWER_IS_BETTER = {"deletion"}
 REFERENCE = "tiled2"
 MARK = {"light": "", "mid": " †", "heavy": " ‡"}
 COLOURS = {
