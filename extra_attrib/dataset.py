@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from extra_attrib import _store
+from extra_attrib._run_hint import expected_calls
 
 TargetSpec = Union[str, int, Callable[[Tensor, Optional[Tensor]], Any]]
 TARGET_WORDS = ("predicted", "label")
@@ -929,8 +930,12 @@ def _run(
     desc = "explain" if world == 1 else f"explain (rank 0 of {world})"
     bar = tqdm(total=len(indices), desc=desc, unit="item", disable=not progress)
     state = {"succeeded": 0}
+    seen = 0
     try:
         for batch in loader:
+            # The batches still to come share this one's engine decision (#30).
+            ahead = expected_calls((len(indices) - seen) / max(len(batch), 1))
+            seen += len(batch)
             good = []
             for index, x, label, error in batch:
                 if error is None and tuple(x.shape) != item_shape:
@@ -943,18 +948,19 @@ def _run(
                 else:
                     good.append((index, x, label))
             if good:
-                _attribute_batch(
-                    method,
-                    model,
-                    good,
-                    writer,
-                    was_failed,
-                    target,
-                    dtype,
-                    device,
-                    state,
-                    attribute_kwargs,
-                )
+                with ahead:
+                    _attribute_batch(
+                        method,
+                        model,
+                        good,
+                        writer,
+                        was_failed,
+                        target,
+                        dtype,
+                        device,
+                        state,
+                        attribute_kwargs,
+                    )
             bar.update(len(batch))
     finally:
         bar.close()

@@ -36,6 +36,7 @@ from extra_attrib._incremental import (
 )
 from extra_attrib._model_state import model_state_kept
 from extra_attrib._plan import SweepPlan, engine_key
+from extra_attrib._run_hint import calls_ahead
 from extra_attrib._targets import ScoreType, as_target_list, score_function
 
 TensorOrTuple = Union[Tensor, Tuple[Tensor, ...]]
@@ -461,10 +462,20 @@ class TiledOcclusion(PerturbationAttribution):
                 forward_func, xs, fills, geometries, targets, score_fn, extra, **options
             )
         results, engines = [], []
-        for gx, gfills, gtargets, gargs in parts:
+        for i, (gx, gfills, gtargets, gargs) in enumerate(parts):
+            # The groups still to run share the first one's decision: their savings count.
+            repeats = (n - groups[i].start) / gx[0].shape[0]
             results.append(
                 self._sweep(
-                    forward_func, gx, gfills, geometries, gtargets, score_fn, gargs, **options
+                    forward_func,
+                    gx,
+                    gfills,
+                    geometries,
+                    gtargets,
+                    score_fn,
+                    gargs,
+                    **options,
+                    repeats=repeats,
                 )
             )
             engines.append((self.last_engine, self.last_engine_reason))
@@ -494,8 +505,13 @@ class TiledOcclusion(PerturbationAttribution):
         run_sweep: Callable[..., SweepResult],
         engine: str,
         memory_budget: Optional[int],
+        repeats: float = 1.0,
     ) -> SweepResult:
-        """One sweep: the engine chosen (or remembered), then run; sets ``last_engine``."""
+        """One sweep: the engine chosen (or remembered), then run; sets ``last_engine``.
+
+        ``repeats``: sweeps of this call that share the decision, this one included (groups);
+        the caller's run may say how many calls are still to come (:mod:`._run_hint`).
+        """
         measured = engine_key(xs, geometries, extra)
         run = any_batch(measured)
         if measured not in self._engine_memo and run in self._engine_memo:
@@ -518,6 +534,8 @@ class TiledOcclusion(PerturbationAttribution):
                 memory_budget,
                 checked_before=measured in self._checked,
                 forgone=self._forgone.get(run, 0.0) / xs[0].shape[0],
+                repeats=repeats * calls_ahead(),
+                measured_faster=self._engine_memo.get(measured) == "incremental",
             )
             if choice.forgone:  # counted per example: batches of any size add up
                 self._forgone[run] = self._forgone.get(run, 0.0) + choice.forgone * xs[0].shape[0]

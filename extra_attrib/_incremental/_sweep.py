@@ -231,6 +231,8 @@ def choose_engine(
     budget: Optional[int] = None,
     checked_before: bool = False,
     forgone: float = 0.0,
+    repeats: float = 1.0,
+    measured_faster: bool = False,
 ) -> EngineChoice:
     """Decide between the dense and the incremental engine.
 
@@ -270,6 +272,13 @@ def choose_engine(
             counts with this call's saving against the fixed costs: a run of short calls tries
             incremental once the savings it let go would have paid for trying (as renting
             stops once the rent paid would have bought). Default: 0
+        repeats (float, optional): Sweeps that will share this decision, this one included
+            (the later groups of a batch; the later batches of a run that said how long it is,
+            :mod:`extra_attrib._run_hint`). The fixed costs are paid once and each sweep saves
+            as much as this one, so their savings count against them. Default: 1
+        measured_faster (bool, optional): An earlier sweep with these example shapes measured
+            incremental faster (an earlier group of the batch, batch of the run): the payback
+            rule is not asked again, as what it weighs has been paid and measured. Default: False
 
     Returns:
         EngineChoice: The engine, the reason and, for incremental, the evaluator factory.
@@ -304,10 +313,19 @@ def choose_engine(
                 f"the cost model predicts incremental at {gain:.2f}x dense, below the "
                 f"{MIN_PREDICTED_GAIN}x threshold",
             )
-        if engine == "auto" and geometries is not None and center_box is not None:
+        if (
+            engine == "auto"
+            and geometries is not None
+            and center_box is not None
+            and not measured_faster
+        ):
             saving, trying, windows = _payback(inputs, geometries, gain, budget)
-            if saving + forgone < TRY_PAYBACK * trying:
+            if saving * max(repeats, 1.0) + forgone < TRY_PAYBACK * trying:
                 earlier = f" (and {forgone:.1f} by earlier calls)" if forgone else ""
+                if repeats > 1.0:
+                    earlier = f" ({saving * repeats:.1f} over {repeats:.3g} sweeps like it)" + (
+                        f" and {forgone:.1f} by earlier calls" if forgone else ""
+                    )
                 return EngineChoice(
                     "dense",
                     f"too few windows to pay for trying incremental: at the cost model's "
