@@ -33,7 +33,7 @@ def machine_line() -> str:
 
     load = os.getloadavg()[0]
     return (
-        f"{cpu}, {os.cpu_count()} logical CPUs (shared with other developers' jobs), "
+        f"{cpu}, {os.cpu_count()} logical CPUs, "
         f"load average at start {load:.1f}; Python {platform.python_version()}, "
         f"torch {torch.__version__}, captum {captum.__version__}"
     )

