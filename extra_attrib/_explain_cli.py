@@ -121,6 +121,14 @@ def add_commands(commands: Any) -> None:
         help="occluded copies per forward pass; default: chosen automatically (Occlusion: 1)",
     )
     explain.add_argument(
+        "--memory-budget",
+        type=positive_int,
+        default=None,
+        metavar="MIB",
+        help="MiB that TiledOcclusion's perturbed copies and kept activations may take per call "
+        "(larger batches run in groups that fit); --method tiled only; default: 256",
+    )
+    explain.add_argument(
         "--num-workers",
         type=int,
         default=0,
@@ -307,7 +315,14 @@ def build_method(args: argparse.Namespace, model: nn.Module, channels: int) -> T
         if args.perturbations_per_eval is None
         else {"perturbations_per_eval": args.perturbations_per_eval}
     )
+    budget = getattr(args, "memory_budget", None)
+    if budget is not None and args.method != "tiled":
+        raise UsageError(
+            f"--memory-budget {budget} applies to --method tiled only, not --method {args.method}"
+        )
     if args.method == "tiled":
+        if budget is not None:
+            per_eval["memory_budget"] = budget * 2**20
         return TiledOcclusion(f), dict(window=args.window, k=args.k, baselines=0.0, **per_eval)
     if args.method == "occlusion":
         stride = args.window // args.k

@@ -126,6 +126,29 @@ def test_every_method_completes_with_exit_status_0(images, tmp_path, capsys, met
     assert np.abs(store.attributions[:]).sum() > 0
 
 
+def test_memory_budget_reaches_tiled_occlusion_and_a_resume_may_change_it(
+    images, tmp_path, capsys, monkeypatch
+):
+    from extra_attrib import TiledOcclusion
+
+    seen = []
+    original = TiledOcclusion.attribute
+
+    def spy(self, inputs, *args, **kwargs):
+        seen.append(kwargs.get("memory_budget"))
+        return original(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(TiledOcclusion, "attribute", spy)
+    out = tmp_path / "s.zarr"
+    paths = (images / "b.png", images / "sub" / "c.png")
+    common = ("--out", out, "--model", MODEL, "--window", 8, "--k", 2, "--batch-size", 1)
+    assert explain(capsys, *paths, *common, "--memory-budget", 3)[0] == 0
+    assert seen == [3 * 2**20] * 2
+    # How the work is batched is not what is computed: a resume may change it.
+    code, stdout, err = explain(capsys, *paths, *common, "--memory-budget", 512)
+    assert code == 0 and "2 done, 0 failed of 2" in stdout, err
+
+
 def test_show_without_the_image_draws_the_map(images, tmp_path, capsys):
     out = tmp_path / "s.zarr"
     copy = tmp_path / "copy.png"
@@ -143,6 +166,11 @@ def test_show_without_the_image_draws_the_map(images, tmp_path, capsys):
         (["--model", "tests._dataset_helpers"], "must be MODULE:FACTORY"),
         (["--model", "tests._dataset_helpers:nothing"], "has no attribute 'nothing'"),
         (["--model", "no_such_module_xyz:f"], "No module named"),
+        (
+            ["--method", "occlusion", "--memory-budget", "64"],
+            "--memory-budget 64 applies to --method tiled only, not --method occlusion",
+        ),
+        (["--memory-budget", "0"], "--memory-budget"),
     ],
 )
 def test_bad_options_exit_2_without_traceback(images, tmp_path, capsys, args, message):
