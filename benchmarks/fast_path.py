@@ -375,10 +375,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"## {started:%Y-%m-%d %H:%M} UTC, commit {commit()}",
         "",
         f"`python -m benchmarks.fast_path {' '.join(sys.argv[1:])}`; torch "
-        f"{torch.__version__}, {platform.machine()}, 1 thread, CPU. The 2-core VM was shared "
-        "with four other engineers' work: load averages (1, 5, 15 min) are beside each row, "
-        "and a load above 2 slows every figure; ratios come from interleaved runs. No GPU "
-        "was available to this run.",
+        f"{torch.__version__}, {platform.machine()}, 1 thread, CPU, a 2-core VM: load "
+        "averages (1, 5, 15 min) are beside each row (this run is about 1 of them; a load "
+        "above 2 means other work shared the cores and slows every figure); ratios come from "
+        "interleaved runs. No GPU was available to this run.",
         "",
     ]
     sections = args.sections.split(",")

@@ -151,8 +151,8 @@ def test_tiers_nest_and_every_heavy_image_also_runs_the_lighter_methods():
 
     s = ls.Settings()
     tiers = [ls.tier_of(p, s) for p in range(16)]
-    assert tiers.count("heavy") == 2 and tiers.count("mid") == 6 and tiers.count("light") == 8
-    assert ls.Settings().n_images == 12
+    assert tiers.count("heavy") == 4 and tiers.count("mid") == 4 and tiers.count("light") == 8
+    assert ls.Settings().n_images == 64
     assert all(ls.runs_tier(m, "heavy") for m in ls.TIERS)
     assert not ls.runs_tier("mid", "light") and not ls.runs_tier("heavy", "mid")
     share = ls.assign_workers(16, s, 2)
@@ -180,3 +180,32 @@ def test_pareto_front_and_best_cheaper_method():
     assert rep.best_cheaper(rows, ["a", "b", "c"], "c", "mass") == "a"
     assert rep.best_cheaper(rows, ["a", "b", "c"], "b", "mass") == "c"  # equal cost counts
     assert rep.best_cheaper(rows, ["a", "b", "c"], "a", "mass") is None
+
+
+def test_the_stored_run_is_of_these_settings_and_a_second_model_is_another_run():
+    import dataclasses
+    import json
+    import os
+
+    from benchmarks import localisation_sota as ls
+
+    s = ls.Settings()
+    stored = os.path.join("benchmarks", "results", "localisation_sota_runs", "kept.json")
+    with open(stored) as f:
+        assert json.load(f)["fingerprint"] == ls.fingerprint(s)
+    lite1 = dataclasses.replace(s, model="lite1")
+    assert ls.fingerprint(lite1) != ls.fingerprint(s)
+    # The number of images is left out: a run may grow.
+    assert ls.fingerprint(dataclasses.replace(s, n_images=3)) == ls.fingerprint(s)
+
+
+def test_methods_can_be_chosen_by_key_and_an_unknown_key_is_named():
+    pytest.importorskip("pytorch_grad_cam")  # make_methods builds the bench extra's methods
+    from benchmarks import localisation_sota as ls
+
+    s = ls.Settings()
+    assert [m.key for m in ls.select_methods(s, ["gradcam", "tiled2"])] == ["tiled2", "gradcam"]
+    with pytest.raises(ValueError, match=r"--methods names \['nope'\]"):
+        ls.select_methods(s, ["tiled2", "nope"])
+    with pytest.raises(ValueError, match="model='lite9'"):
+        ls.load_model("lite9")
