@@ -371,6 +371,26 @@ def write_report(
         "## Pareto fronts (mean against mean evaluations, each method on its own images)",
         "",
     ]
+    lines += front_lines(rows, keys, label)
+    heavy = [r for r in rows if r["tier"] == "heavy"]
+    if heavy:
+        lines += [
+            "",
+            f"On the {len(heavy)} ‡ images alone, where every method of this run ran (the same "
+            "images for all, so the fronts are not shaped by which images a tier drew):",
+            "",
+        ]
+        lines += front_lines(heavy, keys, label)
+    lines += ["", f"![metric against cost, Pareto fronts]({rel})", ""]
+    with open(report, "w") as f:
+        f.write("\n".join(lines))
+
+
+def front_lines(
+    rows: Sequence[Dict[str, Any]], keys: Sequence[str], label: Dict[str, str]
+) -> List[str]:
+    """One line per metric: the Pareto front of mean against mean evaluations on ``rows``."""
+    out = []
     for mt, lbl in METRICS:
         pts = {
             k: (
@@ -379,27 +399,8 @@ def write_report(
             )
             for k in keys
         }
-        lines.append(f"- {lbl}: " + " → ".join(label[k] for k in pareto_front(pts, mt)))
-    heavy = [r for r in rows if r["tier"] == "heavy"]
-    if heavy:
-        lines += [
-            "",
-            f"On the {len(heavy)} ‡ images alone, where every method ran (the same images for "
-            "all, so the fronts are not shaped by which images a tier drew):",
-            "",
-        ]
-        for mt, lbl in METRICS:
-            pts = {
-                k: (
-                    mean_of(heavy, k, "evals"),
-                    float(np.mean(list(values(heavy, k, mt).values()) or [np.nan])),
-                )
-                for k in keys
-            }
-            lines.append(f"- {lbl}: " + " → ".join(label[k] for k in pareto_front(pts, mt)))
-    lines += ["", f"![metric against cost, Pareto fronts]({rel})", ""]
-    with open(report, "w") as f:
-        f.write("\n".join(lines))
+        out.append(f"- {lbl}: " + " → ".join(label[k] for k in pareto_front(pts, mt)))
+    return out
 
 
 def plot_pareto(rows, present, path: str, model_name: str = "EfficientNet-Lite0") -> None:

