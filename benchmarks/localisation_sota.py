@@ -1,8 +1,9 @@
 """TiledOcclusion next to the methods researchers choose today, on real photos (#28).
 
-Run ``python -m benchmarks.localisation_sota --workers 2`` (``--quick`` for a smoke run of every
-method on two images: about 2.5 CPU minutes, 5 minutes wall on the shared machine at load 5;
-needs ``pip install -e .[bench]``).
+Run ``python -m benchmarks.localisation_sota --workers 2`` for the full run (64 composites, 74
+minutes on two cores with ``--cheap-all --fusion 80 --fusion-ig 60``), ``--model lite1`` for the
+second model, ``--quick`` for a smoke run of every method on two images (2.7 minutes wall on the
+idle 2-core machine); needs ``pip install -e .[bench]``.
 
 The composites, model, metrics and bootstrap intervals are those of
 :mod:`benchmarks.localisation` (EfficientNet-Lite0 on real objects pasted onto real
