@@ -16,7 +16,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, TextIO, Tuple, cast
 
 import numpy as np
 import torch
@@ -122,9 +122,16 @@ class _Scored(nn.Module):
         super().__init__()
         self.model = model
         self.score = score_function(score)
+        self._op = torch.log_softmax if score == "log_softmax" else torch.softmax
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.score(self.model(x))
+        out = self.model(x)
+        if isinstance(out, torch.fx.Proxy):
+            # Traced by the incremental engine: the operation alone, as the score's checks
+            # (a tensor of real numbers with a class dimension) cannot look at a proxy. The
+            # engine's self-check compares the traced program with this module run for real.
+            return self._op(cast(Any, out), dim=1)
+        return self.score(out)
 
 
 def scored_model(model: nn.Module, score: str) -> nn.Module:

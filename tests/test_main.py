@@ -338,3 +338,36 @@ def test_demo_scores_are_the_package_scores():
         )
     with pytest.raises(ValueError, match="--score"):
         _demo.scored_model(model, "logit")
+
+
+@pytest.mark.parametrize("score", ["raw", "softmax", "log_softmax"])
+def test_the_scored_model_of_the_demo_and_cli_runs_incrementally_and_exactly(score):
+    # The function the demo and `extra-attrib explain` explain: until #30's second session its
+    # score checks refused torch.fx's proxy, so every demo and CLI run was silently dense.
+    from extra_attrib import TiledOcclusion
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).double()
+    f = _demo.scored_model(model.eval(), score)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    tiled = TiledOcclusion(f)
+    dense = tiled.attribute(x, target=[1, 3], window=8, k=2, engine="dense")
+    fast = tiled.attribute(x, target=[1, 3], window=8, k=2, engine="incremental")
+    assert tiled.last_engine == "incremental", tiled.last_engine_reason
+    torch.testing.assert_close(fast, dense, rtol=0, atol=1e-12)
+    # Outside tracing the score still checks what it is given.
+    if score != "raw":
+
+        class Dict(nn.Module):
+            def forward(self, x):
+                return {"out": x}
+
+        with pytest.raises(TypeError, match=f"score='{score}' needs a tensor output"):
+            _demo.scored_model(Dict(), score)(x)
