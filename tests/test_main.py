@@ -116,6 +116,11 @@ def test_demo_run_returns_finite_maps_for_each_method(tiny_model, photo, tmp_pat
         assert r.attributions.shape == (2, 3, 224, 224)
         assert torch.isfinite(r.attributions).all()
         assert r.evaluations > 0 and r.seconds >= 0
+    # TiledOcclusion counts its own evaluations (a counting hook would keep it dense): its
+    # windows (224 / 28 + 1 per side) plus the clean pass, per image and NoiseTunnel sample.
+    tiled = {r.name: r.evaluations for r in results}
+    assert tiled["TiledOcclusion"] == (9 * 9 + 1) * 2
+    assert tiled["NoiseTunnel(TiledOcclusion)"] == (9 * 9 + 1) * 2 * 2
     # k = 1 adds no second Occlusion column
     settings_k1 = _demo.DemoSettings(
         window=56, k=1, nt_samples=1, fg_n=1, fg_m=1, progress=False, dpi=40
