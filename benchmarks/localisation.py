@@ -512,6 +512,51 @@ def run_fingerprint(s: Settings) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def run_paths(args: argparse.Namespace, stem: str) -> Tuple[str, str, str]:
+    """The run folder, report and figure folder of a benchmark ``stem`` from its options.
+
+    A ``--quick`` smoke run leaves nothing in the repository: its folder is a new temporary
+    one, and its report and figures go there unless the options say otherwise.
+    """
+    if args.quick:
+        out_dir = args.out or tempfile.mkdtemp(prefix=f"{stem}_quick_")
+        report = args.report or os.path.join(out_dir, f"{stem}_quick.md")
+    else:
+        out_dir = args.out or os.path.join("benchmarks", "results", f"{stem}_runs")
+        report = args.report or os.path.join("benchmarks", "results", f"{stem}.md")
+    os.makedirs(out_dir, exist_ok=True)
+    return out_dir, report, args.media or (out_dir if args.quick else "media")
+
+
+def refuse_other_run(parser: argparse.ArgumentParser, kept_path: str, fingerprint: str) -> bool:
+    """Whether ``kept_path`` exists (a run to resume); a parser error where it holds a run of
+    other composites or settings, which resuming would mix with this one."""
+    if not os.path.exists(kept_path):
+        return False
+    with open(kept_path) as f:
+        found = json.load(f).get("fingerprint")
+    if found != fingerprint:
+        parser.error(
+            f"--out {os.path.dirname(kept_path)!r} holds a run of other composites or settings "
+            f"(fingerprint {found!r}, this run {fingerprint!r}); resuming would mix the two: "
+            "choose another --out, or move that folder away"
+        )
+    return True
+
+
+def run_workers(target: Any, workers: int, *args: Any) -> None:
+    """``target(rank, workers, *args)`` in this process, or in ``workers`` spawned ones."""
+    if workers == 1:
+        target(0, 1, *args)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, workers, *args)) for r in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run, about 2 minutes")
@@ -541,14 +586,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         s = dataclasses.replace(s, heavy_every=args.heavy_every)
     if args.workers < 1:
         raise ValueError(f"--workers={args.workers} must be at least 1")
-    if args.quick:  # a smoke run leaves nothing in the repository
-        out_dir = args.out or tempfile.mkdtemp(prefix="localisation_quick_")
-        report = args.report or os.path.join(out_dir, "localisation_quick.md")
-    else:
-        out_dir = args.out or os.path.join("benchmarks", "results", "localisation_runs")
-        report = args.report or os.path.join("benchmarks", "results", "localisation.md")
-    os.makedirs(out_dir, exist_ok=True)
-    media = args.media or (out_dir if args.quick else "media")
+    out_dir, report, media = run_paths(args, "localisation")
     from benchmarks import _localisation_report as rep
 
     if not args.report_only:
@@ -557,16 +595,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         settings_path = os.path.join(out_dir, "settings.json")
         kept_path = os.path.join(out_dir, "kept.json")
         fingerprint = run_fingerprint(s)
-        if os.path.exists(kept_path):  # resume only what this exact set-up started
-            with open(kept_path) as f:
-                found = json.load(f).get("fingerprint")
-            if found != fingerprint:
-                parser.error(
-                    f"--out {out_dir!r} holds a run of other composites or settings (fingerprint "
-                    f"{found!r}, this run {fingerprint!r}); resuming would mix the two: choose "
-                    "another --out, or move that folder away"
-                )
-        else:
+        if not refuse_other_run(parser, kept_path, fingerprint):
             from extra_attrib import imagenet
 
             model = imagenet.load_efficientnet_lite0()
@@ -591,18 +620,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 },
                 f,
             )
-        if args.workers == 1:
-            worker(0, 1, s, out_dir)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            procs = [
-                ctx.Process(target=worker, args=(r, args.workers, s, out_dir))
-                for r in range(args.workers)
-            ]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
+        run_workers(worker, args.workers, s, out_dir)
         log(f"explained in {time.perf_counter() - t0:.0f} s")
     rep.write_report(
         out_dir,

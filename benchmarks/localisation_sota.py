@@ -39,10 +39,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -543,14 +541,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         s = dataclasses.replace(s, n_images=args.images)
     if args.workers < 1:
         raise ValueError(f"--workers={args.workers} must be at least 1")
-    if args.quick:
-        out_dir = args.out or tempfile.mkdtemp(prefix="localisation_sota_quick_")
-        report = args.report or os.path.join(out_dir, "localisation_sota_quick.md")
-    else:
-        out_dir = args.out or os.path.join("benchmarks", "results", "localisation_sota_runs")
-        report = args.report or os.path.join("benchmarks", "results", "localisation_sota.md")
-    os.makedirs(out_dir, exist_ok=True)
-    media = args.media or (out_dir if args.quick else "media")
+    out_dir, report, media = base.run_paths(args, "localisation_sota")
     from benchmarks import _localisation_report as lrep
     from benchmarks import _sota_report as rep
 
@@ -559,15 +550,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         t0 = time.perf_counter()
         kept_path = os.path.join(out_dir, "kept.json")
         fp = fingerprint(s)
-        if os.path.exists(kept_path):
-            with open(kept_path) as f:
-                found = json.load(f).get("fingerprint")
-            if found != fp:
-                parser.error(
-                    f"--out {out_dir!r} holds a run under other settings (fingerprint {found!r}, "
-                    f"this run {fp!r}); resuming would mix the two: choose another --out"
-                )
-        else:
+        if not base.refuse_other_run(parser, kept_path, fp):
             selection = kept_composites(s)
             with open(kept_path, "w") as f:
                 json.dump(
@@ -588,18 +571,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ]
         with open(settings_path, "w") as f:
             json.dump({**dataclasses.asdict(s), "starts": starts}, f)
-        if args.workers == 1:
-            worker(0, 1, s, out_dir, only)
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            procs = [
-                ctx.Process(target=worker, args=(r, args.workers, s, out_dir, only))
-                for r in range(args.workers)
-            ]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
+        base.run_workers(worker, args.workers, s, out_dir, only)
         base.log(f"explained in {time.perf_counter() - t0:.0f} s")
     if args.cheap_all:
         explain_cheap(s, out_dir, limit=s.n_images if args.quick else None)

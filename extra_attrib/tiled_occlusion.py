@@ -400,6 +400,10 @@ class TiledOcclusion(PerturbationAttribution):
             out.append(attr.to(dtype).clone())
         return out
 
+    def _remembered(self, key: Hashable) -> Optional[str]:
+        """The engine measured faster for ``key``'s shapes, at this or any batch size (#30)."""
+        return self._engine_memo.get(key, self._engine_memo.get(any_batch(key)))
+
     def _examples_per_group(
         self,
         forward_func: Callable[..., Tensor],
@@ -414,11 +418,7 @@ class TiledOcclusion(PerturbationAttribution):
         n = xs[0].shape[0]
         if engine == "dense" or n == 1:
             return n
-        key = engine_key(xs, geometries, extra)
-        if (
-            engine == "auto"
-            and self._engine_memo.get(key, self._engine_memo.get(any_batch(key))) == "dense"
-        ):
+        if engine == "auto" and self._remembered(engine_key(xs, geometries, extra)) == "dense":
             return n
         return examples_per_group(forward_func, xs, fills, extra, memory_budget)
 
@@ -514,10 +514,10 @@ class TiledOcclusion(PerturbationAttribution):
         """
         measured = engine_key(xs, geometries, extra)
         run = any_batch(measured)
-        if measured not in self._engine_memo and run in self._engine_memo:
-            # Measured on another batch size (a run's last batch, a group): decided once.
-            self._engine_memo[measured] = self._engine_memo[run]
-        if engine == "auto" and self._engine_memo.get(measured) == "dense":
+        remembered = self._remembered(measured)
+        if remembered is not None:  # measured on another batch size (a last batch, a group)
+            self._engine_memo[measured] = remembered
+        if engine == "auto" and remembered == "dense":
             # Measured slower before on these shapes: no tracing, self-check or trials.
             choice = EngineChoice(
                 "dense", "the faster engine measured by an earlier call with these shapes"
@@ -535,7 +535,7 @@ class TiledOcclusion(PerturbationAttribution):
                 checked_before=measured in self._checked,
                 forgone=self._forgone.get(run, 0.0) / xs[0].shape[0],
                 repeats=repeats * calls_ahead(),
-                measured_faster=self._engine_memo.get(measured) == "incremental",
+                measured_faster=remembered == "incremental",
             )
             if choice.forgone:  # counted per example: batches of any size add up
                 self._forgone[run] = self._forgone.get(run, 0.0) + choice.forgone * xs[0].shape[0]
