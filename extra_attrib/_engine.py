@@ -114,6 +114,8 @@ class SweepResult:
         engine_reason (str): Why that engine: measured, remembered, or the only candidate.
         reused (int): Of the ``perturbations``, windows not evaluated by the sweep: their model
             outputs came with the plan (:attr:`SweepPlan.precomputed`, the self-check's).
+        engine_margin (float, optional): Where engines raced in this sweep, the nearest
+            loser's time per window over the winner's (:attr:`EngineRace.margin`); else None.
     """
 
     attributions: List[Tensor]
@@ -125,6 +127,7 @@ class SweepResult:
     engine: str = "dense"
     engine_reason: str = ""
     reused: int = 0
+    engine_margin: Optional[float] = None
 
 
 def memory_bound(inputs: Sequence[Tensor], budget: Optional[int] = None) -> int:
@@ -595,6 +598,7 @@ def occlusion_sweep(
         chosen,
         f"{reason}; {note}" if note else reason,
         scored_only,
+        race.margin,
     )
 
 

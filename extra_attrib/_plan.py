@@ -200,6 +200,8 @@ class EngineRace:
         self._order = [n for _ in range(RACE_TRIALS) for n in self.names]
         self.chosen: Optional[str] = None
         self.reason = ""
+        #: Where the race ran: the slowest other engine's time per window over the winner's.
+        self.margin: Optional[float] = None
         self._measured: set = set()
         if len(self.names) == 1:
             self.chosen = self.names[0]
@@ -261,6 +263,8 @@ class EngineRace:
             if n in best and best[n] < best[chosen]:
                 chosen = n
         self.chosen = chosen
+        losers = [best[n] / best[chosen] for n in self.names if n != chosen and n in best]
+        self.margin = min(losers) if losers and best[chosen] > 0 else None
         others = ", ".join(
             f"{best[chosen] / best[n]:.2f}x the time of {n}" for n in self.names if n != chosen
         )

@@ -8,6 +8,7 @@ algorithm itself is in :mod:`extra_attrib._geometry` (window positions and avera
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Set, Tuple, Union
 
@@ -16,6 +17,7 @@ from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import Tensor
 
+from extra_attrib._call_trial import CallTrial
 from extra_attrib._checks import check_bool, check_int, check_optional_int, is_int
 from extra_attrib._drilldown import check_refine, drilldown_sweep
 from extra_attrib._engine import SweepResult, occlusion_sweep
@@ -105,6 +107,8 @@ class TiledOcclusion(PerturbationAttribution):
         # Per example shape, the evaluations (of one example) that calls too short to pay for
         # trying incremental let go; later calls count them (#30).
         self._forgone: Dict[Hashable, float] = {}
+        # Per example shape, the whole calls that settle a close race in a long run (#30).
+        self._trials: Dict[Hashable, CallTrial] = {}
 
     @log_usage()
     @torch.no_grad()
@@ -512,15 +516,21 @@ class TiledOcclusion(PerturbationAttribution):
         ``repeats``: sweeps of this call that share the decision, this one included (groups);
         the caller's run may say how many calls are still to come (:mod:`._run_hint`).
         """
+        began = time.perf_counter()
         measured = engine_key(xs, geometries, extra)
         run = any_batch(measured)
         remembered = self._remembered(measured)
         if remembered is not None:  # measured on another batch size (a last batch, a group)
             self._engine_memo[measured] = remembered
-        if engine == "auto" and remembered == "dense":
+        trial = self._trials.get(run) if engine == "auto" else None
+        timing = trial.next_engine() if trial is not None and trial.running else None
+        if timing == "dense" or (timing is None and engine == "auto" and remembered == "dense"):
             # Measured slower before on these shapes: no tracing, self-check or trials.
             choice = EngineChoice(
-                "dense", "the faster engine measured by an earlier call with these shapes"
+                "dense",
+                "a call timed whole to settle a close race"
+                if timing
+                else "the faster engine measured by an earlier call with these shapes",
             )
         else:
             choice = choose_engine(
@@ -535,15 +545,15 @@ class TiledOcclusion(PerturbationAttribution):
                 checked_before=measured in self._checked,
                 forgone=self._forgone.get(run, 0.0) / xs[0].shape[0],
                 repeats=repeats * calls_ahead(),
-                measured_faster=remembered == "incremental",
+                measured_faster=remembered == "incremental" or timing == "incremental",
             )
             if choice.forgone:  # counted per example: batches of any size add up
                 self._forgone[run] = self._forgone.get(run, 0.0) + choice.forgone * xs[0].shape[0]
         self.last_engine, self.last_engine_reason = choice.engine, choice.reason
         sweep_args = (forward_func, xs, fills, geometries, targets, score_fn, extra)
         engines: Dict[str, Any] = {"dense": None}
-        if choice.engine == "measure":  # dense first: a tie goes to the reference engine
-            engines["incremental"] = choice.factory
+        if choice.engine == "measure" and timing != "incremental":
+            engines["incremental"] = choice.factory  # dense first: a tie goes to dense
         elif choice.factory is not None:
             engines = {"incremental": choice.factory}
         plan = SweepPlan(
@@ -561,7 +571,7 @@ class TiledOcclusion(PerturbationAttribution):
             sweep: SweepResult = run_sweep(*sweep_args, plan=plan, **options)
             if getattr(sweep, "engine", "") in engines:
                 self.last_engine = sweep.engine
-                if choice.engine == "measure":
+                if choice.engine == "measure" and timing is None:
                     self.last_engine_reason = sweep.engine_reason
             elif choice.engine == "measure":  # a drill-down: each of its passes raced
                 self.last_engine = "incremental"
@@ -578,11 +588,41 @@ class TiledOcclusion(PerturbationAttribution):
             )
             plan.engines = {"dense": None}
             sweep = run_sweep(*sweep_args, plan=plan, **options)
+        if choice.checked is not None or self.last_engine == "incremental":
+            self._checked.add(measured)  # the whole self-check passed: later calls check less
+        self._time_call(run, measured, trial, timing, choice, sweep, began, repeats, xs)
         if measured in self._engine_memo:
             self._engine_memo[run] = self._engine_memo[measured]
-        if self.last_engine == "incremental":
-            self._checked.add(measured)
         return sweep
+
+    def _time_call(
+        self,
+        run: Hashable,
+        measured: Hashable,
+        trial: Optional[CallTrial],
+        timing: Optional[str],
+        choice: EngineChoice,
+        sweep: Any,
+        began: float,
+        repeats: float,
+        xs: Tuple[Tensor, ...],
+    ) -> None:
+        """Start, feed or end the trial of whole calls that settles a close race (#30)."""
+        if trial is not None and timing is not None:
+            trial.record(self.last_engine, time.perf_counter() - began, xs[0].shape[0])
+            self.last_engine_reason += f"; {timing} timed on a whole call after a close race"
+            if not trial.running:
+                self._engine_memo[measured] = self._engine_memo[run] = trial.kept
+        elif trial is not None and trial.verdict:
+            self.last_engine_reason += f"; {trial.verdict}"
+        elif choice.engine == "measure" and self.last_engine in ("dense", "incremental"):
+            started = CallTrial.after_race(
+                self.last_engine,
+                getattr(sweep, "engine_margin", None),
+                repeats * calls_ahead() - 1,
+            )
+            if started is not None:
+                self._trials[run] = started
 
     def attribute_future(self) -> None:
         r"""Not implemented for TiledOcclusion, as for Captum's Occlusion.
