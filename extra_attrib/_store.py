@@ -1271,6 +1271,22 @@ def file_identity(path: str) -> Tuple[int, int]:
     return (int(st.st_size), int(st.st_mtime_ns))
 
 
+def changed_file(group: Any, paths: Optional[Sequence[Any]], index: int) -> Optional[str]:
+    """Item ``index``'s path, shown, where its file's identity differs from the stored one.
+
+    None where the dataset has no paths, the store no identities, or the identity of that item
+    cannot be read (a damaged block: the resume repairs it, and says so).
+    """
+    if paths is None or "identity" not in group or not 0 <= index < len(paths):
+        return None
+    path = as_path(paths[index])
+    try:
+        stored = tuple(int(v) for v in np.asarray(group["identity"][index], dtype=np.int64))
+    except Exception:
+        return None
+    return shown_path(path) if stored != file_identity(path) else None
+
+
 def identities(paths: Sequence[str]) -> np.ndarray:
     """``(N, 2)`` int64 :func:`file_identity` of every path (local files only; -1 otherwise)."""
     return np.asarray([file_identity(p) for p in paths], dtype=np.int64).reshape(len(paths), 2)

@@ -795,6 +795,16 @@ def _prepare_store(
     stored_output = (stored_probe or {}).get("output")
     if stored_output is not None:
         why = _store.output_difference(stored_output, output)
+        changed = _store.changed_file(group, paths, index)
+        if why is not None and changed is not None:
+            raise _store.StoreMismatchError(
+                f"out={out!r}: item {index}'s file {changed} changed since the store was made "
+                f"(its size or modification time), and the model's clean output on it differs "
+                f"from the one recorded then ({why}). The model's state cannot be "
+                f"fingerprinted, so that output is how a resume checks it: with its file "
+                f"changed, other weights cannot be ruled out; refusing to mix results (restore "
+                f"the file, or pass resume=False to start again, or another out)"
+            )
         if why is not None:
             raise _store.StoreMismatchError(
                 f"out={out!r}: the model's clean output on item {index} differs from the one "

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -591,6 +592,43 @@ def test_an_opaque_function_is_announced_and_checked_by_its_output(tmp_path):
     assert summary.skipped == N_ITEMS
     with pytest.raises(StoreMismatchError, match="clean output on item 0 differs"):
         run_function(out, Hidden(TinyNet(seed=1).eval()))
+
+
+class FileItems(torch.utils.data.Dataset):
+    """Items read from ``.pt`` files, with ``paths``: a rewritten file is a changed item."""
+
+    def __init__(self, folder):
+        self.paths = sorted(str(p) for p in folder.glob("*.pt"))
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return torch.load(self.paths[index])
+
+
+def test_a_rewritten_probe_item_is_named_not_blamed_on_the_model(tmp_path):
+    # An opaque model is checked on resume by its clean output on item 0; where item 0's file
+    # was rewritten, the refusal names that file instead of suggesting other weights.
+    folder = tmp_path / "items"
+    folder.mkdir()
+    data = ItemsDataset(with_labels=False)
+    for i in range(4):
+        torch.save(data[i], folder / f"{i}.pt")
+    out = tmp_path / "s.zarr"
+    options = dict(ATTRIBUTE_KWARGS, batch_size=2, dtype=torch.float64, show_progress=False)
+    with pytest.warns(UserWarning, match="cannot be fingerprinted"):
+        explain_dataset(
+            TiledOcclusion(Hidden(TinyNet().eval())), FileItems(folder), str(out), **options
+        )
+    torch.save(data[0] + 1.0, folder / "0.pt")
+    later = time.time() + 5
+    os.utime(folder / "0.pt", (later, later))
+    with pytest.raises(StoreMismatchError, match=r"item 0's file .*0\.pt changed since") as error:
+        explain_dataset(
+            TiledOcclusion(Hidden(TinyNet().eval())), FileItems(folder), str(out), **options
+        )
+    assert "other weights cannot be ruled out" in str(error.value)
 
 
 # ------------------------------------------------------------------ damage is found
