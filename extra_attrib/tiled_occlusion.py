@@ -210,7 +210,10 @@ class TiledOcclusion(PerturbationAttribution):
                 (the timed windows count towards the map; the choice is remembered per example
                 shape, dtype, device, tiling and thread count, so a batch of another size
                 reuses it, and a later call whose shapes passed the whole self-check before
-                checks only its clean output against the model).
+                checks only its clean output against the model). Where the two engines race
+                within 1.25x of each other and a long run (``explain_dataset``, the groups of
+                a large batch) has enough calls to come, the next four calls alternate the
+                engines, timed whole, and the run keeps the faster per example.
                 ``last_engine`` and ``last_engine_reason`` tell what ran and why. With
                 several inputs, each is occluded with the others clean and gets its own boxes;
                 one that is not ``(N, C, *spatial)`` or whose path reaches an operation
