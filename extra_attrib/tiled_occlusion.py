@@ -527,6 +527,9 @@ class TiledOcclusion(PerturbationAttribution):
             self._engine_memo[measured] = remembered
         trial = self._trials.get(run) if engine == "auto" else None
         timing = trial.next_engine() if trial is not None and trial.running else None
+        if trial is not None and not trial.running:
+            # Settled on whole calls: it outranks a race of another batch size in this run.
+            remembered = self._engine_memo[measured] = trial.kept
         if timing == "dense" or (timing is None and engine == "auto" and remembered == "dense"):
             # Measured slower before on these shapes: no tracing, self-check or trials.
             choice = EngineChoice(

@@ -107,3 +107,26 @@ def test_the_groups_of_a_large_batch_count_as_calls_of_the_trial(net, flops_only
     assert _error(auto, dense) <= 1e-10
     (trial,) = tiled._trials.values()
     assert not trial.running and trial.verdict.startswith("timed on whole calls")
+
+
+def test_a_settled_trial_outranks_the_race_of_another_batch_size(net, flops_only, monkeypatch):  # noqa: F811
+    # The race ran on a batch of 2, the trial on batches of 1: a later batch of 2 follows the
+    # trial, not its own race. The trial is made to keep the engine the race rejected.
+    monkeypatch.setattr(call_trial, "CLOSE_MARGIN", float("inf"))
+    monkeypatch.setattr(
+        CallTrial, "kept", property(lambda t: "incremental" if t.raced == "dense" else "dense")
+    )
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    dense = TiledOcclusion(net).attribute(x, target=1, window=WINDOW, k=K, engine="dense")
+    tiled = TiledOcclusion(net)
+    with expected_calls(100):
+        tiled.attribute(x, target=1, window=WINDOW, k=K)
+    raced = tiled.last_engine
+    for _ in range(TRIAL_CALLS):
+        with expected_calls(100):
+            tiled.attribute(x[:1], target=1, window=WINDOW, k=K)
+    with expected_calls(100):
+        auto = tiled.attribute(x, target=1, window=WINDOW, k=K)
+    assert tiled.last_engine != raced
+    assert "timed on whole calls" in tiled.last_engine_reason
+    assert _error(auto, dense) <= 1e-10
