@@ -147,16 +147,22 @@ def in_child(*args: str) -> Dict[str, Any]:
 # -- sections ----------------------------------------------------------------------------------
 
 
-def section_batch(repeats: int) -> List[str]:
-    from extra_attrib import TiledOcclusion
-
+def batch_of_16() -> Tuple[nn.Module, torch.Tensor]:
+    """ResNet-50 and its batch of 16 random 224² images, after a warm-up pass."""
     model = resnet50()
     torch.manual_seed(1)
     x = torch.randn(16, 3, 224, 224)
+    with torch.no_grad():
+        model(x[:2])
+    return model, x
+
+
+def section_batch(repeats: int) -> List[str]:
+    from extra_attrib import TiledOcclusion
+
+    model, x = batch_of_16()
     times: Dict[str, List[float]] = {"dense": [], "auto": []}
     notes: Dict[str, str] = {}
-    with torch.no_grad():
-        model(x[:2])  # warm-up
     loads = [load()]
     for r in range(repeats):
         for engine in rotated(list(times), r):
@@ -179,14 +185,10 @@ def section_groups(repeats: int, budgets: List[int]) -> List[str]:
     """The batch of 16 with ``auto`` at several ``memory_budget`` values: group size vs speed."""
     from extra_attrib import TiledOcclusion
 
-    model = resnet50()
-    torch.manual_seed(1)
-    x = torch.randn(16, 3, 224, 224)
+    model, x = batch_of_16()
     names = ["dense"] + [f"{b} MiB" for b in budgets]
     times: Dict[str, List[float]] = {name: [] for name in names}
     groups: Dict[str, str] = {}
-    with torch.no_grad():
-        model(x[:2])  # warm-up
     loads = [load()]
     for r in range(repeats):
         for name in rotated(names, r):

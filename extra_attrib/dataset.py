@@ -795,8 +795,8 @@ def _prepare_store(
     stored_output = (stored_probe or {}).get("output")
     if stored_output is not None:
         why = _store.output_difference(stored_output, output)
-        changed = _store.changed_file(group, paths, index)
-        if why is not None and changed is not None:
+        changed = _store.changed_file(group, paths, index) if why is not None else None
+        if changed is not None:
             raise _store.StoreMismatchError(
                 f"out={out!r}: item {index}'s file {changed} changed since the store was made "
                 f"(its size or modification time), and the model's clean output on it differs "

@@ -408,7 +408,13 @@ class TiledOcclusion(PerturbationAttribution):
         return out
 
     def _remembered(self, key: Hashable) -> Optional[str]:
-        """The engine measured faster for ``key``'s shapes, at this or any batch size (#30)."""
+        """The engine measured faster for ``key``'s shapes, at this or any batch size (#30).
+
+        Whole calls that settled a close race outrank any race, of this batch size or another.
+        """
+        trial = self._trials.get(any_batch(key))
+        if trial is not None and not trial.running:
+            return trial.kept
         return self._engine_memo.get(key, self._engine_memo.get(any_batch(key)))
 
     def _examples_per_group(
@@ -527,9 +533,6 @@ class TiledOcclusion(PerturbationAttribution):
             self._engine_memo[measured] = remembered
         trial = self._trials.get(run) if engine == "auto" else None
         timing = trial.next_engine() if trial is not None and trial.running else None
-        if trial is not None and not trial.running:
-            # Settled on whole calls: it outranks a race of another batch size in this run.
-            remembered = self._engine_memo[measured] = trial.kept
         if timing == "dense" or (timing is None and engine == "auto" and remembered == "dense"):
             # Measured slower before on these shapes: no tracing, self-check or trials.
             choice = EngineChoice(
@@ -596,7 +599,7 @@ class TiledOcclusion(PerturbationAttribution):
             sweep = run_sweep(*sweep_args, plan=plan, **options)
         if choice.checked is not None or self.last_engine == "incremental":
             self._checked.add(measured)  # the whole self-check passed: later calls check less
-        self._time_call(run, measured, trial, timing, choice, sweep, began, repeats, xs)
+        self._time_call(run, trial, timing, choice, sweep, began, repeats, xs[0].shape[0])
         if measured in self._engine_memo:
             self._engine_memo[run] = self._engine_memo[measured]
         return sweep
@@ -604,21 +607,21 @@ class TiledOcclusion(PerturbationAttribution):
     def _time_call(
         self,
         run: Hashable,
-        measured: Hashable,
         trial: Optional[CallTrial],
         timing: Optional[str],
         choice: EngineChoice,
         sweep: Any,
         began: float,
         repeats: float,
-        xs: Tuple[Tensor, ...],
+        examples: int,
     ) -> None:
-        """Start, feed or end the trial of whole calls that settles a close race (#30)."""
+        """Start, feed or end the trial of whole calls that settles a close race (#30).
+
+        Once settled, :meth:`_remembered` answers with the engine the trial kept.
+        """
         if trial is not None and timing is not None:
-            trial.record(self.last_engine, time.perf_counter() - began, xs[0].shape[0])
+            trial.record(self.last_engine, time.perf_counter() - began, examples)
             self.last_engine_reason += f"; {timing} timed on a whole call after a close race"
-            if not trial.running:
-                self._engine_memo[measured] = self._engine_memo[run] = trial.kept
         elif trial is not None and trial.verdict:
             self.last_engine_reason += f"; {trial.verdict}"
         elif choice.engine == "measure" and self.last_engine in ("dense", "incremental"):
